@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+import lightning_quant.configs  # noqa: F401  (registers the structured configs)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+
+def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml as `python train.py <overrides>` would, outside a Hydra run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides or [])
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def fast_cfg(tmp_path):
+    """A config that fits for a few batches, in tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_train(
+            [
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=3",
+                "trainer.limit_val_batches=2",
+                "trainer.limit_test_batches=2",
+                "trainer.enable_progress_bar=false",
+                "trainer.enable_model_summary=false",
+                *overrides,
+            ],
+            output_dir=tmp_path,
+        )
+
+    return make
