@@ -1,0 +1,1 @@
+"""Lightning callbacks: thin adapters over the core functions in quantization/, export/ and benchmark."""
