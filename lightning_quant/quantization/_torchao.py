@@ -27,7 +27,20 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 with _quiet_loggers("torchao", "torch.utils._pytree"):
     import torchao
     from torchao.quantization import quantize_
+    from torchao.quantization.pt2e import (
+        FakeQuantizeBase,
+        FusedMovingAvgObsFakeQuantize,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        MovingAveragePerChannelMinMaxObserver,
+        PerChannelMinMaxObserver,
+        disable_observer,
+        enable_observer,
+        move_exported_model_to_eval,
+        move_exported_model_to_train,
+    )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
@@ -39,6 +52,18 @@ __all__ = [
     "convert_pt2e",
     "prepare_pt2e",
     "prepare_qat_pt2e",
+    "FakeQuantizeBase",
+    "FusedMovingAvgObsFakeQuantize",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "MovingAveragePerChannelMinMaxObserver",
+    "PerChannelMinMaxObserver",
+    "QuantizationConfig",
+    "QuantizationSpec",
+    "disable_observer",
+    "enable_observer",
+    "move_exported_model_to_eval",
+    "move_exported_model_to_train",
     "X86InductorQuantizer",
     "get_default_x86_inductor_quantization_config",
 ]
