@@ -26,8 +26,16 @@ def _quiet_loggers(*names: str) -> Iterator[None]:
 
 with _quiet_loggers("torchao", "torch.utils._pytree"):
     import torchao
-    from torchao.quantization import quantize_
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    from torchao.quantization.pt2e.observer import (
+        HistogramObserver,
+        MinMaxObserver,
+        MovingAverageMinMaxObserver,
+        PerChannelMinMaxObserver,
+    )
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     from torchao.quantization.pt2e import (
+        FakeQuantize,
         FakeQuantizeBase,
         FusedMovingAvgObsFakeQuantize,
         MinMaxObserver,
@@ -49,9 +57,17 @@ with _quiet_loggers("torchao", "torch.utils._pytree"):
 __all__ = [
     "torchao",
     "quantize_",
+    "Int8DynamicActivationInt8WeightConfig",
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "PerChannelMinMaxObserver",
+    "QuantizationConfig",
+    "QuantizationSpec",
     "convert_pt2e",
     "prepare_pt2e",
     "prepare_qat_pt2e",
+    "FakeQuantize",
     "FakeQuantizeBase",
     "FusedMovingAvgObsFakeQuantize",
     "MinMaxObserver",
