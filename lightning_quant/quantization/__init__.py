@@ -1,0 +1,33 @@
+"""The int8 core, free of Lightning: configs, one :func:`quantize` entry point, op counting.
+
+Example::
+
+    >>> import torch
+    >>> from lightning_quant.demo import MLPNet
+    >>> from lightning_quant.quantization import DynamicQuantConfig, count_quantized_ops, quantize
+    >>> int8 = quantize(MLPNet().eval(), DynamicQuantConfig(), torch.zeros(4, 1, 8, 8))
+    >>> count_quantized_ops(int8)
+    {'Linear (Int8Tensor)': 3}
+"""
+
+from lightning_quant.quantization.config import OBSERVERS, DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.quantization.quantize import (
+    QuantizationError,
+    count_quantized_ops,
+    export_for_quantization,
+    quantize,
+    x86_quantizer,
+)
+
+__all__ = [
+    "OBSERVERS",
+    "DynamicQuantConfig",
+    "ModelInputs",
+    "QuantizationError",
+    "StaticQuantConfig",
+    "count_quantized_ops",
+    "export_for_quantization",
+    "quantize",
+    "x86_quantizer",
+]

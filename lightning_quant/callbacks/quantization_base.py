@@ -1,0 +1,449 @@
+"""The shared Lightning side of the int8 callbacks (static, dynamic, QAT): what happens at fit end.
+
+Subclass contract (``PostTrainingQuantization``, ``DynamicQuantization``, ``QuantizationAwareTraining``)
+---------------------------------------------------------------------------------------------------------
+Set three class attributes and implement one method:
+
+* ``approach``: ``"static"``, ``"dynamic"`` or ``"qat"`` (written to the manifest).
+* ``backend``: what runs the int8 kernels, e.g. ``"x86_inductor"`` (written to the manifest).
+* ``supported_formats``: the formats of :data:`lightning_quant.export.FORMATS` this approach can export;
+  ``default_formats`` (optional) the ones used when the user passes none.
+* ``convert(trainer, pl_module) -> nn.Module``: return the converted int8 *reference* model on CPU,
+  e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must take the
+  inputs of ``pl_module.forward`` in canonical form (``self.example_inputs.args``/``.kwargs``), must not
+  modify ``pl_module`` and should honour ``self.keep_float`` (module names relative to ``pl_module``).
+  Any exception it raises reaches the user as a :class:`QuantizationError` naming the module and the
+  reason, after the float checkpoint is on disk. Zero quantized ops in the result is such an error.
+
+Optional hooks:
+
+* ``onnx_quantization(trainer, pl_module)``: how the ``"onnx"`` format is made. Return ``None`` (default)
+  to export the converted model as is, or an :class:`~lightning_quant.export.OrtStaticQuantization` /
+  :class:`~lightning_quant.export.OrtDynamicQuantization` to export the float model and let ONNX Runtime
+  quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
+* ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
+* ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
+
+Helpers available to subclasses: ``self.example_inputs`` (:class:`ModelInputs`, set before ``convert``),
+``self.keep_float``, ``self.model_inputs(trainer, "train" | "val", limit)`` (real input batches for
+calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy safe to modify).
+
+After fit: ``callback.quantized_model`` (the fast int8 model: AOTInductor-lowered when ``"aoti"`` is among
+the formats, else the reference model) and ``callback.manifest`` (the dict written to ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.core.module import _jit_is_scripting
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+from torchmetrics import Metric
+
+from lightning_quant.benchmark import latency_ms, model_bytes
+from lightning_quant.export import FORMATS, Artifact, OnnxQuantization, export, load_artifact, verify_artifacts
+from lightning_quant.manifest import build_manifest, format_table, write_manifest
+from lightning_quant.quantization import QuantizationError, count_quantized_ops
+from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
+
+_DATALOADERS = ("train", "val")
+
+
+class QuantizationCallback(Callback, ABC):
+    r"""Base of the callbacks that turn the trained float model into verified int8 artifacts at fit end.
+
+    At fit end (rank zero does the work; all ranks wait for it):
+
+    1. make sure a float checkpoint is on disk (the trainer's last checkpoint, else ``dirpath/float.ckpt``),
+    2. ``convert`` (subclass) and count the quantized ops (zero is an error),
+    3. export every format into ``dirpath`` (atomic writes), reload each in a fresh process and compare it
+       with the converted model, time it against float,
+    4. evaluate float and int8 with the module's own validation metrics,
+    5. write ``manifest.json``, log the numbers to the Trainer's logger and print one small table.
+
+    Args:
+        dirpath: where artifacts and ``manifest.json`` go. Default: ``<trainer.default_root_dir>/quantized``.
+        formats: a list from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"`` (those the
+            approach supports). Default: the approach's ``default_formats``.
+        example_input: the input of ``forward`` used to export: a tensor, a tuple of positional arguments
+            or a dict of keyword arguments. Default: the module's ``example_input_array``. Use a batch of
+            2 or more: export treats a dimension of size 1 as a constant.
+        keep_float: names of submodules (as in ``pl_module.named_modules()``) left in float.
+        batch_to_input: picks the model input out of a batch (same convention as ``example_input``).
+            Default: ``batch[0]`` of a tuple/list batch, else the batch.
+        dynamic_batch: export with a dynamic batch dimension (any batch size). ``False`` pins the batch
+            size of ``example_input``.
+
+    Example (a subclass)::
+
+        >>> from lightning_quant import PostTrainingQuantization
+        >>> callback = PostTrainingQuantization(formats=["onnx"])
+        >>> callback.formats
+        ['onnx']
+    """
+
+    approach: ClassVar[str]
+    backend: ClassVar[str]
+    supported_formats: ClassVar[tuple[str, ...]] = FORMATS
+    default_formats: ClassVar[tuple[str, ...]] = ("aoti", "onnx")
+
+    def __init__(
+        self,
+        dirpath: Optional[Union[str, Path]] = None,
+        formats: Optional[Sequence[str]] = None,
+        example_input: Any = None,
+        keep_float: Sequence[str] = (),
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        dynamic_batch: bool = True,
+    ) -> None:
+        formats = list(self.default_formats if formats is None else formats)
+        if isinstance(formats, str) or not all(isinstance(f, str) for f in formats):
+            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
+        unknown = [f for f in formats if f not in self.supported_formats]
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
+            )
+        if len(set(formats)) != len(formats):
+            raise ValueError(f"formats lists a format twice: {formats}")
+        if isinstance(keep_float, str) or not all(isinstance(name, str) for name in keep_float):
+            raise TypeError(f"keep_float must be a list of module names, e.g. ['net.head'], got {keep_float!r}")
+        if batch_to_input is not None and not callable(batch_to_input):
+            raise TypeError(f"batch_to_input must be a callable batch -> model input, got {batch_to_input!r}")
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.formats = formats
+        self.example_input = example_input
+        self.keep_float = list(keep_float)
+        self.batch_to_input = batch_to_input or default_batch_to_input
+        self.dynamic_batch = dynamic_batch
+        self.example_inputs: Optional[ModelInputs] = None
+        self.quantized_model: Optional[nn.Module] = None
+        self.manifest: Optional[dict[str, Any]] = None
+
+    # ------------------------------------------------------------------ subclass API
+    @abstractmethod
+    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        """Return the converted int8 reference model (CPU, eval mode); see the module docstring."""
+
+    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OnnxQuantization]:
+        """How the ONNX file is quantized; ``None`` exports the converted model as is."""
+        return None
+
+    def manifest_details(self) -> dict[str, Any]:
+        """Approach-specific entries for ``manifest.json``."""
+        return {}
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.default_root_dir) / "quantized"
+        self._resolve_example_inputs(pl_module)
+        names = dict(pl_module.named_modules())
+        missing = [name for name in self.keep_float if name not in names]
+        if missing:
+            options = ", ".join(n for n in names if n) or "(none)"
+            raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
+                             f"Its modules are: {options}")
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
+        error: Optional[BaseException] = None
+        if trainer.is_global_zero:
+            try:
+                self._quantize_export_and_report(trainer, pl_module, float_checkpoint)
+            except BaseException as err:  # re-raised after the other ranks are released
+                error = err
+        trainer.strategy.barrier("lightning_quant.on_fit_end")
+        if error is not None:
+            raise error
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"manifest": self.manifest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.manifest = state_dict.get("manifest")
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def model_inputs(self, trainer: Trainer, dataloader: str, limit: Optional[int] = None) -> Iterator[ModelInputs]:
+        """Up to ``limit`` real model inputs from the fit's ``"train"`` or ``"val"`` dataloader, on CPU."""
+        loaders = self._dataloaders(trainer, dataloader)
+        count = 0
+        for loader in loaders:
+            for batch in loader:
+                if limit is not None and count >= limit:
+                    return
+                yield ModelInputs.from_value(self.batch_to_input(batch)).to("cpu")
+                count += 1
+
+    @staticmethod
+    def cpu_copy(pl_module: LightningModule) -> LightningModule:
+        """An eval-mode CPU deep copy of the module (the copy is detached from the trainer)."""
+        return copy.deepcopy(pl_module).cpu().eval()
+
+    def _dataloaders(self, trainer: Trainer, which: str) -> list[Any]:
+        if which not in _DATALOADERS:
+            raise ValueError(f"dataloader must be one of {_DATALOADERS}, got {which!r}")
+        loaders = trainer.train_dataloader if which == "train" else trainer.val_dataloaders
+        if loaders is None:
+            return []
+        if isinstance(loaders, dict):
+            return list(loaders.values())
+        return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
+
+    # ------------------------------------------------------------------ fit end, step by step
+    def _resolve_example_inputs(self, pl_module: LightningModule) -> ModelInputs:
+        value = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if value is None:
+            raise ValueError(
+                f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
+                "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
+            )
+        inputs = ModelInputs.from_value(value)
+        try:
+            inputs = inputs.bind(pl_module.forward)
+        except TypeError as err:
+            raise ValueError(f"example_input does not match {type(pl_module).__name__}.forward: {err}") from err
+        if not inputs.tensors():
+            raise ValueError("example_input holds no tensor; pass the tensors forward takes")
+        if self.dynamic_batch and inputs.batch_size() == 1:
+            raise ValueError("example_input has batch size 1, which export treats as a constant: use a batch of "
+                             "2 or more, or dynamic_batch=False")
+        self.example_inputs = inputs.to("cpu")
+        return self.example_inputs
+
+    def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
+        """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
+        checkpoint = trainer.checkpoint_callback
+        last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
+        if last and os.path.isfile(last):
+            return str(last)
+        path = Path(self.dirpath) / "float.ckpt"
+        temporary = path.with_name(path.name + ".tmp")
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(temporary)
+        if trainer.is_global_zero:
+            os.replace(temporary, path)
+        return str(path)
+
+    def _quantize_export_and_report(self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]) -> None:
+        started = time.perf_counter()
+        dirpath = Path(self.dirpath)
+        dirpath.mkdir(parents=True, exist_ok=True)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            inputs = self._resolve_example_inputs(pl_module)
+            model_name = type(pl_module).__name__
+            float_model = self.cpu_copy(pl_module)
+            with torch.no_grad(), _jit_is_scripting():
+                try:
+                    reference = self.convert(trainer, pl_module)
+                except QuantizationError:
+                    raise
+                except Exception as err:
+                    raise QuantizationError(
+                        f"Could not quantize {model_name} ({self.approach}): {type(err).__name__}: {err}. "
+                        f"The float checkpoint is safe at {float_checkpoint}."
+                    ) from err
+                quantized_ops = count_quantized_ops(reference)
+                if sum(quantized_ops.values()) == 0:
+                    raise QuantizationError(
+                        f"{self.approach} quantization of {model_name} produced no quantized op: nothing would run "
+                        "in int8. Check keep_float and that the model has layers this approach quantizes. "
+                        f"The float checkpoint is safe at {float_checkpoint}."
+                    )
+                artifacts = self._export(trainer, pl_module, reference, float_model, inputs, dirpath, model_name)
+                self.quantized_model = _InferenceModel(
+                    pl_module.forward, reference, self._lowered(artifacts, dirpath), approach=self.approach
+                )
+                timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
+                    self.model_inputs(trainer, "train", limit=1), inputs
+                )
+                timing_inputs = timing_inputs.bind(pl_module.forward)
+                verification = verify_artifacts(
+                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs=timing_inputs
+                )
+                latency = {
+                    "float": latency_ms(float_model, timing_inputs),
+                    "quantized": latency_ms(self.quantized_model, timing_inputs),
+                    **{name: result["latency_ms"] for name, result in verification.items()},
+                }
+            metrics = self._evaluate(trainer, pl_module, float_model)
+        finally:
+            pl_module.train(was_training)
+
+        self.manifest = build_manifest(
+            approach=self.approach,
+            backend=self.backend,
+            model=model_name,
+            example_inputs=inputs,
+            dynamic_batch=self.dynamic_batch,
+            artifacts=artifacts,
+            verification=verification,
+            metrics=metrics,
+            latency_ms=latency,
+            latency_input=timing_inputs,
+            size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
+            quantized_ops=quantized_ops,
+            float_checkpoint=float_checkpoint,
+            keep_float=self.keep_float,
+            details=self.manifest_details(),
+            seconds=time.perf_counter() - started,
+            dirpath=dirpath,
+        )
+        write_manifest(self.manifest, dirpath)
+        self._log(trainer)
+
+    def _export(self, trainer, pl_module, reference, float_model, inputs, dirpath, model_name) -> list[Artifact]:
+        try:
+            return export(
+                reference,
+                inputs,
+                self.formats,
+                dirpath,
+                dynamic_batch=self.dynamic_batch,
+                float_model=float_model,
+                onnx_quantization=self.onnx_quantization(trainer, pl_module),
+            )
+        except QuantizationError:
+            raise
+        except Exception as err:
+            raise QuantizationError(f"Could not export the int8 {model_name}: {type(err).__name__}: {err}") from err
+
+    @staticmethod
+    def _lowered(artifacts: list[Artifact], dirpath: Path) -> Optional[Callable[..., Any]]:
+        aoti = [a for a in artifacts if a.format == "aoti"]
+        return load_artifact(dirpath / aoti[0].path, "aoti") if aoti else None
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module) -> dict[str, Any]:
+        loaders = self._dataloaders(trainer, "val")
+        limits = list(trainer.num_val_batches) if loaders else []
+        if not loaders or not any(limits):
+            return {"float": {}, "quantized": {}, "note": "no validation dataloader: nothing to evaluate"}
+        return {
+            "float": evaluate_validation(pl_module, float_model, loaders, limits),
+            "quantized": evaluate_validation(pl_module, self.quantized_model, loaders, limits),
+            "dataloader": "val",
+            "batches": int(sum(min(len(dl), n) if hasattr(dl, "__len__") and math.isfinite(n) else n for dl, n in zip(loaders, limits))),
+        }
+
+    def _log(self, trainer: Trainer) -> None:
+        manifest = self.manifest
+        flat: dict[str, float] = {}
+        for kind in ("float", "quantized"):
+            for name, value in manifest["metrics"].get(kind, {}).items():
+                flat[f"quantization/{kind}/{name}"] = value
+            flat[f"quantization/{kind}/latency_ms"] = manifest["latency_ms"][kind]
+            flat[f"quantization/{kind}/size_bytes"] = manifest["size_bytes"][kind]
+        for artifact in manifest["artifacts"]:
+            flat[f"quantization/{artifact['format']}/bytes"] = artifact["bytes"]
+            if artifact.get("latency_ms") is not None:
+                flat[f"quantization/{artifact['format']}/latency_ms"] = artifact["latency_ms"]
+        for logger in trainer.loggers:
+            logger.log_metrics(flat, step=trainer.global_step)
+            logger.save()
+        rank_zero_info(format_table(manifest))
+
+
+class _InferenceModel(nn.Module):
+    """The int8 model users call after fit: same inputs as the LightningModule's forward, no autograd.
+
+    Calls go to the lowered (AOTInductor) model when there is one, else to the converted reference model.
+    """
+
+    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]], approach: str) -> None:
+        super().__init__()
+        self.reference = reference
+        self._lowered = lowered
+        self._signature = inspect.signature(forward)
+        self.approach = approach
+
+    @property
+    def is_lowered(self) -> bool:
+        return self._lowered is not None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with torch.no_grad():
+            return (self._lowered or self.reference)(*bound.args, **bound.kwargs)
+
+
+def evaluate_validation(
+    pl_module: LightningModule, model: Callable[..., Any], loaders: Sequence[Any], limits: Sequence[float]
+) -> dict[str, float]:
+    """Run ``pl_module.validation_step`` with ``forward`` replaced by ``model``; return what it logs.
+
+    The module's own code computes the metrics: torchmetrics objects it logs are computed over all batches,
+    plain values are averaged weighted by batch size. Metric states are reset before and after.
+    """
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    recorded_metrics: dict[str, Metric] = {}
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    current_batch_size = [1]
+
+    def record(name: str, value: Any, *args: Any, batch_size: Optional[int] = None, **kwargs: Any) -> None:
+        if isinstance(value, Metric):
+            recorded_metrics[name] = value
+            return
+        weight = batch_size or current_batch_size[0]
+        sums[name] = sums.get(name, 0.0) + float(value) * weight
+        counts[name] = counts.get(name, 0.0) + weight
+
+    def record_dict(values: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        for name, value in values.items():
+            record(name, value, **{k: v for k, v in kwargs.items() if k == "batch_size"})
+
+    takes_dataloader_idx = "dataloader_idx" in inspect.signature(pl_module.validation_step).parameters
+    for metric in metrics:
+        metric.reset()
+    saved_sync = [(m, m.sync_on_compute) for m in metrics]
+    for metric in metrics:
+        metric.sync_on_compute = False  # only rank zero evaluates: a sync would wait for the others forever
+    pl_module.__dict__.update(forward=lambda *a, **k: model(*a, **k), log=record, log_dict=record_dict)
+    try:
+        with torch.no_grad():
+            for index, (loader, limit) in enumerate(zip(loaders, limits)):
+                for batch_idx, batch in enumerate(loader):
+                    if batch_idx >= limit:
+                        break
+                    batch = _to_cpu(batch)
+                    tensors = [t for t in _leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
+                    current_batch_size[0] = int(tensors[0].shape[0]) if tensors else 1
+                    extra = {"dataloader_idx": index} if takes_dataloader_idx and len(loaders) > 1 else {}
+                    pl_module.validation_step(batch, batch_idx, **extra)
+        results = {name: float(metric.compute()) for name, metric in recorded_metrics.items()}
+        results.update({name: sums[name] / counts[name] for name in sums})
+    finally:
+        for attribute in ("forward", "log", "log_dict"):
+            pl_module.__dict__.pop(attribute, None)
+        for metric, sync in saved_sync:
+            metric.sync_on_compute = sync
+            metric.reset()
+    return dict(sorted(results.items()))
+
+
+def _leaves(batch: Any) -> list[Any]:
+    from torch.utils._pytree import tree_flatten
+
+    return tree_flatten(batch)[0]
+
+
+def _to_cpu(batch: Any) -> Any:
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.cpu() if isinstance(v, torch.Tensor) else v, batch)

@@ -1,0 +1,115 @@
+"""``export``: write one verified-to-load file per format; ``load_artifact``: open one to call it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from torch import nn
+
+from lightning_quant.export import aoti, onnx, torch_export, torchscript
+from lightning_quant.export.files import sha256
+from lightning_quant.export.onnx import OnnxQuantization
+from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.quantization.quantize import QuantizationError, _first_lines
+
+# format -> (file name, exporter, loader)
+_FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], Any]]] = {
+    "aoti": ("model_aoti" + aoti.SUFFIX, aoti.export_aoti, aoti.load_aoti),
+    "onnx": ("model" + onnx.SUFFIX, onnx.export_onnx, onnx.load_onnx),
+    "torch_export": ("model_program" + torch_export.SUFFIX, torch_export.export_program, torch_export.load_program),
+    "torchscript": ("model" + torchscript.SUFFIX, torchscript.export_torchscript, torchscript.load_torchscript),
+}
+FORMATS: tuple[str, ...] = tuple(_FORMATS)
+
+# Largest accepted relative error (max |artifact - reference| / max |reference|) when the file holds the
+# same int8 program as the reference ("same") or was re-quantized by another library from the float model
+# ("requantized": ONNX Runtime, legacy torch.ao), whose scales and rounding differ from the reference.
+TOLERANCES = {"same": 0.05, "requantized": 0.25}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One exported file: ``path`` is relative to the export directory."""
+
+    format: str
+    path: str
+    bytes: int
+    sha256: str
+    tolerance: float
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    formats: Sequence[str],
+    dirpath: Union[str, Path],
+    *,
+    dynamic_batch: bool = True,
+    float_model: Optional[nn.Module] = None,
+    onnx_quantization: Optional[OnnxQuantization] = None,
+    models: Optional[Mapping[str, nn.Module]] = None,
+) -> list[Artifact]:
+    """Export ``model`` (or ``models[format]`` where given) in every format into ``dirpath``.
+
+    Args:
+        model: the quantized model to export (e.g. the PT2E converted graph).
+        example_inputs: an input of ``model`` (tensor, tuple of arguments, dict of keywords, ``ModelInputs``).
+        formats: names from :data:`FORMATS`.
+        dirpath: the output directory (created if missing).
+        dynamic_batch: accept any batch size (default) or pin the example's.
+        float_model: the float model, needed when ``onnx_quantization`` is given.
+        onnx_quantization: let ONNX Runtime quantize the float model for ``"onnx"`` (fast in ORT).
+        models: a different model for some formats (e.g. a legacy-quantized one for ``"torchscript"``);
+            those artifacts are verified with the looser "requantized" tolerance.
+
+    Raises:
+        QuantizationError: a format failed; the message names the format, the model and the reason.
+    """
+    unknown = [f for f in formats if f not in _FORMATS]
+    if unknown:
+        raise ValueError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}")
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    inputs = ModelInputs.from_value(example_inputs)
+    models = dict(models or {})
+    artifacts = []
+    for name in formats:
+        filename, exporter, _ = _FORMATS[name]
+        source = models.get(name, model)
+        kwargs: dict[str, Any] = {}
+        requantized = name in models
+        if name == "onnx" and onnx_quantization is not None:
+            kwargs = {"quantization": onnx_quantization, "float_model": float_model}
+            requantized = True
+        try:
+            details = exporter(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
+        except Exception as err:
+            raise QuantizationError(
+                f"Exporting {type(source).__name__} to {name!r} failed: {type(err).__name__}: {_first_lines(err)}. "
+                "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."
+            ) from err
+        path = dirpath / filename
+        artifacts.append(
+            Artifact(
+                format=name,
+                path=filename,
+                bytes=path.stat().st_size,
+                sha256=sha256(path),
+                tolerance=TOLERANCES["requantized" if requantized else "same"],
+                details=details,
+            )
+        )
+    return artifacts
+
+
+def load_artifact(path: Union[str, Path], format: str) -> Any:
+    """Open an exported file as a callable taking the model's inputs: ``load_artifact(p, "onnx")(x)``."""
+    if format not in _FORMATS:
+        raise ValueError(f"Unknown export format {format!r}; choose from {list(FORMATS)}")
+    return _FORMATS[format][2](Path(path))

@@ -1,0 +1,33 @@
+"""``"torch_export"``: the ``torch.export`` program, saved with ``torch.export.save``.
+
+This is the portable, unlowered program: loaded and run eagerly it executes the q/dq reference graph
+(slower than float for static int8). Lower it with AOTInductor (freezing) or ``torch.compile`` to deploy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.export.files import atomic_path
+from lightning_quant.export.shapes import batch_dynamic_shapes
+from lightning_quant.quantization.inputs import ModelInputs
+
+SUFFIX = ".pt2"
+
+
+def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
+    program = torch.export.export(
+        model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
+    )
+    with atomic_path(path) as temporary:
+        torch.export.save(program, str(temporary))
+    return {"how": "torch.export -> torch.export.save (unlowered program)",
+            "load": "torch.export.load(path).module()(*args, **kwargs)"}
+
+
+def load_program(path: Path) -> Any:
+    return torch.export.load(str(path)).module()

@@ -1,0 +1,126 @@
+"""Reload every artifact in a fresh Python process, run it, compare with the reference, time it.
+
+A fresh process proves the file is self-contained (nothing borrowed from the exporting process's
+caches or registrations). It runs ``python -m lightning_quant.export.verify <request>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.quantization.quantize import QuantizationError
+
+
+def verify_artifacts(
+    artifacts: Sequence[Any],
+    reference: Any,
+    inputs: Sequence[ModelInputs],
+    dirpath: Union[str, Path],
+    timing_inputs: ModelInputs | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Compare each artifact's outputs with ``reference`` on every input; time it on ``timing_inputs``.
+
+    Returns, per format: ``max_abs_error``, ``relative_error`` (max abs error / max abs reference output),
+    ``tolerance``, ``batch_sizes`` checked and ``latency_ms`` (median, fresh process).
+
+    Raises:
+        QuantizationError: an artifact does not load or run, or differs beyond its tolerance.
+    """
+    if not artifacts:
+        return {}
+    dirpath = Path(dirpath)
+    with torch.no_grad():
+        expected = [_tensors(case(reference)) for case in inputs]
+    with tempfile.TemporaryDirectory() as scratch:
+        request, result = Path(scratch) / "request.pt", Path(scratch) / "result.pt"
+        torch.save(
+            {
+                "artifacts": [(a.format, str(dirpath / a.path)) for a in artifacts],
+                "inputs": [tuple(case) for case in inputs],
+                "timing_inputs": tuple(timing_inputs or inputs[-1]),
+                "threads": torch.get_num_threads(),
+                "result": str(result),
+            },
+            request,
+        )
+        process = subprocess.run(
+            [sys.executable, "-m", "lightning_quant.export.verify", str(request)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        if process.returncode != 0 or not result.exists():
+            raise QuantizationError(
+                f"Reloading the exported files in a fresh process failed:\n{process.stderr[-3000:]}"
+            )
+        outcome = torch.load(result, weights_only=False)
+    report = {}
+    failures = []
+    for artifact in artifacts:
+        ran = outcome[artifact.format]
+        if "error" in ran:
+            failures.append(f"{artifact.format} ({artifact.path}): does not run after reloading: {ran['error']}")
+            continue
+        abs_error, scale = 0.0, 0.0
+        for want, got in zip(expected, ran["outputs"]):
+            if len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got)):
+                failures.append(f"{artifact.format}: output shapes {[tuple(g.shape) for g in got]} differ from "
+                                f"the reference's {[tuple(w.shape) for w in want]}")
+                break
+            for w, g in zip(want, got):
+                abs_error = max(abs_error, (w.float() - g.float()).abs().max().item() if w.numel() else 0.0)
+                scale = max(scale, w.float().abs().max().item() if w.numel() else 0.0)
+        relative = abs_error / max(scale, 1e-12)
+        report[artifact.format] = {
+            "max_abs_error": abs_error,
+            "relative_error": relative,
+            "tolerance": artifact.tolerance,
+            "batch_sizes": [case.batch_size() for case in inputs],
+            "latency_ms": ran["latency_ms"],
+        }
+        if relative > artifact.tolerance:
+            failures.append(f"{artifact.format} ({artifact.path}): relative error {relative:.4f} exceeds the "
+                            f"tolerance {artifact.tolerance} (max abs error {abs_error:.4g})")
+    if failures:
+        raise QuantizationError("Exported files do not match the quantized model:\n- " + "\n- ".join(failures))
+    return report
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    return [leaf.detach().cpu() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+
+
+def _main(request_path: str) -> None:
+    import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
+    from lightning_quant.benchmark import latency_ms
+    from lightning_quant.export.api import load_artifact
+
+    request = torch.load(request_path, weights_only=False)
+    torch.set_num_threads(request["threads"])
+    cases = [ModelInputs(*case) for case in request["inputs"]]
+    timing = ModelInputs(*request["timing_inputs"])
+    outcome: dict[str, Any] = {}
+    for format, path in request["artifacts"]:
+        try:
+            model = load_artifact(path, format)
+            with torch.no_grad():
+                outputs = [_tensors(case(model)) for case in cases]
+            outcome[format] = {"outputs": outputs, "latency_ms": latency_ms(model, timing)}
+        except Exception as err:  # reported per format by the parent
+            outcome[format] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+    torch.save(outcome, request["result"])
+    print(json.dumps({k: v.get("latency_ms") for k, v in outcome.items()}))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])

@@ -1,0 +1,128 @@
+"""``manifest.json``: what was quantized, how, into which files, and what it measured."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from lightning_quant.export.files import atomic_path
+from lightning_quant.quantization.inputs import ModelInputs
+
+FILENAME = "manifest.json"
+_LIBRARIES = ("torch", "torchao", "lightning", "torchmetrics", "onnx", "onnxruntime", "lightning-quant")
+
+
+def library_versions() -> dict[str, Optional[str]]:
+    versions: dict[str, Optional[str]] = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def build_manifest(
+    *,
+    approach: str,
+    backend: str,
+    model: str,
+    example_inputs: ModelInputs,
+    dynamic_batch: bool,
+    artifacts: Sequence[Any],
+    verification: dict[str, dict[str, Any]],
+    metrics: dict[str, Any],
+    latency_ms: dict[str, float],
+    latency_input: ModelInputs,
+    size_bytes: dict[str, int],
+    quantized_ops: dict[str, int],
+    float_checkpoint: Optional[str] = None,
+    keep_float: Sequence[str] = (),
+    details: Optional[dict[str, Any]] = None,
+    seconds: Optional[float] = None,
+    dirpath: Optional[Path] = None,
+) -> dict[str, Any]:
+    """The manifest as a JSON-ready dict (see the README for every field)."""
+    float_ms = latency_ms["float"]
+    entries = []
+    for artifact in artifacts:
+        entry = artifact.to_dict()
+        checked = verification.get(artifact.format, {})
+        entry["verification"] = {k: v for k, v in checked.items() if k != "latency_ms"}
+        entry["latency_ms"] = checked.get("latency_ms")
+        entry["speedup_vs_float"] = (float_ms / entry["latency_ms"]) if entry["latency_ms"] else None
+        entries.append(entry)
+    described = example_inputs.describe()
+    described["dynamic_batch"] = dynamic_batch
+    checkpoint = float_checkpoint
+    if checkpoint and dirpath is not None:
+        checkpoint = os.path.relpath(checkpoint, dirpath)
+    return {
+        "approach": approach,
+        "backend": backend,
+        "model": model,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
+        "input": described,
+        "artifacts": entries,
+        "tolerances": {a.format: a.tolerance for a in artifacts},
+        "metrics": metrics,
+        "latency_ms": {
+            **latency_ms,
+            "input_shape": latency_input.describe()["shape"],
+            "note": "median after warm-up; float = the float module eager; quantized = quantized_model in "
+            "memory; per format = reloaded in a fresh process",
+        },
+        "size_bytes": {
+            **size_bytes,
+            "smallest_artifact": min((a.bytes for a in artifacts), default=None),
+            "note": "float/quantized = torch.save of the weights the model holds",
+        },
+        "quantized_ops": quantized_ops,
+        "keep_float": list(keep_float),
+        "float_checkpoint": checkpoint,
+        **(details or {}),
+        "seconds": round(seconds, 2) if seconds is not None else None,
+    }
+
+
+def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:
+    """Write ``manifest.json`` into ``dirpath`` atomically; return its path."""
+    path = Path(dirpath) / FILENAME
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    return path
+
+
+def format_table(manifest: dict[str, Any]) -> str:
+    """One small text table: float vs int8 metrics, latency and size, then one row per artifact."""
+    metrics = manifest["metrics"]
+    names = sorted(set(metrics.get("float", {})) | set(metrics.get("quantized", {})))
+    header = ["", *names, "latency ms", "size KiB"]
+    rows = [header]
+    for kind in ("float", "quantized"):
+        values = metrics.get(kind, {})
+        rows.append([
+            kind if kind == "float" else f"int8 ({manifest['approach']})",
+            *(f"{values[n]:.4f}" if n in values else "-" for n in names),
+            f"{manifest['latency_ms'][kind]:.3f}",
+            f"{manifest['size_bytes'][kind] / 1024:.1f}",
+        ])
+    for artifact in manifest["artifacts"]:
+        latency = artifact.get("latency_ms")
+        rows.append([artifact["path"], *("" for _ in names),
+                     f"{latency:.3f}" if latency is not None else "-", f"{artifact['bytes'] / 1024:.1f}"])
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The deprecated ``torch.ao.quantization`` / TorchScript paths, used only where torchao has no answer.
+
+torch 2.13 warns on every call into them; we say it once, in our own words, and silence the repeats.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+_DEPRECATION_MESSAGES = (
+    r"torch\.ao\.quantization is deprecated",
+    r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
+    r".*torch\.jit\..* is deprecated",
+    r"`torch\.jit\.",
+)
+_told: set[str] = set()
+
+RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
+
+
+@contextmanager
+def legacy_api(what: str) -> Iterator[None]:
+    """Run ``what`` on a deprecated API: one warning of ours per process, torch's repeats silenced."""
+    if what not in _told:
+        _told.add(what)
+        warnings.warn(
+            f"lightning_quant uses the deprecated torch {what} because torchao has no equivalent; "
+            "torch warns it will be removed in a future release.",
+            FutureWarning,
+            stacklevel=3,
+        )
+    with warnings.catch_warnings():
+        for message in _DEPRECATION_MESSAGES:
+            warnings.filterwarnings("ignore", message=message)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.(ao|jit)")
+        yield
+
+
+def quantize_recurrent_dynamic(model: nn.Module, keep_float: tuple[str, ...]) -> list[str]:
+    """Replace, in place, every ``nn.LSTM``/``nn.GRU`` not kept in float by its dynamic int8 version.
+
+    Returns the names of the replaced modules. On x86 CPUs the int8 LSTM is no faster than float (its
+    gate matmuls are small and the fp32 kernel is already well tuned); what it saves is weight memory.
+    """
+    targets = {
+        name
+        for name, module in model.named_modules()
+        if type(module) in RECURRENT_TYPES and not _kept(name, keep_float)
+    }
+    if not targets:
+        return []
+    with legacy_api("torch.ao.quantization.quantize_dynamic (int8 LSTM/GRU)"):
+        quantized = torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), qconfig_spec=targets, dtype=torch.qint8, inplace=False
+        )
+    for name in sorted(targets):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, quantized.get_submodule(name))
+    return sorted(targets)
+
+
+def _kept(name: str, keep_float: tuple[str, ...]) -> bool:
+    return any(name == kept or name.startswith(kept + ".") for kept in keep_float)

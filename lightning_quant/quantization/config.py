@@ -1,0 +1,60 @@
+"""What to quantize and how: small config dataclasses, one per approach (torchao's style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+OBSERVERS = ("minmax", "moving_average", "histogram")
+
+
+@dataclass(frozen=True)
+class StaticQuantConfig:
+    """Static int8 (PT2E, ``X86InductorQuantizer``): activations calibrated on real batches, int8 weights.
+
+    Args:
+        observer: how activation ranges are calibrated: ``"histogram"`` (default; minimises the
+            quantization error, slowest to calibrate), ``"minmax"`` or ``"moving_average"``.
+        per_channel: one weight scale per output channel (default) instead of one per tensor.
+        keep_float: names of submodules left in float (as in ``model.named_modules()``).
+
+    Example::
+
+        >>> StaticQuantConfig(observer="minmax", keep_float=("net.head",)).observer
+        'minmax'
+    """
+
+    observer: str = "histogram"
+    per_channel: bool = True
+    keep_float: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
+        _check_names(self.keep_float)
+
+
+@dataclass(frozen=True)
+class DynamicQuantConfig:
+    """Dynamic int8: int8 weights, activations quantized on the fly at each call.
+
+    ``nn.Linear`` layers go through torchao (``Int8DynamicActivationInt8WeightConfig``); ``nn.LSTM`` and
+    ``nn.GRU``, which torchao does not cover, through the legacy ``torch.ao.quantization.quantize_dynamic``
+    (on x86 CPUs it saves memory, not time). Set ``recurrent=False`` to leave them in float.
+
+    Example::
+
+        >>> DynamicQuantConfig(keep_float=("net.head",)).recurrent
+        True
+    """
+
+    recurrent: bool = True
+    keep_float: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_names(self.keep_float)
+
+
+def _check_names(names: Sequence[str]) -> None:
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"keep_float must be a list of module names such as ['net.head'], got {names!r}")

@@ -1,0 +1,95 @@
+"""Model inputs as ``(args, kwargs)``: one form for export, calibration, verification and timing.
+
+A model's example input follows Lightning's ``example_input_array`` convention: a tensor is one positional
+argument, a tuple/list is several positional arguments, a dict is keyword arguments.
+:meth:`ModelInputs.bind` puts any call into the one canonical form ``forward``'s signature defines
+(positional-or-keyword parameters positional, keyword-only ones as keywords), so an export traced from
+``model(x, y=t)`` also serves ``model(x, t)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+
+class ModelInputs(NamedTuple):
+    """The positional and keyword arguments of one call to a model's ``forward``."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    @classmethod
+    def from_value(cls, value: Any) -> ModelInputs:
+        """Read Lightning's convention: tensor -> one argument, tuple/list -> several, dict -> keywords.
+
+        Example::
+
+            >>> ModelInputs.from_value(torch.zeros(2, 3)).args[0].shape
+            torch.Size([2, 3])
+            >>> sorted(ModelInputs.from_value({"x": torch.zeros(2), "scale": 2.0}).kwargs)
+            ['scale', 'x']
+        """
+        if isinstance(value, ModelInputs):
+            return value
+        if isinstance(value, dict):
+            return cls((), dict(value))
+        if isinstance(value, (tuple, list)):
+            return cls(tuple(value), {})
+        return cls((value,), {})
+
+    def bind(self, forward: Callable[..., Any]) -> ModelInputs:
+        """The canonical form of this call for ``forward`` (a bound method or function); defaults applied."""
+        try:
+            signature = inspect.signature(forward)
+        except (TypeError, ValueError):  # builtins without a signature: keep the call as given
+            return self
+        bound = signature.bind(*self.args, **self.kwargs)
+        bound.apply_defaults()
+        # bound.args/kwargs leave *args/**kwargs parameters in place, which is the call forward accepts
+        return ModelInputs(tuple(bound.args), dict(bound.kwargs))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor in the call, in the order export flattens them."""
+        leaves, _ = tree_flatten((self.args, self.kwargs))
+        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return self.map(lambda t: t.to(device))
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ModelInputs:
+        """Apply ``fn`` to every tensor, keeping everything else."""
+        args, kwargs = tree_map(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs))
+        return ModelInputs(tuple(args), dict(kwargs))
+
+    def batch_size(self) -> int | None:
+        """The leading dimension of the first tensor (the batch), if there is one."""
+        tensors = [t for t in self.tensors() if t.dim() > 0]
+        return int(tensors[0].shape[0]) if tensors else None
+
+    def describe(self) -> dict[str, Any]:
+        """``shape`` and ``dtype`` of the first tensor, and every tensor by argument name, for the manifest."""
+        described = []
+        for name, value in [*((f"args[{i}]", a) for i, a in enumerate(self.args)), *self.kwargs.items()]:
+            leaves, _ = tree_flatten(value)
+            for j, leaf in enumerate(t for t in leaves if isinstance(t, torch.Tensor)):
+                label = name if len(leaves) == 1 else f"{name}[{j}]"
+                described.append({"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")})
+        first = described[0] if described else {"shape": [], "dtype": None}
+        return {"shape": first["shape"], "dtype": first["dtype"], "tensors": described}
+
+    def __call__(self, model: Callable[..., Any]) -> Any:
+        """Call ``model`` with these inputs: ``inputs(model)``."""
+        return model(*self.args, **self.kwargs)
+
+
+def default_batch_to_input(batch: Any) -> Any:
+    """The input part of a batch: ``batch[0]`` of a tuple/list ``(input, target, ...)``, else the batch itself."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("got an empty batch; pass batch_to_input=... to say which part is the model input")
+        return batch[0]
+    return batch

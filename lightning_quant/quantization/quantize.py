@@ -1,0 +1,198 @@
+"""One entry point, :func:`quantize`, over torchao (PT2E static int8, ``quantize_`` dynamic int8)."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import fx, nn
+
+from lightning_quant.quantization import _torchao as ao
+from lightning_quant.quantization._legacy import _kept, quantize_recurrent_dynamic
+from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.inputs import ModelInputs
+
+QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
+
+_COMPUTE_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.matmul", "aten.addmm", "aten.mm"}
+_OBSERVERS = {
+    "minmax": ao.MinMaxObserver,
+    "moving_average": ao.MovingAverageMinMaxObserver,
+    "histogram": ao.HistogramObserver,
+}
+
+
+class QuantizationError(RuntimeError):
+    """A model could not be quantized or exported; the message names the model and the reason."""
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    example_inputs: Any,
+    calibration_data: Optional[Iterable[Any]] = None,
+) -> nn.Module:
+    """Return an int8 copy of ``model`` (``model`` itself is not modified).
+
+    Args:
+        model: the float model, in eval mode.
+        config: :class:`StaticQuantConfig` or :class:`DynamicQuantConfig`.
+        example_inputs: an input of ``model.forward`` (tensor, tuple of arguments, dict of keywords or
+            :class:`ModelInputs`). Static: its batch dimension is exported as dynamic.
+        calibration_data: static only: an iterable of inputs in the same form (a few dozen real batches).
+
+    Returns:
+        Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
+        slow until lowered by AOTInductor with freezing or ONNX Runtime). Dynamic: a copy of ``model`` whose
+        Linear (and LSTM/GRU) layers are int8.
+
+    Raises:
+        QuantizationError: the model cannot be exported (the message says why), or nothing was quantized.
+
+    Example::
+
+        >>> from lightning_quant.demo import MLPNet
+        >>> int8 = quantize(MLPNet().eval(), DynamicQuantConfig(), torch.zeros(4, 1, 8, 8))
+        >>> sum(count_quantized_ops(int8).values())
+        3
+    """
+    inputs = ModelInputs.from_value(example_inputs).bind(model.forward)
+    name = type(model).__name__
+    if isinstance(config, StaticQuantConfig):
+        if calibration_data is None:
+            raise ValueError("static quantization needs calibration_data: an iterable of real input batches")
+        quantized = _quantize_static(model, config, inputs, calibration_data)
+    elif isinstance(config, DynamicQuantConfig):
+        quantized = _quantize_dynamic(model, config)
+    else:
+        raise TypeError(f"config must be a StaticQuantConfig or DynamicQuantConfig, got {type(config).__name__}")
+    if sum(count_quantized_ops(quantized).values()) == 0:
+        raise QuantizationError(
+            f"Quantizing {name} produced no quantized op: nothing would run in int8. "
+            f"Check keep_float={list(config.keep_float)} and that {name} has layers this approach quantizes "
+            "(static: Conv/Linear; dynamic: Linear, LSTM, GRU)."
+        )
+    return quantized
+
+
+def x86_quantizer(config: StaticQuantConfig) -> ao.X86InductorQuantizer:
+    """``X86InductorQuantizer`` with the config's observer, weight granularity and float modules."""
+    default = ao.get_default_x86_inductor_quantization_config()
+    activation = ao.QuantizationSpec(
+        dtype=torch.uint8,
+        quant_min=0,
+        quant_max=255,
+        qscheme=torch.per_tensor_affine,
+        observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=2**-12),
+    )
+    weight = default.weight
+    if not config.per_channel:
+        weight = ao.QuantizationSpec(
+            dtype=torch.int8,
+            quant_min=-128,
+            quant_max=127,
+            qscheme=torch.per_tensor_symmetric,
+            observer_or_fake_quant_ctr=ao.MinMaxObserver.with_args(eps=2**-12),
+        )
+    quantizer = ao.X86InductorQuantizer()
+    quantizer.set_global(ao.QuantizationConfig(activation, activation, weight, default.bias, False))
+    for name in config.keep_float:
+        quantizer.set_module_name_qconfig(name, None)
+    return quantizer
+
+
+def export_for_quantization(model: nn.Module, inputs: ModelInputs) -> torch.export.ExportedProgram:
+    """``torch.export`` with a dynamic batch dimension; errors say what could not be exported and why."""
+    from lightning_quant.export.shapes import batch_dynamic_shapes
+
+    try:
+        return torch.export.export(
+            model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs)
+        )
+    except Exception as err:
+        raise QuantizationError(
+            f"torch.export could not capture {type(model).__name__}.forward, which static int8 needs: "
+            f"{type(err).__name__}: {_first_lines(err)}. Typical causes are data-dependent control flow "
+            "(rewrite it with torch.cond or tensor ops) or an op export does not support."
+        ) from err
+
+
+def _quantize_static(
+    model: nn.Module, config: StaticQuantConfig, inputs: ModelInputs, calibration_data: Iterable[Any]
+) -> fx.GraphModule:
+    exported = export_for_quantization(model, inputs)
+    prepared = ao.prepare_pt2e(exported.module(), x86_quantizer(config))
+    batches = 0
+    with torch.no_grad():
+        for batch in calibration_data:
+            ModelInputs.from_value(batch).bind(model.forward)(prepared)
+            batches += 1
+    if batches == 0:
+        raise ValueError("calibration_data yielded no batch: static int8 needs real batches to calibrate on")
+    return ao.convert_pt2e(prepared)
+
+
+def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
+    quantized = copy.deepcopy(model).eval()
+    keep = tuple(config.keep_float)
+    ao.quantize_(
+        quantized,
+        ao.Int8DynamicActivationInt8WeightConfig(),
+        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not _kept(fqn, keep),
+    )
+    if config.recurrent:
+        quantize_recurrent_dynamic(quantized, keep)
+    return quantized
+
+
+def count_quantized_ops(model: nn.Module) -> dict[str, int]:
+    """How many layers of ``model`` compute in int8, by kind (empty or all zero: nothing is quantized).
+
+    Counts, in graphs, compute ops (conv, linear, matmul) fed by a dequantized weight and int8 kernels
+    (``onednn.q*``, ``aten._int_mm``); in eager modules, layers whose weight is a torchao int8 tensor
+    and legacy ``torch.ao.nn.quantized`` modules.
+
+    Example::
+
+        >>> count_quantized_ops(nn.Linear(2, 2))
+        {}
+    """
+    counts: Counter[str] = Counter()
+    for module in model.modules():
+        if isinstance(module, fx.GraphModule):
+            counts.update(_graph_quantized_ops(module.graph))
+        elif type(module).__module__.startswith("torch.ao.nn.quantized"):
+            counts[type(module).__name__] += 1
+        else:
+            weight = module.__dict__.get("_parameters", {}).get("weight")
+            if weight is not None and type(weight).__module__.startswith("torchao"):
+                counts[f"{type(module).__name__} ({type(weight).__name__})"] += 1
+    return dict(sorted(counts.items()))
+
+
+def _graph_quantized_ops(graph: fx.Graph) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = _op_name(node.target)
+        if target.startswith(("onednn.q", "quantized.", "aten._int_mm", "aten._weight_int8pack_mm")):
+            counts[target] += 1
+        elif target in _COMPUTE_OPS and any(
+            isinstance(arg, fx.Node) and _op_name(arg.target).startswith("quantized_decomposed.dequantize")
+            for arg in node.args[1:2]  # the weight
+        ):
+            counts[f"{target} (int8 weight)"] += 1
+    return counts
+
+
+def _op_name(target: Any) -> str:
+    """``aten.linear`` for ``torch.ops.aten.linear.default``."""
+    name = str(target)
+    return name.rsplit(".", 1)[0] if name.count(".") >= 2 else name
+
+
+def _first_lines(err: BaseException, lines: int = 6) -> str:
+    return "\n".join(str(err).strip().splitlines()[:lines])
