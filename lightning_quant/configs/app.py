@@ -8,6 +8,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from lightning_quant.configs.signature import config_from_signature
+
 
 @dataclass
 class PathsConfig:
@@ -93,52 +95,36 @@ class TransformerClassifierConfig(ClassifierConfig):
     net: TransformerNetConfig = field(default_factory=TransformerNetConfig)
 
 
-@dataclass
-class TrainerConfig:
-    """The ``lightning.Trainer`` arguments the app exposes; add a field here to expose another."""
+# The Trainer and the float checkpoint take every argument of their class (read from its signature, so
+# the schema follows Lightning), with the app's defaults. `callbacks` and `logger` are the app's to pass.
+TrainerConfig = config_from_signature(
+    "lightning.pytorch.Trainer",
+    name="TrainerConfig",
+    module=__name__,
+    exclude=("callbacks", "logger"),
+    defaults={
+        "default_root_dir": "${paths.output_dir}",
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 20,
+        "log_every_n_steps": 10,
+    },
+)
 
-    _target_: str = "lightning.pytorch.Trainer"
-    default_root_dir: str = "${paths.output_dir}"
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: Optional[str] = None
-    max_epochs: Optional[int] = 20
-    min_epochs: Optional[int] = None
-    max_steps: int = -1
-    max_time: Optional[str] = None
-    fast_dev_run: Any = False
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    limit_test_batches: Optional[float] = None
-    limit_predict_batches: Optional[float] = None
-    val_check_interval: Optional[float] = None
-    check_val_every_n_epoch: Optional[int] = 1
-    num_sanity_val_steps: Optional[int] = None
-    log_every_n_steps: Optional[int] = 10
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: Optional[float] = None
-    deterministic: Any = None
-    benchmark: Optional[bool] = None
-    sync_batchnorm: bool = False
-    enable_checkpointing: Optional[bool] = None
-    enable_progress_bar: Optional[bool] = None
-    enable_model_summary: Optional[bool] = None
-
-
-@dataclass
-class CheckpointConfig:
-    """The float checkpoint every run keeps (``ModelCheckpoint``), written before any quantization."""
-
-    _target_: str = "lightning.pytorch.callbacks.ModelCheckpoint"
-    dirpath: str = "${paths.output_dir}/checkpoints"
-    filename: str = "epoch_{epoch:03d}"
-    monitor: Optional[str] = "val/acc"
-    mode: str = "max"
-    save_top_k: int = 1
-    save_last: Optional[bool] = True
-    auto_insert_metric_name: bool = False
+# The float checkpoint every run keeps, written before any quantization is tried.
+CheckpointConfig = config_from_signature(
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    name="CheckpointConfig",
+    module=__name__,
+    defaults={
+        "dirpath": "${paths.output_dir}/checkpoints",
+        "filename": "epoch_{epoch:03d}",
+        "monitor": "val/acc",
+        "mode": "max",
+        "save_last": True,
+        "auto_insert_metric_name": False,
+    },
+)
 
 
 @dataclass
@@ -169,8 +155,8 @@ class TrainConfig:
     optimized_metric: Optional[str] = "test/acc"
 
 
-def register_configs() -> None:
-    """Store every schema in Hydra's ConfigStore (safe to call more than once)."""
+def register_app_configs() -> None:
+    """Store the app's schemas in Hydra's ConfigStore (safe to call more than once)."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="data", name="digits_schema", node=DigitsDataConfig)

@@ -1,0 +1,55 @@
+"""Schemas of the callbacks, read from their signatures, in Hydra's ConfigStore as
+``lightning_quant/callbacks/<snake_case_name>`` (e.g. ``lightning_quant/callbacks/post_training_quantization``).
+
+A config file attaches one through its defaults list, so its keys are checked against the class's
+``__init__``; a file in ``conf/callbacks/`` holds one callback under its own key::
+
+    # conf/callbacks/ptq.yaml
+    defaults:
+      - /lightning_quant/callbacks@ptq: post_training_quantization
+      - _self_
+
+    ptq:
+      _target_: lightning_quant.PostTrainingQuantization
+      num_calibration_batches: 32
+
+To give another callback a schema, add its dotted path to ``CALLBACKS``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from hydra.core.config_store import ConfigStore
+
+from lightning_quant.configs.signature import config_from_signature, snake_case
+
+GROUP = "lightning_quant/callbacks"
+
+# Dotted paths of the classes that get a schema. A lightning-quant callback whose module does not exist
+# yet is skipped (it gets its schema the day its module lands); any other import error is raised.
+CALLBACKS = (
+    "lightning_quant.callbacks.post_training_quantization.PostTrainingQuantization",
+    "lightning_quant.callbacks.dynamic_quantization.DynamicQuantization",
+    "lightning_quant.callbacks.quantization_aware_training.QuantizationAwareTraining",
+    "lightning_quant.callbacks.auto_mixed_precision.AutoMixedPrecision",
+    "lightning_quant.callbacks.channels_last.ChannelsLast",
+    "lightning_quant.callbacks.optimize_for_inference.OptimizeForInference",
+    "lightning.pytorch.callbacks.ModelCheckpoint",
+    "lightning.pytorch.callbacks.EarlyStopping",
+    "lightning.pytorch.callbacks.LearningRateMonitor",
+)
+
+
+def register_callback_configs(store: ConfigStore | None = None) -> list[str]:
+    """Store a schema for every callback in ``CALLBACKS`` whose module exists; return the names stored."""
+    store = store or ConfigStore.instance()
+    stored = []
+    for path in CALLBACKS:
+        module, class_name = path.rsplit(".", 1)
+        if importlib.util.find_spec(module) is None:
+            continue
+        schema = config_from_signature(path, module=__name__)
+        store.store(group=GROUP, name=snake_case(class_name), node=schema, provider="lightning-quant")
+        stored.append(snake_case(class_name))
+    return stored

@@ -1,0 +1,366 @@
+"""Compare the jobs of a Hydra multirun: a table (CSV, Markdown) and a picture (accuracy against latency).
+
+Each job leaves files in its own folder: ``metrics.json`` (what ``train`` logged), ``manifest.json``
+files (what a quantization callback measured: float and int8 accuracy, latency, size) and
+``job_status.json`` (written by :class:`SweepComparison` when the job ends: completed or failed, and
+why). :func:`compare_sweep` reads whatever each job left; a job without metrics is a failed row, and
+it hides no other row. One row per (job, manifest); a job that only trained (no manifest) is one
+``float`` row with its accuracy.
+
+Hydra stops calling callbacks once a job of the sweep failed (``on_multirun_end`` is skipped when the
+sweeper re-raises the job's error), so :class:`SweepComparison` rewrites the comparison after every job
+as well as at the end: the files in the sweep folder always describe every job that ended.
+
+Example (configured in ``conf/hydra/default.yaml``; a separate app adds the defaults entry
+``lightning_quant/sweep@hydra.callbacks.comparison: comparison``)::
+
+    hydra:
+      callbacks:
+        comparison:
+          _target_: lightning_quant.sweep.SweepComparison
+
+Rebuild the comparison of a sweep folder by hand::
+
+    python -m lightning_quant.sweep outputs/train/multiruns/2025-01-01_12-00-00
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+STATUS_FILE = "job_status.json"
+COLUMNS = (
+    "job",
+    "status",
+    "model",
+    "approach",
+    "acc_float",
+    "acc_int8",
+    "latency_float_ms",
+    "latency_int8_ms",
+    "speedup",
+    "size_float_bytes",
+    "size_int8_bytes",
+    "pareto",
+    "overrides",
+    "error",
+    "job_dir",
+)
+
+
+class SweepComparison(Callback):
+    """Hydra callback that writes ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into the sweep folder.
+
+    Args:
+        metric: the accuracy metric to compare, as logged (``test/acc``) or as named in a manifest (``acc``).
+        stem: file name of the three outputs, without extension.
+    """
+
+    def __init__(self, metric: str = "test/acc", stem: str = "comparison") -> None:
+        if not metric:
+            raise ValueError("metric must name the accuracy to compare, e.g. 'test/acc'")
+        if not stem or Path(stem).name != stem:
+            raise ValueError(f"stem must be a bare file name such as 'comparison', got {stem!r}")
+        self.metric = metric
+        self.stem = stem
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        record_job_status(Path(config.hydra.runtime.output_dir), job_return)
+        self._write(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._write(Path(config.hydra.sweep.dir))
+
+    def _write(self, sweep_dir: Path) -> None:
+        with _locked(sweep_dir / f".{self.stem}.lock"):
+            write_comparison(sweep_dir, compare_sweep(sweep_dir, self.metric), self.stem)
+
+
+def record_job_status(job_dir: Path, job_return: JobReturn) -> None:
+    """Write ``job_status.json``: how the job ended, its overrides, and the error if it failed."""
+    failed = job_return.status != JobStatus.COMPLETED
+    error = job_return._return_value if failed else None
+    status = {
+        "status": "failed" if failed else "completed",
+        "overrides": list(job_return.overrides or []),
+        "error": f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else None,
+        "traceback": "".join(traceback.format_exception(error)) if isinstance(error, BaseException) else None,
+        "return_value": job_return._return_value if _is_number(job_return._return_value) else None,
+    }
+    _write_atomic(job_dir / STATUS_FILE, json.dumps(status, indent=2))
+
+
+def compare_sweep(sweep_dir: str | Path, metric: str = "test/acc") -> list[dict[str, Any]]:
+    """One row per job and manifest in ``sweep_dir``, with the Pareto front (accuracy up, latency down) marked."""
+    rows = [row for job_dir in find_jobs(Path(sweep_dir)) for row in read_job(job_dir, metric)]
+    mark_pareto_front(rows)
+    return rows
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Folders of the jobs in a sweep: those Hydra wrote ``.hydra/`` into, or that have a status file."""
+    found = {p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")}
+    found |= {p.parent for p in sweep_dir.rglob(STATUS_FILE)}
+    return sorted(found, key=lambda p: _job_sort_key(p.relative_to(sweep_dir)))
+
+
+def read_job(job_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]]:
+    """The rows one job contributes: one per manifest, or one float row; a failed row if it left no metrics."""
+    status = _read_json(job_dir / STATUS_FILE) or {}
+    metrics = _read_json(job_dir / "metrics.json")
+    hydra_dir = job_dir / ".hydra"
+    overrides = status.get("overrides") or _read_yaml(hydra_dir / "overrides.yaml") or []
+    base = {
+        "job": job_dir.name,
+        "model": _model_name(_read_yaml(hydra_dir / "hydra.yaml"), _read_yaml(hydra_dir / "config.yaml")),
+        "overrides": " ".join(str(o) for o in overrides),
+        "job_dir": str(job_dir),
+        "error": status.get("error"),
+    }
+    if status.get("status") == "failed" or metrics is None:
+        error = base["error"] or "the job left no metrics.json (it was stopped, or never got to write it)"
+        return [{**dict.fromkeys(COLUMNS), **base, "status": "failed", "error": error}]
+
+    manifests = sorted(job_dir.rglob("manifest.json"))
+    if not manifests:
+        return [{**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}]
+    return [{**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics)} for path in manifests]
+
+
+def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Columns read from one quantization manifest (float vs int8 accuracy, latency, size)."""
+    manifest = _read_json(path)
+    if manifest is None:
+        return {"status": "failed", "error": f"{path} is not readable JSON"}
+    acc_float = _side(manifest.get("metrics"), "float", metric)
+    latency_float = _side(manifest.get("latency_ms"), "float", metric)
+    latency_int8 = _side(manifest.get("latency_ms"), "quantized", metric)
+    return {
+        "status": "ok",
+        "approach": manifest.get("approach", "quantized"),
+        "acc_float": acc_float if acc_float is not None else metrics.get(metric),
+        "acc_int8": _side(manifest.get("metrics"), "quantized", metric),
+        "latency_float_ms": latency_float,
+        "latency_int8_ms": latency_int8,
+        "speedup": latency_float / latency_int8 if latency_float and latency_int8 else None,
+        "size_float_bytes": _side(manifest.get("size_bytes"), "float", metric),
+        "size_int8_bytes": _side(manifest.get("size_bytes"), "quantized", metric),
+    }
+
+
+def deployed_point(row: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(latency ms, accuracy) of what a row ships: the int8 model if there is one, else the float model."""
+    for latency, acc in (("latency_int8_ms", "acc_int8"), ("latency_float_ms", "acc_float")):
+        if _is_number(row.get(latency)) and _is_number(row.get(acc)):
+            return float(row[latency]), float(row[acc])
+    return None
+
+
+def mark_pareto_front(rows: Sequence[dict[str, Any]]) -> None:
+    """``pareto`` = True for the rows no other row beats on both latency (lower) and accuracy (higher)."""
+    points = {i: deployed_point(row) for i, row in enumerate(rows)}
+    for i, row in enumerate(rows):
+        p = points[i]
+        if p is None:
+            row["pareto"] = None
+            continue
+        row["pareto"] = not any(
+            q is not None and q[0] <= p[0] and q[1] >= p[1] and q != p for j, q in points.items() if j != i
+        )
+
+
+def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], stem: str = "comparison") -> None:
+    """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into ``sweep_dir`` (each atomically)."""
+    sweep_dir = Path(sweep_dir)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(sweep_dir / f"{stem}.csv", buffer.getvalue())
+    _write_atomic(sweep_dir / f"{stem}.md", markdown_table(rows))
+    _write_atomic(sweep_dir / f"{stem}.png", plot_png(rows))
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ["job", "status", "model", "approach", "acc float", "acc int8", "latency float (ms)",
+              "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "Pareto", "overrides"]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in rows:
+        cells = [
+            row["job"],
+            row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
+            row.get("model"),
+            row.get("approach"),
+            _fmt(row.get("acc_float"), "{:.4f}"),
+            _fmt(row.get("acc_int8"), "{:.4f}"),
+            _fmt(row.get("latency_float_ms"), "{:.3f}"),
+            _fmt(row.get("latency_int8_ms"), "{:.3f}"),
+            _fmt(row.get("speedup"), "{:.2f}x"),
+            _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
+            _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
+            {True: "yes", False: "", None: ""}[row.get("pareto")],
+            f"`{row['overrides']}`" if row.get("overrides") else "",
+        ]
+        lines.append("| " + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Accuracy against latency, one point per row (its int8 model, or float if none), Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7.5, 5), dpi=120, layout="constrained")
+    axes = figure.subplots()
+    approaches = sorted({str(r["approach"]) for r in rows if deployed_point(r)})
+    colors = {a: f"C{i % 10}" for i, a in enumerate(approaches)}
+    plotted = []
+    for row in rows:
+        point = deployed_point(row)
+        if point is None:
+            continue
+        plotted.append(point)
+        float_point = (row.get("latency_float_ms"), row.get("acc_float"))
+        if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
+            axes.annotate("", xy=point, xytext=float_point, arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.8})
+            axes.scatter(*float_point, s=30, facecolors="none", edgecolors="0.6", zorder=2)
+        axes.scatter(*point, s=70 if row["pareto"] else 40, color=colors[str(row["approach"])], zorder=3,
+                     edgecolors="black" if row["pareto"] else "none")  # fmt: skip
+        axes.annotate(f"{row['job']}: {row.get('model') or ''} {row['approach']}".strip(), point,
+                      textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+    front = sorted(deployed_point(r) for r in rows if r.get("pareto"))
+    if front:
+        axes.step(*zip(*front), where="post", color="black", lw=1, ls="--", label="Pareto front")
+    for approach, color in colors.items():
+        axes.scatter([], [], color=color, label=approach)
+    if any(r.get("acc_int8") is not None for r in rows):
+        axes.scatter([], [], facecolors="none", edgecolors="0.6", label="float model of the same job")
+    notes = [f"{r['job']} failed" for r in rows if r["status"] != "ok"]
+    notes += [f"{r['job']}: no latency measured" for r in rows if r["status"] == "ok" and deployed_point(r) is None]
+    if notes:
+        axes.text(0.01, 0.01, "; ".join(notes), transform=axes.transAxes, fontsize=8, color="firebrick", va="bottom")
+    if not plotted:
+        axes.text(0.5, 0.5, "no job measured latency\n(add a quantization callback)", transform=axes.transAxes,
+                  ha="center", va="center", color="0.4")  # fmt: skip
+    axes.set_xlabel("latency (ms per batch; int8 if quantized, else float)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(f"{len({r['job'] for r in rows})} jobs: accuracy against latency (up and left is better)")
+    axes.grid(alpha=0.3)
+    if approaches:
+        axes.legend(fontsize=8, loc="lower right")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _model_name(hydra_yaml: Any, config_yaml: Any) -> str | None:
+    choices = ((hydra_yaml or {}).get("hydra") or {}).get("runtime", {}).get("choices") or {}
+    if choices.get("model"):
+        return str(choices["model"])
+    model = (config_yaml or {}).get("model") if isinstance(config_yaml, dict) else None
+    target = model.get("_target_") if isinstance(model, dict) else None
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+def _side(value: Any, side: str, metric: str) -> float | None:
+    """``manifest[key][side]``: a number, or the metric in a dict of metrics (by full or short name)."""
+    if not isinstance(value, Mapping):
+        return None
+    value = value.get(side)
+    if isinstance(value, Mapping):
+        for name in (metric, metric.rsplit("/", 1)[-1], "acc", "accuracy"):
+            if _is_number(value.get(name)):
+                return float(value[name])
+        return None
+    return float(value) if _is_number(value) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fmt(value: Any, pattern: str, scale: float = 1.0) -> str:
+    return pattern.format(value * scale) if _is_number(value) else ""
+
+
+def _job_sort_key(relative: Path) -> tuple:
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in relative.parts)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Serialise writers of one sweep folder (parallel jobs end at the same time); no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m lightning_quant.sweep SWEEP_DIR [METRIC]``: rebuild the comparison of a sweep folder."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or not Path(args[0]).is_dir():
+        raise SystemExit("usage: python -m lightning_quant.sweep SWEEP_DIR [METRIC]   (SWEEP_DIR: a multirun folder)")
+    sweep_dir, metric = Path(args[0]), (args[1] if len(args) > 1 else "test/acc")
+    write_comparison(sweep_dir, compare_sweep(sweep_dir, metric))
+    print(f"wrote {sweep_dir / 'comparison.csv'}, .md and .png")
+
+
+if __name__ == "__main__":
+    main()
