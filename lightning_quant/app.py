@@ -27,7 +27,8 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Fit and test the configured model; return ``cfg.optimized_metric`` (for sweepers), if it was logged."""
+    """Fit and test the configured model; write ``metrics.json`` (logged metrics, and the numbers of any
+    quantization manifest); return the objective for sweepers (see :func:`objective`), or None."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -43,6 +44,9 @@ def train(cfg: DictConfig) -> float | None:
         for results in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path):
             metrics.update({k: float(v) for k, v in results.items()})
 
+    for callback in trainer.callbacks:
+        metrics.update(manifest_metrics(getattr(callback, "manifest", None)))
+
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -51,9 +55,44 @@ def train(cfg: DictConfig) -> float | None:
 
     if cfg.optimized_metric is None:
         return None
-    if cfg.optimized_metric not in metrics:
+    return objective(metrics, cfg.optimized_metric, cfg.latency_budget_ms)
+
+
+def manifest_metrics(manifest: dict[str, Any] | None) -> dict[str, float]:
+    """The numbers of a quantization callback's manifest, named as it logs them: ``quantization/float/val/acc``,
+    ``quantization/quantized/val/acc``, ``quantization/{float,quantized}/{latency_ms,size_bytes}``."""
+    if not manifest:
+        return {}
+    flat = {}
+    for kind in ("float", "quantized"):
+        for name, value in manifest.get("metrics", {}).get(kind, {}).items():
+            flat[f"quantization/{kind}/{name}"] = float(value)
+        for measure in ("latency_ms", "size_bytes"):
+            if manifest.get(measure, {}).get(kind) is not None:
+                flat[f"quantization/{kind}/{measure}"] = float(manifest[measure][kind])
+    return flat
+
+
+def objective(metrics: dict[str, float], optimized_metric: str, latency_budget_ms: float | None = None) -> float:
+    """What ``train`` returns to a sweeper: ``metrics[optimized_metric]``, minus the relative excess of the
+    int8 latency over ``latency_budget_ms`` when one is set (0.95 at 1.2x the budget scores 0.75).
+
+    Raises:
+        KeyError: the metric was not logged, or a latency budget is set but no quantization callback
+            measured an int8 latency.
+    """
+    if optimized_metric not in metrics:
         raise KeyError(
-            f"optimized_metric '{cfg.optimized_metric}' was not logged; logged metrics: {sorted(metrics)}. "
+            f"optimized_metric '{optimized_metric}' was not logged; logged metrics: {sorted(metrics)}. "
             "Set optimized_metric to one of them, or to null."
         )
-    return metrics[cfg.optimized_metric]
+    value = metrics[optimized_metric]
+    if latency_budget_ms is None:
+        return value
+    latency = metrics.get("quantization/quantized/latency_ms")
+    if latency is None:
+        raise KeyError(
+            f"latency_budget_ms={latency_budget_ms} bounds the int8 latency (quantization/quantized/latency_ms), "
+            "but no quantization callback measured one: add one (callbacks=ptq) or set latency_budget_ms=null."
+        )
+    return value - max(0.0, latency / latency_budget_ms - 1.0)

@@ -50,6 +50,7 @@ COLUMNS = (
     "job",
     "status",
     "model",
+    "callbacks",
     "approach",
     "acc_float",
     "acc_int8",
@@ -58,6 +59,8 @@ COLUMNS = (
     "speedup",
     "size_float_bytes",
     "size_int8_bytes",
+    "smallest_file_bytes",
+    "objective",
     "pareto",
     "overrides",
     "error",
@@ -69,13 +72,15 @@ class SweepComparison(Callback):
     """Hydra callback that writes ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into the sweep folder.
 
     Args:
-        metric: the accuracy metric to compare, as logged (``test/acc``) or as named in a manifest (``acc``).
+        metric: the accuracy to compare, as logged. Default ``val/acc``: the quantization callbacks
+            evaluate float and int8 side by side on the validation set, so every row (float-only jobs
+            too) compares the same data. A manifest metric is found by this name or by its last part.
         stem: file name of the three outputs, without extension.
     """
 
-    def __init__(self, metric: str = "test/acc", stem: str = "comparison") -> None:
+    def __init__(self, metric: str = "val/acc", stem: str = "comparison") -> None:
         if not metric:
-            raise ValueError("metric must name the accuracy to compare, e.g. 'test/acc'")
+            raise ValueError("metric must name the accuracy to compare, e.g. 'val/acc'")
         if not stem or Path(stem).name != stem:
             raise ValueError(f"stem must be a bare file name such as 'comparison', got {stem!r}")
         self.metric = metric
@@ -109,9 +114,16 @@ def record_job_status(job_dir: Path, job_return: JobReturn) -> None:
     _write_atomic(job_dir / STATUS_FILE, json.dumps(status, indent=2))
 
 
-def compare_sweep(sweep_dir: str | Path, metric: str = "test/acc") -> list[dict[str, Any]]:
-    """One row per job and manifest in ``sweep_dir``, with the Pareto front (accuracy up, latency down) marked."""
+def compare_sweep(sweep_dir: str | Path, metric: str = "val/acc") -> list[dict[str, Any]]:
+    """One row per job and manifest in ``sweep_dir``, with the Pareto front (accuracy up, latency down) marked.
+
+    ``overrides`` lists only the overrides that differ between jobs (all of a job's are in its ``.hydra/``).
+    """
     rows = [row for job_dir in find_jobs(Path(sweep_dir)) for row in read_job(job_dir, metric)]
+    overrides = [set(row["overrides"]) for row in rows]
+    shared = set.intersection(*overrides) if len(overrides) > 1 else set()
+    for row in rows:
+        row["overrides"] = " ".join(o for o in row["overrides"] if o not in shared)
     mark_pareto_front(rows)
     return rows
 
@@ -123,18 +135,21 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: _job_sort_key(p.relative_to(sweep_dir)))
 
 
-def read_job(job_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]]:
+def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     """The rows one job contributes: one per manifest, or one float row; a failed row if it left no metrics."""
     status = _read_json(job_dir / STATUS_FILE) or {}
     metrics = _read_json(job_dir / "metrics.json")
     hydra_dir = job_dir / ".hydra"
     overrides = status.get("overrides") or _read_yaml(hydra_dir / "overrides.yaml") or []
+    choices = _choices(_read_yaml(hydra_dir / "hydra.yaml"))
     base = {
         "job": job_dir.name,
-        "model": _model_name(_read_yaml(hydra_dir / "hydra.yaml"), _read_yaml(hydra_dir / "config.yaml")),
-        "overrides": " ".join(str(o) for o in overrides),
+        "model": choices.get("model") or _target_name(_read_yaml(hydra_dir / "config.yaml"), "model"),
+        "callbacks": choices.get("callbacks"),
+        "overrides": [str(o) for o in overrides],
         "job_dir": str(job_dir),
         "error": status.get("error"),
+        "objective": status.get("return_value"),
     }
     if status.get("status") == "failed" or metrics is None:
         error = base["error"] or "the job left no metrics.json (it was stopped, or never got to write it)"
@@ -164,6 +179,7 @@ def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any]) -> dict[st
         "speedup": latency_float / latency_int8 if latency_float and latency_int8 else None,
         "size_float_bytes": _side(manifest.get("size_bytes"), "float", metric),
         "size_int8_bytes": _side(manifest.get("size_bytes"), "quantized", metric),
+        "smallest_file_bytes": _side(manifest, "size_bytes", "smallest_artifact"),
     }
 
 
@@ -201,14 +217,16 @@ def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], s
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    header = ["job", "status", "model", "approach", "acc float", "acc int8", "latency float (ms)",
-              "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "Pareto", "overrides"]  # fmt: skip
+    header = ["job", "status", "model", "callbacks", "approach", "acc float", "acc int8", "latency float (ms)",
+              "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "smallest file (KiB)",
+              "objective", "Pareto", "overrides"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [
             row["job"],
             row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
             row.get("model"),
+            row.get("callbacks"),
             row.get("approach"),
             _fmt(row.get("acc_float"), "{:.4f}"),
             _fmt(row.get("acc_int8"), "{:.4f}"),
@@ -217,6 +235,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             _fmt(row.get("speedup"), "{:.2f}x"),
             _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
             _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
+            _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
+            _fmt(row.get("objective"), "{:.4f}"),
             {True: "yes", False: "", None: ""}[row.get("pareto")],
             f"`{row['overrides']}`" if row.get("overrides") else "",
         ]
@@ -245,51 +265,69 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
         if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
             axes.annotate("", xy=point, xytext=float_point, arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.8})
             axes.scatter(*float_point, s=30, facecolors="none", edgecolors="0.6", zorder=2)
-        axes.scatter(*point, s=70 if row["pareto"] else 40, color=colors[str(row["approach"])], zorder=3,
-                     edgecolors="black" if row["pareto"] else "none")  # fmt: skip
+        axes.scatter(*point, s=40, color=colors[str(row["approach"])], zorder=3)
         axes.annotate(f"{row['job']}: {row.get('model') or ''} {row['approach']}".strip(), point,
                       textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
     front = sorted(deployed_point(r) for r in rows if r.get("pareto"))
     if front:
-        axes.step(*zip(*front), where="post", color="black", lw=1, ls="--", label="Pareto front")
+        axes.plot(*zip(*front), color="black", lw=1, ls="--", marker="o", markersize=11, markerfacecolor="none",
+                  label="Pareto front", zorder=4)  # fmt: skip
     for approach, color in colors.items():
         axes.scatter([], [], color=color, label=approach)
     if any(r.get("acc_int8") is not None for r in rows):
         axes.scatter([], [], facecolors="none", edgecolors="0.6", label="float model of the same job")
-    notes = [f"{r['job']} failed" for r in rows if r["status"] != "ok"]
-    notes += [f"{r['job']}: no latency measured" for r in rows if r["status"] == "ok" and deployed_point(r) is None]
-    if notes:
-        axes.text(0.01, 0.01, "; ".join(notes), transform=axes.transAxes, fontsize=8, color="firebrick", va="bottom")
+    latencies = [p[0] for p in plotted] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
+    if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
+        axes.set_xscale("log")
+    failed = [str(r["job"]) for r in rows if r["status"] != "ok"]
+    unmeasured = [str(r["job"]) for r in rows if r["status"] == "ok" and deployed_point(r) is None]
+    notes = ([f"failed: {_jobs(failed)}"] if failed else []) + (
+        [f"no latency measured: {_jobs(unmeasured)}"] if unmeasured else []
+    )
     if not plotted:
         axes.text(0.5, 0.5, "no job measured latency\n(add a quantization callback)", transform=axes.transAxes,
                   ha="center", va="center", color="0.4")  # fmt: skip
     axes.set_xlabel("latency (ms per batch; int8 if quantized, else float)")
     axes.set_ylabel("accuracy")
-    axes.set_title(f"{len({r['job'] for r in rows})} jobs: accuracy against latency (up and left is better)")
+    title = f"{len({r['job'] for r in rows})} jobs: accuracy against latency (up and left is better)"
+    axes.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=10)
     axes.grid(alpha=0.3)
     if approaches:
-        axes.legend(fontsize=8, loc="lower right")
+        axes.legend(fontsize=8, loc="best")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
-def _model_name(hydra_yaml: Any, config_yaml: Any) -> str | None:
-    choices = ((hydra_yaml or {}).get("hydra") or {}).get("runtime", {}).get("choices") or {}
-    if choices.get("model"):
-        return str(choices["model"])
-    model = (config_yaml or {}).get("model") if isinstance(config_yaml, dict) else None
-    target = model.get("_target_") if isinstance(model, dict) else None
+def _jobs(names: list[str]) -> str:
+    return ("job " if len(names) == 1 else "jobs ") + ", ".join(names)
+
+
+def _choices(hydra_yaml: Any) -> dict[str, str]:
+    """The config group options the job ran with (``model: convnet``, ``callbacks: ptq``), from ``.hydra/hydra.yaml``."""
+    try:
+        choices = hydra_yaml["hydra"]["runtime"]["choices"]
+    except (KeyError, TypeError):
+        return {}
+    return {str(k): str(v) for k, v in (choices or {}).items() if v is not None}
+
+
+def _target_name(config_yaml: Any, key: str) -> str | None:
+    """Class name of ``config[key]._target_``: the model's name in an app without a ``model`` group."""
+    node = config_yaml.get(key) if isinstance(config_yaml, dict) else None
+    target = node.get("_target_") if isinstance(node, dict) else None
     return str(target).rsplit(".", 1)[-1] if target else None
 
 
 def _side(value: Any, side: str, metric: str) -> float | None:
-    """``manifest[key][side]``: a number, or the metric in a dict of metrics (by full or short name)."""
+    """``value[side]`` if a number; if a dict of metrics, the metric in it, by full name or by last part
+    (``test/acc`` finds ``val/acc`` when that is what the manifest measured)."""
     if not isinstance(value, Mapping):
         return None
     value = value.get(side)
     if isinstance(value, Mapping):
-        for name in (metric, metric.rsplit("/", 1)[-1], "acc", "accuracy"):
+        short = metric.rsplit("/", 1)[-1]
+        for name in (metric, *sorted(k for k in value if str(k).rsplit("/", 1)[-1] == short)):
             if _is_number(value.get(name)):
                 return float(value[name])
         return None
@@ -357,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or not Path(args[0]).is_dir():
         raise SystemExit("usage: python -m lightning_quant.sweep SWEEP_DIR [METRIC]   (SWEEP_DIR: a multirun folder)")
-    sweep_dir, metric = Path(args[0]), (args[1] if len(args) > 1 else "test/acc")
+    sweep_dir, metric = Path(args[0]), (args[1] if len(args) > 1 else "val/acc")
     write_comparison(sweep_dir, compare_sweep(sweep_dir, metric))
     print(f"wrote {sweep_dir / 'comparison.csv'}, .md and .png")
 

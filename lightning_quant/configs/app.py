@@ -153,6 +153,9 @@ class TrainConfig:
     ckpt_path: Optional[str] = None
     # The metric `train` returns, so Hydra sweepers (Optuna) can optimise it.
     optimized_metric: Optional[str] = "test/acc"
+    # Optional bound on the int8 latency (ms per batch, as the quantization callback measures it): over it,
+    # the returned objective drops by the relative excess (see lightning_quant.app.objective).
+    latency_budget_ms: Optional[float] = None
 
 
 def register_app_configs() -> None:
