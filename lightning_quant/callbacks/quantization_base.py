@@ -259,7 +259,7 @@ class QuantizationCallback(Callback, ABC):
                         f"The float checkpoint is safe at {float_checkpoint}."
                     ) from err
                 quantized_ops = count_quantized_ops(reference)
-                if sum(quantized_ops.values()) == 0:
+                if sum(quantized_ops.values()) == 0 and self.approach != "float":  # "float": OptimizeForInference
                     raise QuantizationError(
                         f"{self.approach} quantization of {model_name} produced no quantized op: nothing would run "
                         "in int8. Check keep_float and that the model has layers this approach quantizes. "
