@@ -16,8 +16,9 @@ The PT2E traps handled here, each with a test:
   ``move_exported_model_to_eval``/``_train`` do, but they rewrite BatchNorm with the default momentum and
   eps and dropout with ``p=0.5``. The values are put back after every switch.
 * ``prepare_qat_pt2e``'s conv-BN fusion also writes momentum 0.1 and eps 1e-5, and ``convert_pt2e`` folds
-  BN into the conv with eps 1e-5 whatever the module said. The module's values are put back after
-  prepare, and :meth:`QATGraph.convert` folds the real eps into ``running_var`` before converting.
+  BN into the conv with eps 1e-5 whatever the module said (after tracing 96 patterns: tens of seconds).
+  The module's values are put back after prepare, and :meth:`QATGraph.convert` folds conv-BN itself,
+  with the real eps, before ``convert_pt2e``.
 * A BatchNorm in eval mode still increments ``num_batches_tracked`` in the exported graph: outside
   training the graph computes with copies of the model's buffers, so evaluation changes nothing.
 * A quantizer that annotates nothing would train a float model and call it QAT: zero fake-quant
@@ -28,7 +29,7 @@ Example::
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
-    >>> qat = prepare_qat(model, (torch.randn(4, 1, 8, 8),))
+    >>> qat = prepare_qat(model, torch.randn(4, 1, 8, 8))
     >>> qat.attach()  # model(x) now runs the fake-quant graph on model's own parameters
     >>> model(torch.randn(16, 1, 8, 8)).shape
     torch.Size([16, 10])
@@ -42,9 +43,8 @@ Example::
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,17 +53,16 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune
-from torch.utils._pytree import tree_map
 
 from lightning_quant.quantization._torchao import (
     FakeQuantize,
     FakeQuantizeBase,
     FusedMovingAvgObsFakeQuantize,
+    HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
-    MovingAveragePerChannelMinMaxObserver,
     PerChannelMinMaxObserver,
-    QuantizationSpec,
+    QuantizationConfig,
     X86InductorQuantizer,
     convert_pt2e,
     disable_observer,
@@ -73,99 +72,86 @@ from lightning_quant.quantization._torchao import (
     move_exported_model_to_train,
     prepare_qat_pt2e,
 )
-
-# How activation ranges are tracked while training. The weights always use a moving-average observer:
-# they change every step, so a range that never forgets would keep the widest weights ever seen.
-ACTIVATION_OBSERVERS = ("moving_average_minmax", "minmax")
+from lightning_quant.quantization.config import OBSERVERS
+from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.quantization.quantize import export_for_quantization
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
 _BN_TRAINING, _BN_MOMENTUM, _BN_EPS = 5, 6, 7
 _DROPOUT_P, _DROPOUT_TRAINING = 1, 2
-# The eps prepare_qat_pt2e's conv-BN fusion and convert_pt2e's BN folding assume (torchao qat_utils).
-_TORCHAO_BN_EPS = 1e-5
 
 
 @dataclass(frozen=True)
 class QATConfig:
-    """How fake-quant is inserted.
+    """How fake-quant is inserted (the QAT counterpart of :class:`StaticQuantConfig`).
 
     Args:
-        observer: how activation ranges are tracked: ``"moving_average_minmax"`` (the QAT default: the
-            range follows the activations as the weights change) or ``"minmax"`` (the widest range seen).
+        observer: how activation ranges are tracked while training: ``"moving_average"`` (default, the
+            QAT standard: the range follows the activations as the weights change; fused with fake-quant),
+            ``"minmax"`` (the widest range seen) or ``"histogram"`` (slow: a histogram search every step).
+            Weights always use a per-step moving average: they change every step.
         per_channel: one weight scale per output channel (default) rather than one per tensor.
         keep_float: names of submodules (as in ``model.named_modules()``) whose ops stay in float.
+
+    Example::
+
+        >>> QATConfig(keep_float=("net.head",)).observer
+        'moving_average'
     """
 
-    observer: str = "moving_average_minmax"
+    observer: str = "moving_average"
     per_channel: bool = True
-    keep_float: tuple[str, ...] = ()
+    keep_float: Sequence[str] = ()
 
     def __post_init__(self) -> None:
-        if self.observer not in ACTIVATION_OBSERVERS:
-            raise ValueError(f"observer must be one of {ACTIVATION_OBSERVERS}, got {self.observer!r}")
-        if isinstance(self.keep_float, str) or not all(isinstance(n, str) and n for n in self.keep_float):
-            raise ValueError(
-                f"keep_float must be a sequence of submodule names such as ('net.head',), got {self.keep_float!r}"
-            )
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
+        if isinstance(self.keep_float, str) or not all(isinstance(n, str) for n in self.keep_float):
+            raise TypeError(f"keep_float must be a list of module names such as ['net.head'], got {self.keep_float!r}")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
 def make_qat_quantizer(config: QATConfig = QATConfig()) -> X86InductorQuantizer:
     """``X86InductorQuantizer`` for QAT: uint8 activations, int8 symmetric weights, ``keep_float`` skipped."""
     default = get_default_x86_inductor_quantization_config(is_qat=True)
-    act, weight = default.input_activation, default.weight
-    eps = 2**-12  # torchao's x86 default: keeps scales of all-zero tensors finite
-    if config.observer == "minmax":
-        act = _with_fake_quant(act, MinMaxObserver, eps)
+    eps = 2**-12  # torchao's x86 default: keeps the scale of an all-zero tensor finite
+    activation = default.input_activation  # moving average, fused with fake-quant
+    if config.observer != "moving_average":
+        observer = MinMaxObserver if config.observer == "minmax" else HistogramObserver
+        activation = replace(activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=eps))
+    weight = default.weight
     if not config.per_channel:
-        weight = QuantizationSpec(
-            dtype=weight.dtype,
-            quant_min=weight.quant_min,
-            quant_max=weight.quant_max,
+        weight = replace(
+            weight,
             qscheme=torch.per_tensor_symmetric,
-            is_dynamic=False,
+            ch_axis=None,
             observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
                 observer=MovingAverageMinMaxObserver, eps=eps
             ),
         )
-    qconfig = type(default)(act, act, weight, default.bias, default.is_qat)
-    quantizer = X86InductorQuantizer().set_global(qconfig)
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(QuantizationConfig(activation, activation, weight, default.bias, True))
     for name in config.keep_float:
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
 
 
-def _with_fake_quant(spec: QuantizationSpec, observer: type, eps: float) -> QuantizationSpec:
-    return QuantizationSpec(
-        dtype=spec.dtype,
-        quant_min=spec.quant_min,
-        quant_max=spec.quant_max,
-        qscheme=spec.qscheme,
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=eps),
-    )
-
-
-def prepare_qat(
-    model: nn.Module,
-    example_args: Sequence[Any],
-    example_kwargs: Mapping[str, Any] | None = None,
-    config: QATConfig = QATConfig(),
-) -> QATGraph:
+def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATConfig()) -> QATGraph:
     """Export ``model.forward`` and insert fake-quant; the result computes with ``model``'s own tensors.
 
     Args:
         model: the float model; not modified (call :meth:`QATGraph.attach` to route ``model(...)``
             through the fake-quant graph).
-        example_args, example_kwargs: inputs of ``model.forward``, batch of at least 2 (``torch.export``
-            treats a dimension of size 1 as a constant). Dimension 0 of every tensor is the batch and is
-            dynamic. Non-tensor arguments become constants of the graph.
+        example_inputs: an input of ``model.forward`` (tensor, tuple of arguments, dict of keywords or
+            :class:`ModelInputs`), batch of 2 or more. Dimension 0 of the tensors is the batch and is
+            dynamic; other dimensions and non-tensor arguments are fixed.
         config: see :class:`QATConfig`.
 
     Raises:
         ValueError: a ``keep_float`` name that is not a submodule, a BatchNorm without momentum, or
             nothing quantizable (zero fake-quant modules after prepare).
+        QuantizationError: ``torch.export`` cannot capture ``forward`` (the message says why).
     """
     if "forward" in vars(model):
         raise ValueError(
@@ -184,17 +170,12 @@ def prepare_qat(
             f"BatchNorm {no_momentum} use momentum=None (a cumulative average), which an exported QAT "
             "graph cannot express; give them a momentum (e.g. 0.1)"
         )
-    example_args, example_kwargs = _to_device(model, tuple(example_args), dict(example_kwargs or {}))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = ModelInputs.from_value(example_inputs).bind(model.forward).to(device)
     was_training = model.training
     model.train()  # the training graph: BatchNorm on batch statistics, dropout on
     try:
-        exported = torch.export.export(
-            model,
-            example_args,
-            example_kwargs,
-            dynamic_shapes=_batch_dynamic_shapes(model, example_args, example_kwargs),
-            strict=False,
-        )
+        exported = export_for_quantization(model, inputs)
     finally:
         model.train(was_training)
     prepared = prepare_qat_pt2e(exported.module(), make_qat_quantizer(config))
@@ -212,9 +193,9 @@ def prepare_qat(
 class QATGraph:
     """The fake-quant graph of ``model.forward``, computing with ``model``'s live parameters and buffers.
 
-    Calling it (or ``model(...)`` after :meth:`attach`) follows ``model.training``: in training mode
-    BatchNorm uses batch statistics (unless :meth:`freeze_batchnorm` was called) and dropout is on; in
-    eval mode neither, and the model's buffers are not written. Observers move only while
+    Calling it (or ``model(...)`` after :meth:`attach`) follows ``model.training``: in training mode it
+    runs :attr:`graph` (BatchNorm on batch statistics unless :meth:`freeze_batchnorm` was called, dropout
+    on), in eval mode :attr:`eval_graph`, which does not write the model's buffers. Observers move only while
     :attr:`observers_enabled` is True (the default, as in torchao), in either mode.
     """
 
@@ -225,17 +206,17 @@ class QATGraph:
             name for name, child in graph.named_children() if isinstance(child, FakeQuantizeBase)
         )
         self._bindings = _bind(graph, model)
-        self._pruned_owners: list[nn.Module] = []
-        self._graph_training: bool | None = None
+        self._eval_graph: GraphModule | None = None
         self._batchnorm_frozen = False
         self._observers_enabled = True
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self._follow_mode(self.model.training)
-        tensors = self._live_tensors(copy_buffers=not self.model.training)
+        training = self.model.training
+        graph = self.graph if training else self.eval_graph
+        tensors = self._live_tensors(copy_buffers=not training)
         try:
-            return torch.func.functional_call(self.graph, tensors, args, kwargs)
+            return torch.func.functional_call(graph, tensors, args, kwargs)
         except AssertionError as err:
             if "Guard failed" not in str(err):
                 raise
@@ -257,6 +238,17 @@ class QATGraph:
     @property
     def attached(self) -> bool:
         return vars(self.model).get("forward") is self
+
+    @property
+    def eval_graph(self) -> GraphModule:
+        """The graph in eval mode. It shares the fake-quant modules with :attr:`graph`; switching an
+        exported graph traces patterns (about a second), so it is done once, not at every ``model.eval()``."""
+        if self._eval_graph is None:
+            eval_graph = GraphModule(self.graph, copy.deepcopy(self.graph.graph))
+            eval_graph.meta.update(self.graph.meta)  # what convert_pt2e reads from prepare
+            _switch_mode(eval_graph, training=False)
+            self._eval_graph = eval_graph
+        return self._eval_graph
 
     @property
     def num_fake_quantizers(self) -> int:
@@ -357,13 +349,12 @@ class QATGraph:
                 f"Fake-quant modules {unobserved} have no range: the QAT graph must run in training with "
                 "observers enabled on real batches before it can be converted."
             )
-        graph = copy.deepcopy(self.graph)
+        graph = copy.deepcopy(self.eval_graph).cpu()
         with torch.no_grad():
             for fqn, tensor in self._live_tensors(copy_buffers=False).items():
-                _assign(graph, fqn, tensor.detach().clone())
+                _assign(graph, fqn, tensor.detach().to("cpu", copy=True))
         graph.apply(disable_observer)
-        _switch_mode(graph, training=False)
-        _fold_batchnorm_eps(graph)
+        _fold_conv_batchnorm(graph)
         return convert_pt2e(graph)
 
     # ------------------------------------------------------------------ internals
@@ -374,15 +365,6 @@ class QATGraph:
         return {
             k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names
         }
-
-    def _follow_mode(self, training: bool) -> None:
-        if training == self._graph_training:
-            return
-        _switch_mode(self.graph, training)
-        if training and self._batchnorm_frozen:
-            _set_batchnorm_training(self.graph, False)
-            self.graph.recompile()
-        self._graph_training = training
 
     def _live_tensors(self, copy_buffers: bool) -> dict[str, torch.Tensor]:
         # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a forward pre-hook of
@@ -497,41 +479,87 @@ def _restore_batchnorm_literals(graph: GraphModule, model: nn.Module) -> None:
     graph.recompile()
 
 
-def _fold_batchnorm_eps(graph: GraphModule) -> None:
-    """convert_pt2e folds BN into conv with eps 1e-5: move the real eps into running_var, so that
-    ``running_var' + 1e-5 == running_var + eps`` everywhere the graph uses them (eval mode)."""
-    for node, running_var_name in _running_var_users(graph):
-        eps = node.args[_BN_EPS]
-        running_var = node.args[4]
-        users = set(running_var.users)
-        adds = _eps_adds(running_var)
-        if eps == _TORCHAO_BN_EPS or users != {node, *adds}:
+def _fold_conv_batchnorm(graph: GraphModule) -> None:
+    """Fold every QAT conv-BN pattern of an eval-mode graph into its conv, with the module's real eps.
+
+    The pattern ``prepare_qat_pt2e`` leaves (``qat_utils._get_qat_conv_bn_pattern``) is
+    ``bn(conv(x, fq(w * s), 0) / s + b)`` with ``s = gamma / sqrt(running_var + eps)``; in eval mode that is
+    ``conv(x, fq(w * s), (b - running_mean) * s + beta)``. ``convert_pt2e`` would fold it too, but only
+    after tracing 96 candidate patterns (tens of seconds here) and with eps 1e-5 whatever the module
+    said. A graph without BatchNorm skips that step; a BatchNorm this does not recognise is left to it.
+    """
+    for bn in [n for n in graph.graph.nodes if _is_call(n, _BATCH_NORM)]:
+        match = _match_qat_conv_bn(bn)
+        if match is None:
             continue
-        graph.get_buffer(running_var_name).add_(eps - _TORCHAO_BN_EPS)
-        args = list(node.args)
-        args[_BN_EPS] = _TORCHAO_BN_EPS
-        node.args = tuple(args)
-        for add in adds:
-            add.args = (add.args[0], _TORCHAO_BN_EPS)
+        conv, weight_node, scaled_weight, conv_bias_node = match
+        gamma, beta, running_mean, running_var = (_tensor(graph, n) for n in bn.args[1:5])
+        scale = gamma / torch.sqrt(running_var + bn.args[_BN_EPS])
+        weight = _tensor(graph, weight_node)
+        conv_bias = _tensor(graph, conv_bias_node) if conv_bias_node is not None else torch.zeros_like(beta)
+        prefix = weight_node.target.rpartition(".")[0]
+        _assign(graph, weight_node.target, weight * scale.reshape([-1] + [1] * (weight.dim() - 1)))
+        _assign(graph, f"{prefix}.folded_bias", (conv_bias - running_mean) * scale + beta)
+        scaled_weight.replace_all_uses_with(weight_node)
+        with graph.graph.inserting_before(conv):
+            bias = graph.graph.get_attr(f"{prefix}.folded_bias")
+        conv.args = (conv.args[0], conv.args[1], bias, *conv.args[3:])
+        bn.replace_all_uses_with(conv)
+        graph.graph.erase_node(bn)
+    # what torchao's fold also removes: BatchNorm's step counter, meaningless in an inference graph
+    for node in list(graph.graph.nodes):
+        if _is_call(node, torch.ops.aten.add_.Tensor) and _is_attr(node.args[0], "num_batches_tracked"):
+            graph.graph.erase_node(node)
+    graph.graph.eliminate_dead_code()
+    graph.graph.lint()
     graph.recompile()
 
 
-def _batch_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Dimension 0 of every tensor input is the (dynamic) batch; everything else is as in the example."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
+    """(conv, conv weight get_attr, ``w * s`` node, conv bias get_attr or None) if ``bn`` ends the QAT pattern."""
+    aten = torch.ops.aten
+    if not all(_is_attr(n) for n in bn.args[1:5]):
+        return None
+    x, conv_bias = bn.args[0], None
+    if _is_call(x, aten.add.Tensor) and _is_call(x.args[1], aten.reshape.default) and _is_attr(x.args[1].args[0]):
+        x, conv_bias = x.args[0], x.args[1].args[0]
+    if not (_is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)):
+        return None
+    conv, scale = x.args[0], x.args[1].args[0]
+    fake_quant, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
+    if not (
+        _is_call(scale, aten.div.Tensor)
+        and scale.args[0] is bn.args[1]
+        and isinstance(fake_quant, Node)
+        and fake_quant.op == "call_module"
+        and _is_call(fake_quant.args[0], aten.mul.Tensor)
+        and (bias is None or _is_call(bias, aten.zeros_like.default))
+        and len(conv.users) == 1
+    ):
+        return None
+    scaled_weight = fake_quant.args[0]
+    weight, weight_scale = scaled_weight.args
+    if not (_is_attr(weight) and len(weight.users) == 1 and _is_call(weight_scale, aten.reshape.default)):
+        return None
+    if weight_scale.args[0] is not scale:
+        return None
+    return conv, weight, scaled_weight, conv_bias
 
-    def spec(value: Any) -> Any:
-        return {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.dim() > 0 else None
 
-    return {name: tree_map(spec, value) for name, value in bound.arguments.items()}
+_CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)
 
 
-def _to_device(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    tensor = next(iter(model.parameters()), None)
-    if tensor is None:
-        return args, kwargs
-    move = lambda v: v.to(tensor.device) if isinstance(v, torch.Tensor) else v  # noqa: E731
-    return tree_map(move, args), tree_map(move, kwargs)
+def _is_call(node: Any, *targets: Any) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _is_attr(node: Any, suffix: str = "") -> bool:
+    return isinstance(node, Node) and node.op == "get_attr" and node.target.endswith(suffix)
+
+
+def _tensor(graph: GraphModule, node: Node) -> torch.Tensor:
+    prefix, _, name = node.target.rpartition(".")
+    return getattr(graph.get_submodule(prefix), name)
 
 
 def _global_rank(group_rank: int, group: Any) -> int:
