@@ -38,14 +38,14 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.train:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    # Read before testing: testing a checkpoint restores the callbacks' state as it was when it was saved.
+    for callback in trainer.callbacks:
+        metrics.update(manifest_metrics(getattr(callback, "manifest", None)))
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt_path = best if best else (None if cfg.train else cfg.ckpt_path)
         for results in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path):
             metrics.update({k: float(v) for k, v in results.items()})
-
-    for callback in trainer.callbacks:
-        metrics.update(manifest_metrics(getattr(callback, "manifest", None)))
 
     if trainer.is_global_zero:
         output_dir = Path(cfg.paths.output_dir)
