@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import fx, nn
@@ -21,36 +21,57 @@ def latency_ms(model: Callable[..., Any], inputs: Any, warmup: int = 5, repeats:
         >>> latency_ms(nn.Linear(4, 4), torch.zeros(2, 4)) > 0
         True
     """
+    return compare_latency_ms({"model": model}, inputs, warmup, repeats)["model"]
+
+
+def compare_latency_ms(
+    models: Mapping[str, Callable[..., Any]], inputs: Any, warmup: int = 5, repeats: int = 20
+) -> dict[str, float]:
+    """Median latency of each model, in milliseconds, timed in interleaved rounds.
+
+    Interleaving spreads load from other processes evenly over the models, so their *ratios* hold even on
+    a busy machine (absolute times do not).
+
+    Example::
+
+        >>> sorted(compare_latency_ms({"a": nn.Linear(4, 4), "b": nn.Identity()}, torch.zeros(2, 4)))
+        ['a', 'b']
+    """
     inputs = ModelInputs.from_value(inputs)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for _ in range(warmup):
-            inputs(model)
+            for model in models.values():
+                inputs(model)
         for _ in range(repeats):
-            start = time.perf_counter()
-            inputs(model)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
+            for name, model in models.items():
+                start = time.perf_counter()
+                inputs(model)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1000.0 for name, values in times.items()}
 
 
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as ``torch.save`` writes them (int8 weights count one byte each).
 
-    Graph modules' constants (PT2E keeps its int8 weights as ``get_attr`` tensors) are included.
+    For a graph module only the tensors its graph reads count: a PT2E converted graph keeps its int8
+    weights as ``get_attr`` constants and still holds the unused float originals.
 
     Example::
 
         >>> model_bytes(nn.Linear(256, 256)) > 256 * 256 * 4
         True
     """
-    tensors: dict[str, Any] = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if node.op == "get_attr":
-                    value = _get_attr(module, node.target)
+    if isinstance(model, fx.GraphModule):
+        tensors: dict[str, Any] = {}
+        for module in model.modules():
+            if isinstance(module, fx.GraphModule):
+                for node in module.graph.nodes:
+                    value = _get_attr(module, node.target) if node.op == "get_attr" else None
                     if isinstance(value, torch.Tensor):
-                        tensors.setdefault(f"{name}.{node.target}" if name else str(node.target), value)
+                        tensors[f"{id(module)}.{node.target}"] = value
+    else:
+        tensors = dict(model.state_dict())
     buffer = io.BytesIO()
     torch.save(tensors, buffer)
     return buffer.getbuffer().nbytes

@@ -21,6 +21,9 @@ Optional hooks:
   to export the converted model as is, or an :class:`~lightning_quant.export.OrtStaticQuantization` /
   :class:`~lightning_quant.export.OrtDynamicQuantization` to export the float model and let ONNX Runtime
   quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
+* ``artifact_models(trainer, pl_module)``: ``{format: model}`` for formats that must be made from another
+  model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
+  Those files are checked against the converted model with the looser "requantized" tolerance.
 * ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
@@ -50,7 +53,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_quant.benchmark import latency_ms, model_bytes
+from lightning_quant.benchmark import compare_latency_ms, model_bytes
 from lightning_quant.export import FORMATS, Artifact, OnnxQuantization, export, load_artifact, verify_artifacts
 from lightning_quant.manifest import build_manifest, format_table, write_manifest
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
@@ -138,6 +141,10 @@ class QuantizationCallback(Callback, ABC):
     def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OnnxQuantization]:
         """How the ONNX file is quantized; ``None`` exports the converted model as is."""
         return None
+
+    def artifact_models(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, nn.Module]:
+        """Models to export instead of the converted one, by format (default: none)."""
+        return {}
 
     def manifest_details(self) -> dict[str, Any]:
         """Approach-specific entries for ``manifest.json``."""
@@ -277,8 +284,7 @@ class QuantizationCallback(Callback, ABC):
                     artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs=timing_inputs
                 )
                 latency = {
-                    "float": latency_ms(float_model, timing_inputs),
-                    "quantized": latency_ms(self.quantized_model, timing_inputs),
+                    **compare_latency_ms({"float": float_model, "quantized": self.quantized_model}, timing_inputs),
                     **{name: result["latency_ms"] for name, result in verification.items()},
                 }
             metrics = self._evaluate(trainer, pl_module, float_model)
@@ -317,6 +323,7 @@ class QuantizationCallback(Callback, ABC):
                 dynamic_batch=self.dynamic_batch,
                 float_model=float_model,
                 onnx_quantization=self.onnx_quantization(trainer, pl_module),
+                models=self.artifact_models(trainer, pl_module),
             )
         except QuantizationError:
             raise

@@ -26,7 +26,7 @@ FORMATS: tuple[str, ...] = tuple(_FORMATS)
 # Largest accepted relative error (max |artifact - reference| / max |reference|) when the file holds the
 # same int8 program as the reference ("same") or was re-quantized by another library from the float model
 # ("requantized": ONNX Runtime, legacy torch.ao), whose scales and rounding differ from the reference.
-TOLERANCES = {"same": 0.05, "requantized": 0.25}
+TOLERANCES = {"same": 0.01, "requantized": 0.1}
 
 
 @dataclass(frozen=True)

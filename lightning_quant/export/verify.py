@@ -102,7 +102,7 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 def _main(request_path: str) -> None:
     import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
-    from lightning_quant.benchmark import latency_ms
+    from lightning_quant.benchmark import compare_latency_ms
     from lightning_quant.export.api import load_artifact
 
     request = torch.load(request_path, weights_only=False)
@@ -110,14 +110,17 @@ def _main(request_path: str) -> None:
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"])
     outcome: dict[str, Any] = {}
+    loaded = {}
     for format, path in request["artifacts"]:
         try:
             model = load_artifact(path, format)
             with torch.no_grad():
-                outputs = [_tensors(case(model)) for case in cases]
-            outcome[format] = {"outputs": outputs, "latency_ms": latency_ms(model, timing)}
+                outcome[format] = {"outputs": [_tensors(case(model)) for case in cases]}
+            loaded[format] = model
         except Exception as err:  # reported per format by the parent
             outcome[format] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
+    for format, latency in compare_latency_ms(loaded, timing).items():
+        outcome[format]["latency_ms"] = latency
     torch.save(outcome, request["result"])
     print(json.dumps({k: v.get("latency_ms") for k, v in outcome.items()}))
 

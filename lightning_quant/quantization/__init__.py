@@ -17,6 +17,7 @@ from lightning_quant.quantization.quantize import (
     count_quantized_ops,
     export_for_quantization,
     quantize,
+    single_input_channel_convs,
     x86_quantizer,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "count_quantized_ops",
     "export_for_quantization",
     "quantize",
+    "single_input_channel_convs",
     "x86_quantizer",
 ]

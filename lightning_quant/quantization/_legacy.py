@@ -42,20 +42,21 @@ def legacy_api(what: str) -> Iterator[None]:
         yield
 
 
-def quantize_recurrent_dynamic(model: nn.Module, keep_float: tuple[str, ...]) -> list[str]:
-    """Replace, in place, every ``nn.LSTM``/``nn.GRU`` not kept in float by its dynamic int8 version.
+def legacy_quantize_dynamic(
+    model: nn.Module, types: tuple[type[nn.Module], ...], keep_float: tuple[str, ...] = ()
+) -> list[str]:
+    """Replace, in place, every module of ``types`` not kept in float by its legacy dynamic int8 version.
 
-    Returns the names of the replaced modules. On x86 CPUs the int8 LSTM is no faster than float (its
-    gate matmuls are small and the fp32 kernel is already well tuned); what it saves is weight memory.
+    Returns the names of the replaced modules. Used for ``nn.LSTM``/``nn.GRU`` (torchao has no int8
+    recurrent layer; on x86 CPUs the int8 LSTM is no faster than float, it saves weight memory) and for
+    TorchScript files (TorchScript cannot trace torchao's int8 tensors).
     """
     targets = {
-        name
-        for name, module in model.named_modules()
-        if type(module) in RECURRENT_TYPES and not _kept(name, keep_float)
+        name for name, module in model.named_modules() if type(module) in types and not _kept(name, keep_float)
     }
     if not targets:
         return []
-    with legacy_api("torch.ao.quantization.quantize_dynamic (int8 LSTM/GRU)"):
+    with legacy_api("torch.ao.quantization.quantize_dynamic"):
         quantized = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(model), qconfig_spec=targets, dtype=torch.qint8, inplace=False
         )

@@ -10,9 +10,10 @@ import torch
 from torch import fx, nn
 
 from lightning_quant.quantization import _torchao as ao
-from lightning_quant.quantization._legacy import _kept, quantize_recurrent_dynamic
+from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
 
@@ -77,8 +78,12 @@ def quantize(
     return quantized
 
 
-def x86_quantizer(config: StaticQuantConfig) -> ao.X86InductorQuantizer:
-    """``X86InductorQuantizer`` with the config's observer, weight granularity and float modules."""
+def x86_quantizer(config: StaticQuantConfig, model: Optional[nn.Module] = None) -> ao.X86InductorQuantizer:
+    """``X86InductorQuantizer`` with the config's observer, weight granularity and float modules.
+
+    Given ``model``, its convolutions with a single input channel also stay float (see
+    :func:`single_input_channel_convs`).
+    """
     default = ao.get_default_x86_inductor_quantization_config()
     activation = ao.QuantizationSpec(
         dtype=torch.uint8,
@@ -98,9 +103,23 @@ def x86_quantizer(config: StaticQuantConfig) -> ao.X86InductorQuantizer:
         )
     quantizer = ao.X86InductorQuantizer()
     quantizer.set_global(ao.QuantizationConfig(activation, activation, weight, default.bias, False))
-    for name in config.keep_float:
+    for name in (*config.keep_float, *(single_input_channel_convs(model) if model is not None else ())):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
+
+
+def single_input_channel_convs(model: nn.Module) -> list[str]:
+    """Convolutions reading one channel (e.g. grayscale input), which static int8 leaves in float.
+
+    torch 2.13's AOTInductor miscompiles the int8 conv that follows an int8 conv with one input channel
+    when the batch dimension is dynamic (outputs off by ~60% of their range; ``torch.compile`` and a static
+    batch are correct); verification of the exported file caught it. Such a conv does 1/C of the work of
+    the next one, so keeping it float costs little.
+    """
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.modules.conv._ConvNd) and module.in_channels == 1
+    ]
 
 
 def export_for_quantization(model: nn.Module, inputs: ModelInputs) -> torch.export.ExportedProgram:
@@ -123,7 +142,7 @@ def _quantize_static(
     model: nn.Module, config: StaticQuantConfig, inputs: ModelInputs, calibration_data: Iterable[Any]
 ) -> fx.GraphModule:
     exported = export_for_quantization(model, inputs)
-    prepared = ao.prepare_pt2e(exported.module(), x86_quantizer(config))
+    prepared = ao.prepare_pt2e(exported.module(), x86_quantizer(config, model))
     batches = 0
     with torch.no_grad():
         for batch in calibration_data:
@@ -143,7 +162,8 @@ def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module
         filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not _kept(fqn, keep),
     )
     if config.recurrent:
-        quantize_recurrent_dynamic(quantized, keep)
+        legacy_quantize_dynamic(quantized, RECURRENT_TYPES, keep)
+    route_quantized_encoder_layers(quantized)  # nn.TransformerEncoder: keep inference working, see there
     return quantized
 
 
@@ -163,8 +183,8 @@ def count_quantized_ops(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, fx.GraphModule):
             counts.update(_graph_quantized_ops(module.graph))
-        elif type(module).__module__.startswith("torch.ao.nn.quantized"):
-            counts[type(module).__name__] += 1
+        elif type(module).__module__.startswith("torch.ao.nn.quantized") and "Packed" not in type(module).__name__:
+            counts[f"{type(module).__name__} (legacy torch.ao int8)"] += 1
         else:
             weight = module.__dict__.get("_parameters", {}).get("weight")
             if weight is not None and type(weight).__module__.startswith("torchao"):

@@ -1,0 +1,111 @@
+"""Dynamic int8 after training: int8 weights, activations quantized on the fly; no calibration data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.export import FORMATS, OrtDynamicQuantization
+from lightning_quant.quantization import DynamicQuantConfig, quantize
+from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
+
+# torch.export cannot capture the legacy int8 LSTM/GRU (their packed weights are TorchScript objects)
+_NEEDS_TORCH_EXPORT = ("aoti", "torch_export")
+RECURRENT_NOTE = (
+    "LSTM/GRU run the legacy torch.ao.quantization dynamic int8 kernel (torchao has none). On this x86 CPU it "
+    "gave no speed gain over float (2x512 LSTM, batch 32: 28.2 ms int8 vs 28.4 ms float); it saves weight memory."
+)
+
+
+class DynamicQuantization(QuantizationCallback):
+    r"""At fit end, quantize weights to int8 and activations on the fly: Linear, LSTM and GRU layers.
+
+    ``nn.Linear`` layers use torchao ``Int8DynamicActivationInt8WeightConfig`` (fast once lowered: the
+    ``"aoti"`` file). ``nn.LSTM``/``nn.GRU`` use the legacy ``torch.ao.quantization.quantize_dynamic``
+    because torchao has no int8 recurrent layer; it works but is **not faster** than float on x86 CPUs (it
+    saves weight memory), and ``torch.export`` cannot capture it, so a model with them exports to
+    ``"onnx"`` (ONNX Runtime ``quantize_dynamic``) and ``"torchscript"`` (legacy); ``recurrent=False``
+    leaves them in float and allows every format. ``"torchscript"`` holds a legacy ``quantize_dynamic``
+    model (TorchScript cannot trace torchao's int8 tensors). Shared arguments: see
+    :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
+
+    Args:
+        recurrent: also quantize ``nn.LSTM`` and ``nn.GRU`` (legacy kernel, see above).
+
+    Example::
+
+        >>> dq = DynamicQuantization(formats=["onnx", "torchscript"])
+        >>> dq.formats
+        ['onnx', 'torchscript']
+    """
+
+    approach = "dynamic"
+    backend = "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)"
+    supported_formats = FORMATS
+    default_formats = ("aoti", "onnx")
+
+    def __init__(
+        self,
+        recurrent: bool = True,
+        dirpath: Optional[Union[str, Path]] = None,
+        formats: Optional[Sequence[str]] = None,
+        example_input: Any = None,
+        keep_float: Sequence[str] = (),
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        dynamic_batch: bool = True,
+    ) -> None:
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch)
+        self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float))
+        self._formats_given = formats is not None
+        self._recurrent_layers: list[str] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit" or not self.config.recurrent:
+            return
+        self._recurrent_layers = [
+            name for name, module in pl_module.named_modules()
+            if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
+        ]
+        blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
+        if not self._recurrent_layers or not blocked:
+            return
+        if not self._formats_given:  # the defaults: pick the formats that carry an int8 LSTM
+            self.formats = ["onnx", "torchscript"]
+            return
+        raise ValueError(
+            f"{type(pl_module).__name__} has recurrent layers {self._recurrent_layers}: their int8 version (legacy "
+            f"torch.ao) cannot be captured by torch.export, so formats {blocked} are impossible. Use "
+            "formats=['onnx', 'torchscript'], or recurrent=False to keep them float (int8 LSTM gives no speed "
+            "on x86 CPUs anyway)."
+        )
+
+    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        return quantize(self.cpu_copy(pl_module), self.config, self.example_inputs)
+
+    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> OrtDynamicQuantization:
+        return OrtDynamicQuantization(keep_float=tuple(self.keep_float))
+
+    def artifact_models(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, nn.Module]:
+        if "torchscript" not in self.formats:
+            return {}
+        legacy = self.cpu_copy(pl_module)
+        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
+        legacy_quantize_dynamic(legacy, types, tuple(self.keep_float))
+        return {"torchscript": legacy}
+
+    def manifest_details(self) -> dict[str, Any]:
+        notes = ["Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
+                 "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."]
+        if "torchscript" in self.formats:
+            notes.append("'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
+                         "tensors); its numerics differ slightly, hence the looser tolerance.")
+        if self._recurrent_layers:
+            notes.append(RECURRENT_NOTE)
+        elif not self.config.recurrent:
+            notes.append("recurrent=False: LSTM/GRU layers stay float.")
+        return {"recurrent_layers_int8": self._recurrent_layers, "notes": notes}

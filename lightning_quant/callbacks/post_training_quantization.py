@@ -1,0 +1,136 @@
+"""Static int8 after training: calibrate activation ranges on real batches, convert, export, verify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.export import OrtStaticQuantization
+from lightning_quant.quantization import OBSERVERS, StaticQuantConfig, quantize, single_input_channel_convs
+from lightning_quant.quantization.inputs import ModelInputs
+
+_DATALOADERS = ("train", "val")
+
+
+class PostTrainingQuantization(QuantizationCallback):
+    r"""At fit end, turn the model into calibrated static int8 (torchao PT2E, ``X86InductorQuantizer``).
+
+    The trained model is captured with ``torch.export`` (dynamic batch), observers are inserted
+    (``prepare_pt2e``), ``num_calibration_batches`` real batches from the fit's ``calibration_dataloader``
+    run through it, and ``convert_pt2e`` folds the ranges into int8 quantize/dequantize pairs. The
+    ``"aoti"`` file is that graph lowered by AOTInductor with freezing (fused int8 oneDNN kernels); the
+    ``"onnx"`` file is ONNX Runtime's own ``quantize_static`` (QDQ) of the float model with the same batches,
+    which is what runs fast in ONNX Runtime; ``"torch_export"`` is the unlowered program.
+    See :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback` for the steps after
+    conversion and the shared arguments (``dirpath``, ``formats``, ``example_input``, ``keep_float``,
+    ``batch_to_input``, ``dynamic_batch``).
+
+    Args:
+        num_calibration_batches: how many batches to calibrate on (a few dozen is typical).
+        calibration_dataloader: ``"train"`` (default) or ``"val"``: which of the fit's dataloaders to read.
+        observer: activation range estimate: ``"histogram"`` (default), ``"minmax"`` or ``"moving_average"``.
+        per_channel: one scale per output channel of each weight (default) instead of one per tensor.
+
+    Example::
+
+        >>> import lightning as L
+        >>> from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
+        >>> ptq = PostTrainingQuantization(num_calibration_batches=8, formats=["onnx"])
+        >>> trainer = L.Trainer(max_epochs=1, callbacks=[ptq], logger=False)  # doctest: +SKIP
+        >>> trainer.fit(DigitsClassifier(ConvNet()), DigitsDataModule())  # doctest: +SKIP
+        >>> ptq.manifest["artifacts"][0]["format"]  # doctest: +SKIP
+        'onnx'
+    """
+
+    approach = "static"
+    backend = "x86_inductor"
+    supported_formats = ("aoti", "onnx", "torch_export")
+    default_formats = ("aoti", "onnx")
+
+    def __init__(
+        self,
+        num_calibration_batches: int = 32,
+        calibration_dataloader: str = "train",
+        observer: str = "histogram",
+        per_channel: bool = True,
+        dirpath: Optional[Union[str, Path]] = None,
+        formats: Optional[Sequence[str]] = None,
+        example_input: Any = None,
+        keep_float: Sequence[str] = (),
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        dynamic_batch: bool = True,
+    ) -> None:
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch)
+        if isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int) or num_calibration_batches < 1:
+            raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
+        if calibration_dataloader not in _DATALOADERS:
+            raise ValueError(f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}")
+        if observer not in OBSERVERS:
+            raise ValueError(f"Unknown observer {observer!r}; choose one of {list(OBSERVERS)}")
+        self.num_calibration_batches = num_calibration_batches
+        self.calibration_dataloader = calibration_dataloader
+        self.config = StaticQuantConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
+        self._calibration: list[ModelInputs] = []
+        self._kept_float_automatically: list[str] = []
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the fit's dataloaders exist from here on: check the calibration data before training time is spent
+        loaders = self._dataloaders(trainer, self.calibration_dataloader)
+        if not loaders:
+            raise ValueError(
+                f"{type(self).__name__}(calibration_dataloader={self.calibration_dataloader!r}) found no "
+                f"{self.calibration_dataloader} dataloader in this fit; pass one to trainer.fit or choose the other"
+            )
+        if all(_is_empty(loader) for loader in loaders):
+            raise ValueError(
+                f"The {self.calibration_dataloader} dataloader is empty: static int8 needs real batches to "
+                "calibrate activation ranges on"
+            )
+
+    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+        self._calibration = list(self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches))
+        self._kept_float_automatically = single_input_channel_convs(pl_module)
+        return quantize(self.cpu_copy(pl_module), self.config, self.example_inputs, self._calibration)
+
+    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> OrtStaticQuantization:
+        return OrtStaticQuantization(
+            calibration_inputs=self._calibration,
+            per_channel=self.config.per_channel,
+            observer=self.config.observer,
+            keep_float=tuple(self.keep_float),
+        )
+
+    def manifest_details(self) -> dict[str, Any]:
+        notes = []
+        if self._kept_float_automatically:
+            notes.append(
+                f"Kept float automatically: {self._kept_float_automatically} (convolutions with one input channel: "
+                "torch 2.13's AOTInductor miscompiles the int8 conv after them with a dynamic batch)."
+            )
+        return {
+            "calibration": {
+                "dataloader": self.calibration_dataloader,
+                "batches": len(self._calibration),
+                "observer": self.config.observer,
+                "per_channel_weights": self.config.per_channel,
+            },
+            "notes": [
+                "The PT2E reference graph (q/dq ops) is exact int8 but slow when run eagerly; 'aoti' is it lowered "
+                "by AOTInductor with freezing (fused int8 kernels), 'torch_export' is the unlowered program.",
+                "'onnx' is ONNX Runtime quantize_static (QDQ) of the float model on the same calibration batches, "
+                "because the PT2E graph exported as is runs slowly in ONNX Runtime; its scales come from ONNX "
+                "Runtime's calibrator, hence the looser tolerance.",
+                *notes,
+            ],
+        }
+
+
+def _is_empty(loader: Any) -> bool:
+    try:
+        return len(loader) == 0
+    except TypeError:  # an iterable without a length: look at its first batch
+        return next(iter(loader), None) is None
