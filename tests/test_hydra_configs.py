@@ -126,6 +126,8 @@ def test_signature_defaults_and_exclude():
     assert schema.__name__ == "Custom" and cfg.ratio == 0.9 and "flag" not in cfg
     with pytest.raises(ValueError, match="ratoi.*it takes"):
         config_from_signature(Example, defaults={"ratoi": 0.9})
+    with pytest.raises(ValueError, match="flga.*it takes"):
+        config_from_signature(Example, exclude=("flga",))
 
 
 def test_signature_by_dotted_path_keeps_the_path_as_target():

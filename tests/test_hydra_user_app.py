@@ -67,11 +67,13 @@ def installed(tmp_path_factory) -> Path:
     for package in ("lightning_quant", "hydra_plugins"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    subprocess.run(
+    # Offline: the build uses this environment's setuptools (a Python 3.11 venv has it).
+    result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
          "--target", str(target), str(source)],
-        check=True, capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300,
     )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     assert (target / "hydra_plugins" / "lightning_quant_plugin" / "__init__.py").is_file()
     return target
 

@@ -70,14 +70,13 @@ def config_from_signature(
     parameters = {
         p.name: p
         for p in list(signature.parameters.values())[1 if inspect.isclass(target) else 0 :]
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name not in set(exclude)
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     }
-    defaults = dict(defaults or {})
-    unknown = sorted(set(defaults) - set(parameters))
+    defaults, exclude = dict(defaults or {}), set(exclude)
+    unknown = sorted((set(defaults) | exclude) - set(parameters))
     if unknown:
-        raise ValueError(
-            f"defaults {unknown} are not parameters of {target_path}; it takes {sorted(parameters)}"
-        )
+        raise ValueError(f"{unknown} are not parameters of {target_path}; it takes {sorted(parameters)}")
+    parameters = {name: p for name, p in parameters.items() if name not in exclude}
 
     fields: list[tuple[str, Any, dataclasses.Field]] = [
         ("_target_", str, dataclasses.field(default=target_path))
