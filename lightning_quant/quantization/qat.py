@@ -74,7 +74,7 @@ from lightning_quant.quantization._torchao import (
 )
 from lightning_quant.quantization.config import OBSERVERS
 from lightning_quant.quantization.inputs import ModelInputs
-from lightning_quant.quantization.quantize import export_for_quantization
+from lightning_quant.quantization.quantize import export_for_quantization, single_input_channel_convs
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
@@ -112,8 +112,12 @@ class QATConfig:
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
-def make_qat_quantizer(config: QATConfig = QATConfig()) -> X86InductorQuantizer:
-    """``X86InductorQuantizer`` for QAT: uint8 activations, int8 symmetric weights, ``keep_float`` skipped."""
+def make_qat_quantizer(config: QATConfig = QATConfig(), model: nn.Module | None = None) -> X86InductorQuantizer:
+    """``X86InductorQuantizer`` for QAT: uint8 activations, int8 symmetric weights, ``keep_float`` skipped.
+
+    Given ``model``, its convolutions with one input channel stay float too, as in static int8 (see
+    :func:`~lightning_quant.quantization.quantize.single_input_channel_convs`).
+    """
     default = get_default_x86_inductor_quantization_config(is_qat=True)
     eps = 2**-12  # torchao's x86 default: keeps the scale of an all-zero tensor finite
     activation = default.input_activation  # moving average, fused with fake-quant
@@ -130,11 +134,31 @@ def make_qat_quantizer(config: QATConfig = QATConfig()) -> X86InductorQuantizer:
                 observer=MovingAverageMinMaxObserver, eps=eps
             ),
         )
-    quantizer = X86InductorQuantizer()
+    quantizer = _QATQuantizer()
     quantizer.set_global(QuantizationConfig(activation, activation, weight, default.bias, True))
-    for name in config.keep_float:
+    for name in (*config.keep_float, *(single_input_channel_convs(model) if model is not None else ())):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
+
+
+class _QATQuantizer(X86InductorQuantizer):
+    """torchao 0.18's ``prepare_qat_pt2e`` fails (IndexError in ``_update_conv_input_qspec_map_after_replacement``)
+    on a conv followed by BatchNorm that ``set_module_name_qconfig(name, None)`` keeps in float: the empty
+    annotation that marks it is indexed as if it listed input, weight and bias. Once annotation is done the
+    marker has served its purpose (stopping the other annotators), so it is removed from convs."""
+
+    def annotate(self, model: GraphModule) -> GraphModule:
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if (
+                _is_call(node, *_CONVS)
+                and annotation is not None
+                and not annotation.input_qspec_map
+                and annotation.output_qspec is None
+            ):
+                del node.meta["quantization_annotation"]
+        return model
 
 
 def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATConfig()) -> QATGraph:
@@ -178,7 +202,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATCo
         exported = export_for_quantization(model, inputs)
     finally:
         model.train(was_training)
-    prepared = prepare_qat_pt2e(exported.module(), make_qat_quantizer(config))
+    prepared = prepare_qat_pt2e(exported.module(), make_qat_quantizer(config, model))
     _restore_batchnorm_literals(prepared, model)
     qat = QATGraph(model, prepared)
     if qat.num_fake_quantizers == 0:
@@ -526,18 +550,18 @@ def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
     if not (_is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)):
         return None
     conv, scale = x.args[0], x.args[1].args[0]
-    fake_quant, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
+    weight_input, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
+    # the weight goes through a fake-quant module, unless the conv is kept in float
+    is_fake_quant = isinstance(weight_input, Node) and weight_input.op == "call_module"
+    scaled_weight = weight_input.args[0] if is_fake_quant else weight_input
     if not (
         _is_call(scale, aten.div.Tensor)
         and scale.args[0] is bn.args[1]
-        and isinstance(fake_quant, Node)
-        and fake_quant.op == "call_module"
-        and _is_call(fake_quant.args[0], aten.mul.Tensor)
+        and _is_call(scaled_weight, aten.mul.Tensor)
         and (bias is None or _is_call(bias, aten.zeros_like.default))
         and len(conv.users) == 1
     ):
         return None
-    scaled_weight = fake_quant.args[0]
     weight, weight_scale = scaled_weight.args
     if not (_is_attr(weight) and len(weight.users) == 1 and _is_call(weight_scale, aten.reshape.default)):
         return None
