@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_quant.export.files import atomic_path
 from lightning_quant.export.shapes import batch_dynamic_shapes
+from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.quantization.inputs import ModelInputs
 
 SUFFIX = ".pt2"
@@ -22,6 +23,7 @@ INDUCTOR_CONFIGS = {"freezing": True}
 
 
 def export_aoti(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
+    model = with_contiguous_weights(model)  # channels-last weights (ChannelsLast) compile wrongly here
     with torch.no_grad(), atomic_path(path) as temporary:
         program = torch.export.export(
             model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
