@@ -244,6 +244,9 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_LABEL_OFFSETS = ((6, 6, "left"), (6, -12, "left"))  # above, below: alternate between neighbours
+
+
 def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     """Accuracy against latency, one point per row (its int8 model, or float if none), Pareto front marked."""
     import matplotlib
@@ -263,11 +266,13 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
         plotted.append(point)
         float_point = (row.get("latency_float_ms"), row.get("acc_float"))
         if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
-            axes.annotate("", xy=point, xytext=float_point, arrowprops={"arrowstyle": "->", "color": "0.6", "lw": 0.8})
-            axes.scatter(*float_point, s=30, facecolors="none", edgecolors="0.6", zorder=2)
+            color = colors[str(row["approach"])]
+            axes.annotate("", xy=point, xytext=float_point, arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8, "alpha": 0.6})
+            axes.scatter(*float_point, s=30, facecolors="none", edgecolors=color, zorder=2)
         axes.scatter(*point, s=40, color=colors[str(row["approach"])], zorder=3)
+        dx, dy, ha = _LABEL_OFFSETS[len(plotted) % len(_LABEL_OFFSETS)]  # neighbours' labels do not overlap
         axes.annotate(f"{row['job']}: {row.get('model') or ''} {row['approach']}".strip(), point,
-                      textcoords="offset points", xytext=(6, 4), fontsize=8)  # fmt: skip
+                      textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)  # fmt: skip
     front = sorted(deployed_point(r) for r in rows if r.get("pareto"))
     if front:
         axes.plot(*zip(*front), color="black", lw=1, ls="--", marker="o", markersize=11, markerfacecolor="none",
@@ -275,7 +280,7 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     for approach, color in colors.items():
         axes.scatter([], [], color=color, label=approach)
     if any(r.get("acc_int8") is not None for r in rows):
-        axes.scatter([], [], facecolors="none", edgecolors="0.6", label="float model of the same job")
+        axes.scatter([], [], facecolors="none", edgecolors="0.4", label="its float model (arrow: to int8)")
     latencies = [p[0] for p in plotted] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
         axes.set_xscale("log")

@@ -26,13 +26,13 @@ FAST = [
 
 
 @pytest.fixture(scope="module")
-def model_sweep(tmp_path_factory):
-    """2 models x 2 learning rates, one of them invalid: 4 jobs, the 2 with lr=-1 fail at once."""
+def approach_sweep(tmp_path_factory):
+    """2 approaches x 2 learning rates, one invalid: 4 jobs, the 2 with lr=-1 fail at once."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "model=convnet,mlp", "model.lr=0.003,-1", *FAST,
+        [sys.executable, str(ROOT / "train.py"), "-m", "callbacks=ptq,dynamic", "model.lr=0.003,-1", *FAST,
          f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     return sweep_dir, result
 
@@ -42,28 +42,36 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def test_multirun_compares_every_job_and_shows_failures(model_sweep):
-    sweep_dir, result = model_sweep
+def test_multirun_compares_approaches_and_shows_failed_jobs(approach_sweep):
+    sweep_dir, result = approach_sweep
     assert result.returncode != 0  # Hydra reports the failed jobs once the sweep is over
     assert "lr must be positive" in result.stderr
     rows = read_csv(sweep_dir / "comparison.csv")
-    assert [(r["job"], r["model"], r["status"]) for r in rows] == [
-        ("0", "convnet", "ok"),
-        ("1", "convnet", "failed"),
-        ("2", "mlp", "ok"),
-        ("3", "mlp", "failed"),
-    ]
+    assert [(r["job"], r["callbacks"], r["approach"], r["status"]) for r in rows] == [
+        ("0", "ptq", "static", "ok"),
+        ("1", "ptq", "", "failed"),
+        ("2", "dynamic", "dynamic", "ok"),
+        ("3", "dynamic", "", "failed"),
+    ], result.stderr[-3000:]
     for row in rows:
-        metrics_file = sweep_dir / row["job"] / "metrics.json"
-        if row["status"] == "ok":
-            assert row["approach"] == "float"  # no quantization callback: the float model's accuracy
-            assert float(row["acc_float"]) == json.loads(metrics_file.read_text())["val/acc"]
-            assert float(row["objective"]) == json.loads(metrics_file.read_text())["test/acc"]
-            assert row["error"] == ""
-        else:
-            assert not metrics_file.exists()
+        job_dir = sweep_dir / row["job"]
+        assert row["model"] == "convnet"
+        assert row["overrides"] == f"callbacks={row['callbacks']} model.lr={'0.003' if row['status'] == 'ok' else '-1'}"
+        if row["status"] == "failed":
             assert "lr must be positive" in row["error"]
-        assert row["overrides"] == f"model={row['model']} model.lr={'0.003' if row['status'] == 'ok' else '-1'}"
+            assert not (job_dir / "metrics.json").exists()
+            continue
+        manifest = json.loads((job_dir / "quantized" / "manifest.json").read_text())
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+        assert float(row["acc_float"]) == manifest["metrics"]["float"]["val/acc"]
+        assert float(row["acc_int8"]) == manifest["metrics"]["quantized"]["val/acc"]
+        assert float(row["acc_int8"]) == metrics["quantization/quantized/val/acc"]  # train() read it too
+        assert float(row["latency_float_ms"]) == manifest["latency_ms"]["float"] > 0
+        assert float(row["latency_int8_ms"]) == manifest["latency_ms"]["quantized"] > 0
+        assert float(row["speedup"]) == pytest.approx(manifest["latency_ms"]["float"] / manifest["latency_ms"]["quantized"])
+        assert int(float(row["size_int8_bytes"])) == manifest["size_bytes"]["quantized"] > 0
+        assert float(row["objective"]) == metrics["test/acc"]  # what train() returned
+    assert "True" in [r["pareto"] for r in rows]
     table = (sweep_dir / "comparison.md").read_text()
     assert table.count("\n") == 2 + len(rows)
     assert "| 1 | **failed**: InstantiationException" in table
@@ -71,8 +79,8 @@ def test_multirun_compares_every_job_and_shows_failures(model_sweep):
     assert picture.shape[0] > 300 and picture.shape[1] > 600
 
 
-def test_comparison_is_rebuilt_from_the_folder_alone(model_sweep):
-    sweep_dir, _ = model_sweep
+def test_comparison_is_rebuilt_from_the_folder_alone(approach_sweep):
+    sweep_dir, _ = approach_sweep
     before = (sweep_dir / "comparison.csv").read_text()
     (sweep_dir / "comparison.csv").unlink()
     subprocess.run([sys.executable, "-m", "lightning_quant.sweep", str(sweep_dir)], check=True, timeout=120)
