@@ -59,7 +59,9 @@ def export(
 
     Args:
         model: the quantized model to export (e.g. the PT2E converted graph).
-        example_inputs: an input of ``model`` (tensor, tuple of arguments, dict of keywords, ``ModelInputs``).
+        example_inputs: an input of ``model``: a tensor, tuple of arguments or dict of keywords (put in the
+            canonical form of ``model.forward``: positional-or-keyword parameters positionally, keyword-only
+            ones by keyword), or a :class:`ModelInputs` taken as given. The files take that same form.
         formats: names from :data:`FORMATS`.
         dirpath: the output directory (created if missing).
         dynamic_batch: accept any batch size (default) or pin the example's.
@@ -76,7 +78,7 @@ def export(
         raise ValueError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
-    inputs = ModelInputs.from_value(example_inputs)
+    inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
     models = dict(models or {})
     artifacts = []
     for name in formats:

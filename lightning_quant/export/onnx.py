@@ -92,10 +92,11 @@ def export_onnx(
         with atomic_path(path) as temporary:
             if isinstance(quantization, OrtStaticQuantization):
                 method, options = _CALIBRATION[quantization.observer]
+                batches = same_batch_size(quantization.calibration_inputs)
                 quantize_static(
                     str(prepared_path),
                     str(temporary),
-                    calibration_data_reader=_CalibrationReader(prepared_path, quantization.calibration_inputs),
+                    calibration_data_reader=_CalibrationReader(prepared_path, batches),
                     quant_format=QuantFormat.QDQ,
                     per_channel=quantization.per_channel,
                     activation_type=QuantType.QUInt8,
@@ -106,7 +107,7 @@ def export_onnx(
                 )
                 how = (f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
                        f" int8 weights, uint8 activations, {method} calibration on "
-                       f"{len(quantization.calibration_inputs)} batches)")
+                       f"{len(batches)} batches)")
             else:
                 quantize_dynamic(str(prepared_path), str(temporary), weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
                 how = "float ONNX -> onnxruntime quantize_dynamic (int8 weights, dynamic activations)"
@@ -132,6 +133,13 @@ def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynami
         program.save(str(path))
     finally:
         quiet.setLevel(level)
+
+
+def same_batch_size(batches: Sequence[ModelInputs]) -> list[ModelInputs]:
+    """The batches as large as the first: ONNX Runtime's histogram calibrators stack every batch's
+    activations into one array, which fails on a smaller last batch."""
+    size = batches[0].batch_size() if batches else None
+    return [batch for batch in batches if batch.batch_size() == size]
 
 
 def nodes_in_modules(path: Path, module_names: Sequence[str]) -> list[str]:
@@ -188,6 +196,9 @@ class OnnxRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs and set(kwargs) <= set(self.input_names[len(args):]):  # keywords by name, in any order
+            named = dict(zip(self.input_names, args), **kwargs)
+            args, kwargs = tuple(named[name] for name in self.input_names if name in named), {}
         outputs = self.session.run(None, onnx_feed(self.input_names, ModelInputs(args, kwargs)))
         tensors = [torch.from_numpy(np.asarray(o)) for o in outputs]
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
