@@ -10,7 +10,8 @@ registers them all:
 - ``lightning_quant/sweep/comparison``: the Hydra callback that compares the jobs of a multirun.
 
 A separate Hydra app gets the ``lightning_quant/...`` groups without importing anything (the
-``hydra_plugins/lightning_quant`` search-path plugin), or with ``import lightning_quant.configs``.
+``hydra_plugins/lightning_quant_plugin`` search-path plugin), or with ``import lightning_quant.configs``
+(needed where Hydra cannot scan the plugin: a PEP 660 editable install used from outside the repository).
 """
 
 from hydra.core.config_store import ConfigStore

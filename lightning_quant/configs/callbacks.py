@@ -19,6 +19,7 @@ To give another callback a schema, add its dotted path to ``CALLBACKS``.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 
 from hydra.core.config_store import ConfigStore
 
@@ -26,8 +27,9 @@ from lightning_quant.configs.signature import config_from_signature, snake_case
 
 GROUP = "lightning_quant/callbacks"
 
-# Dotted paths of the classes that get a schema. A lightning-quant callback whose module does not exist
-# yet is skipped (it gets its schema the day its module lands); any other import error is raised.
+# Dotted paths of the classes that get a schema. A class whose module does not exist is skipped; one
+# whose module fails to import is skipped with a warning that says why (the app still starts, and an
+# option that uses the schema fails naming it).
 CALLBACKS = (
     "lightning_quant.callbacks.post_training_quantization.PostTrainingQuantization",
     "lightning_quant.callbacks.dynamic_quantization.DynamicQuantization",
@@ -49,7 +51,11 @@ def register_callback_configs(store: ConfigStore | None = None) -> list[str]:
         module, class_name = path.rsplit(".", 1)
         if importlib.util.find_spec(module) is None:
             continue
-        schema = config_from_signature(path, module=__name__)
+        try:
+            schema = config_from_signature(path, module=__name__)
+        except Exception as err:  # noqa: BLE001  (a broken callback module must not take the whole app down)
+            warnings.warn(f"No schema for {path}: {type(err).__name__}: {err}", stacklevel=2)
+            continue
         store.store(group=GROUP, name=snake_case(class_name), node=schema, provider="lightning-quant")
         stored.append(snake_case(class_name))
     return stored
