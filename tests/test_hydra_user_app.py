@@ -67,11 +67,10 @@ def installed(tmp_path_factory) -> Path:
     for package in ("lightning_quant", "hydra_plugins"):
         shutil.copytree(ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    # Offline: the build uses this environment's setuptools (a Python 3.11 venv has it).
+    # Built as `pip install .` builds it: in an isolated environment with the build backend pyproject names.
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(source)],
-        capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), str(source)],
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (target / "hydra_plugins" / "lightning_quant_plugin" / "__init__.py").is_file()

@@ -9,9 +9,10 @@ in every Hydra app, so this module stays light: the search-path plugin adds a co
 ``lightning_quant.configs`` only when a config under ``lightning_quant/`` is asked for. An app that uses
 none of them does not import lightning-quant (nor Lightning, which takes seconds).
 
-Hydra finds plugins by scanning the ``hydra_plugins`` namespace package. A PEP 660 editable install
-(``pip install -e .``, setuptools >= 64) hides it from that scan (hydra issue #2359); there, add
-``import lightning_quant.configs`` to the app, or install with ``--config-settings editable_mode=compat``.
+Hydra finds plugins by scanning the ``hydra_plugins`` namespace package: a normal install and a
+current editable install (``pip install -e .``) are both found. Some editable installs hide it from that
+scan (hydra issue #2359, older setuptools; or an editable install made before this folder existed:
+redo ``pip install -e .``); there, ``import lightning_quant.configs`` in the app registers the same groups.
 """
 
 from __future__ import annotations

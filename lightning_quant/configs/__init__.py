@@ -11,7 +11,7 @@ registers them all:
 
 A separate Hydra app gets the ``lightning_quant/...`` groups without importing anything (the
 ``hydra_plugins/lightning_quant_plugin`` search-path plugin), or with ``import lightning_quant.configs``
-(needed where Hydra cannot scan the plugin: a PEP 660 editable install used from outside the repository).
+(for an install whose plugin Hydra cannot scan: see ``hydra_plugins/lightning_quant_plugin``).
 """
 
 from hydra.core.config_store import ConfigStore
