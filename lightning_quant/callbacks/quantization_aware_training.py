@@ -117,7 +117,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         max_epochs = trainer.max_epochs
-        if stage == "fit" and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
+        if stage == "fit" and self.qat is None and max_epochs is not None and 0 <= max_epochs <= self.start_epoch:
             raise ValueError(
                 f"start_epoch={self.start_epoch} but the Trainer stops after max_epochs={max_epochs}: fake-quant "
                 "would never start. Lower start_epoch or raise max_epochs."

@@ -379,7 +379,7 @@ class QATGraph:
                 _assign(graph, fqn, tensor.detach().to("cpu", copy=True))
         graph.apply(disable_observer)
         _fold_conv_batchnorm(graph)
-        return convert_pt2e(graph)
+        return _drop_unused_tensors(convert_pt2e(graph))
 
     # ------------------------------------------------------------------ internals
     def _fake_quantizers(self) -> list[FakeQuantizeBase]:
@@ -501,6 +501,17 @@ def _restore_batchnorm_literals(graph: GraphModule, model: nn.Module) -> None:
         for add in _eps_adds(node.args[4]):
             add.args = (add.args[0], float(module.eps))
     graph.recompile()
+
+
+def _drop_unused_tensors(graph: GraphModule) -> GraphModule:
+    """Delete the float weights ``convert_pt2e`` leaves behind once their int8 copies are folded constants."""
+    used = {node.target for node in graph.graph.nodes if node.op == "get_attr"}
+    for fqn, _ in [*graph.named_parameters(), *graph.named_buffers()]:
+        if fqn not in used:
+            prefix, _, name = fqn.rpartition(".")
+            delattr(graph.get_submodule(prefix), name)
+    graph.delete_all_unused_submodules()
+    return graph
 
 
 def _fold_conv_batchnorm(graph: GraphModule) -> None:
