@@ -12,8 +12,9 @@ Set three class attributes and implement one method:
   e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must take the
   inputs of ``pl_module.forward`` in canonical form (``self.example_inputs.args``/``.kwargs``), must not
   modify ``pl_module`` and should honour ``self.keep_float`` (module names relative to ``pl_module``).
-  Any exception it raises reaches the user as a :class:`QuantizationError` naming the module and the
-  reason, after the float checkpoint is on disk. Zero quantized ops in the result is such an error.
+  Any exception it raises reaches the user as a :class:`QuantizationError` naming the callback, the module
+  and the reason, with the path of the float checkpoint (saved before ``convert`` runs). Zero quantized
+  ops in the result is such an error.
 
 Optional hooks:
 
@@ -109,8 +110,10 @@ class QuantizationCallback(Callback, ABC):
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
     ) -> None:
+        if isinstance(formats, str):
+            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
         formats = list(self.default_formats if formats is None else formats)
-        if isinstance(formats, str) or not all(isinstance(f, str) for f in formats):
+        if not all(isinstance(f, str) for f in formats):
             raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
         unknown = [f for f in formats if f not in self.supported_formats]
         if unknown:
@@ -256,21 +259,12 @@ class QuantizationCallback(Callback, ABC):
             model_name = type(pl_module).__name__
             float_model = self.cpu_copy(pl_module)
             with torch.no_grad(), _jit_is_scripting():
-                try:
-                    reference = self.convert(trainer, pl_module)
-                except QuantizationError:
-                    raise
-                except Exception as err:
-                    raise QuantizationError(
-                        f"Could not quantize {model_name} ({self.approach}): {type(err).__name__}: {err}. "
-                        f"The float checkpoint is safe at {float_checkpoint}."
-                    ) from err
+                reference = self.convert(trainer, pl_module)
                 quantized_ops = count_quantized_ops(reference)
                 if sum(quantized_ops.values()) == 0 and self.approach != "float":  # "float": OptimizeForInference
                     raise QuantizationError(
                         f"{self.approach} quantization of {model_name} produced no quantized op: nothing would run "
-                        "in int8. Check keep_float and that the model has layers this approach quantizes. "
-                        f"The float checkpoint is safe at {float_checkpoint}."
+                        "in int8. Check keep_float and that the model has layers this approach quantizes."
                     )
                 artifacts = self._export(trainer, pl_module, reference, float_model, inputs, dirpath, model_name)
                 self.quantized_model = _InferenceModel(
@@ -288,6 +282,11 @@ class QuantizationCallback(Callback, ABC):
                     **{name: result["latency_ms"] for name, result in verification.items()},
                 }
             metrics = self._evaluate(trainer, pl_module, float_model)
+        except Exception as err:
+            raise QuantizationError(
+                f"{type(self).__name__} failed on {type(pl_module).__name__}: {type(err).__name__}: {err}\n"
+                f"The trained float model is safe: {float_checkpoint}"
+            ) from err
         finally:
             pl_module.train(was_training)
 
@@ -314,21 +313,16 @@ class QuantizationCallback(Callback, ABC):
         self._log(trainer)
 
     def _export(self, trainer, pl_module, reference, float_model, inputs, dirpath, model_name) -> list[Artifact]:
-        try:
-            return export(
-                reference,
-                inputs,
-                self.formats,
-                dirpath,
-                dynamic_batch=self.dynamic_batch,
-                float_model=float_model,
-                onnx_quantization=self.onnx_quantization(trainer, pl_module),
-                models=self.artifact_models(trainer, pl_module),
-            )
-        except QuantizationError:
-            raise
-        except Exception as err:
-            raise QuantizationError(f"Could not export the int8 {model_name}: {type(err).__name__}: {err}") from err
+        return export(
+            reference,
+            inputs,
+            self.formats,
+            dirpath,
+            dynamic_batch=self.dynamic_batch,
+            float_model=float_model,
+            onnx_quantization=self.onnx_quantization(trainer, pl_module),
+            models=self.artifact_models(trainer, pl_module),
+        )
 
     @staticmethod
     def _lowered(artifacts: list[Artifact], dirpath: Path) -> Optional[Callable[..., Any]]:
