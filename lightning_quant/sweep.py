@@ -244,44 +244,46 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_LABEL_OFFSETS = ((6, 6, "left"), (6, -12, "left"))  # above, below: alternate between neighbours
+_LABEL_OFFSETS = ((5, 5), (5, -11), (-11, 5), (-11, -11))  # turn by turn, so close points' labels do not overlap
+_MARKERS = "osD^vPXh*"
 
 
 def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Accuracy against latency, one point per row (its int8 model, or float if none), Pareto front marked."""
+    """Accuracy against latency, one point per row (its int8 model, or float if none), Pareto front marked.
+
+    Colour is the approach, marker shape the model, the label the job number (the table has the rest).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7.5, 5), dpi=120, layout="constrained")
+    placed = [(row, deployed_point(row)) for row in rows if deployed_point(row) is not None]
+    colors = {a: f"C{i % 10}" for i, a in enumerate(sorted({str(r["approach"]) for r, _ in placed}))}
+    markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(sorted({str(r.get("model")) for r, _ in placed}))}
+    figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
     axes = figure.subplots()
-    approaches = sorted({str(r["approach"]) for r in rows if deployed_point(r)})
-    colors = {a: f"C{i % 10}" for i, a in enumerate(approaches)}
-    plotted = []
-    for row in rows:
-        point = deployed_point(row)
-        if point is None:
-            continue
-        plotted.append(point)
+    for i, (row, point) in enumerate(placed):
+        color, marker = colors[str(row["approach"])], markers[str(row.get("model"))]
         float_point = (row.get("latency_float_ms"), row.get("acc_float"))
         if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
-            color = colors[str(row["approach"])]
-            axes.annotate("", xy=point, xytext=float_point, arrowprops={"arrowstyle": "->", "color": color, "lw": 0.8, "alpha": 0.6})
-            axes.scatter(*float_point, s=30, facecolors="none", edgecolors=color, zorder=2)
-        axes.scatter(*point, s=40, color=colors[str(row["approach"])], zorder=3)
-        dx, dy, ha = _LABEL_OFFSETS[len(plotted) % len(_LABEL_OFFSETS)]  # neighbours' labels do not overlap
-        axes.annotate(f"{row['job']}: {row.get('model') or ''} {row['approach']}".strip(), point,
-                      textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8)  # fmt: skip
-    front = sorted(deployed_point(r) for r in rows if r.get("pareto"))
+            arrow = {"arrowstyle": "->", "color": color, "lw": 0.8, "alpha": 0.6}
+            axes.annotate("", xy=point, xytext=float_point, arrowprops=arrow)
+            axes.scatter(*float_point, s=30, marker=marker, facecolors="none", edgecolors=color, zorder=2)
+        axes.scatter(*point, s=45, marker=marker, color=color, zorder=3)
+        axes.annotate(str(row["job"]), point, textcoords="offset points", xytext=_LABEL_OFFSETS[i % 4], fontsize=8)
+    front = sorted(point for row, point in placed if row.get("pareto"))
     if front:
-        axes.plot(*zip(*front), color="black", lw=1, ls="--", marker="o", markersize=11, markerfacecolor="none",
+        axes.plot(*zip(*front), color="black", lw=1, ls="--", marker="o", markersize=12, markerfacecolor="none",
                   label="Pareto front", zorder=4)  # fmt: skip
     for approach, color in colors.items():
         axes.scatter([], [], color=color, label=approach)
-    if any(r.get("acc_int8") is not None for r in rows):
-        axes.scatter([], [], facecolors="none", edgecolors="0.4", label="its float model (arrow: to int8)")
-    latencies = [p[0] for p in plotted] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
+    if len(markers) > 1:
+        for model, marker in markers.items():
+            axes.scatter([], [], color="0.3", marker=marker, label=f"model {model}")
+    if any(r.get("acc_int8") is not None for r, _ in placed):
+        axes.scatter([], [], facecolors="none", edgecolors="0.3", label="its float model\n(arrow: to int8)")
+    latencies = [p[0] for _, p in placed] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
         axes.set_xscale("log")
     failed = [str(r["job"]) for r in rows if r["status"] != "ok"]
@@ -289,16 +291,16 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     notes = ([f"failed: {_jobs(failed)}"] if failed else []) + (
         [f"no latency measured: {_jobs(unmeasured)}"] if unmeasured else []
     )
-    if not plotted:
+    if not placed:
         axes.text(0.5, 0.5, "no job measured latency\n(add a quantization callback)", transform=axes.transAxes,
                   ha="center", va="center", color="0.4")  # fmt: skip
     axes.set_xlabel("latency (ms per batch; int8 if quantized, else float)")
     axes.set_ylabel("accuracy")
-    title = f"{len({r['job'] for r in rows})} jobs: accuracy against latency (up and left is better)"
+    title = f"{len({r['job'] for r in rows})} jobs: accuracy against latency (up and left is better; label = job)"
     axes.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=10)
     axes.grid(alpha=0.3)
-    if approaches:
-        axes.legend(fontsize=8, loc="best")
+    if placed:
+        figure.legend(fontsize=8, loc="outside right upper")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
