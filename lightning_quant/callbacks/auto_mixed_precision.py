@@ -63,7 +63,7 @@ class AutoMixedPrecision(Callback):
         True
     """
 
-    def __init__(self, dtype: str = "auto", measure_steps: int = 3) -> None:
+    def __init__(self, dtype: str = "auto", measure_steps: int = 5) -> None:
         if dtype not in _DTYPES:
             raise MisconfigurationException(
                 f"AutoMixedPrecision(dtype={dtype!r}) is not supported: use 'auto' (choose for this hardware), "
