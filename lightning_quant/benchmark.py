@@ -25,12 +25,16 @@ def latency_ms(model: Callable[..., Any], inputs: Any, warmup: int = 5, repeats:
 
 
 def compare_latency_ms(
-    models: Mapping[str, Callable[..., Any]], inputs: Any, warmup: int = 5, repeats: int = 20
-) -> dict[str, float]:
-    """Median latency of each model, in milliseconds, timed in interleaved rounds.
+    models: Mapping[str, Callable[..., Any]],
+    inputs: Any,
+    warmup: int = 5,
+    repeats: int = 20,
+    statistic: Callable[[list[float]], Any] = statistics.median,
+) -> dict[str, Any]:
+    """Latency of each model (``statistic`` of the calls, default median), in ms, timed in interleaved rounds.
 
     Interleaving spreads load from other processes evenly over the models, so their *ratios* hold even on
-    a busy machine (absolute times do not).
+    a busy machine (absolute times do not). ``statistic=min`` gives the least disturbed call.
 
     Example::
 
@@ -48,7 +52,7 @@ def compare_latency_ms(
                 start = time.perf_counter()
                 inputs(model)
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1000.0 for name, values in times.items()}
+    return {name: statistic([t * 1000.0 for t in values]) for name, values in times.items()}
 
 
 def model_bytes(model: nn.Module) -> int:
