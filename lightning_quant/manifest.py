@@ -74,7 +74,11 @@ def build_manifest(
         "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
         "input": described,
         "artifacts": entries,
-        "tolerances": {a.format: a.tolerance for a in artifacts},
+        "tolerances": {
+            a.format: {"relative_error_max": verification.get(a.format, {}).get("tolerance", a.tolerance),
+                       "compared_with": a.compared_with}
+            for a in artifacts
+        },
         "metrics": metrics,
         "latency_ms": {
             **latency_ms,

@@ -46,13 +46,16 @@ def test_static_int8_in_every_format_reloads_in_a_fresh_process_and_matches(stat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # atomic writes leave nothing behind
 
     # batch sizes 4 (the example) and 64: the batch dimension is dynamic
-    report = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(digits_like(1, 64)[0])], tmp_path)
+    report = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(digits_like(1, 64)[0])], tmp_path,
+                              float_model=model)
     assert set(report) == {"aoti", "onnx", "torch_export"}
     assert report["aoti"]["relative_error"] < 1e-3  # the lowered int8 kernels compute what the reference does
     for result in report.values():
         assert result["relative_error"] <= result["tolerance"]
         assert result["batch_sizes"] == [4, 64]
         assert result["latency_ms"] > 0
+    # ONNX Runtime quantized the float model itself: its file is held to the float model
+    assert report["onnx"]["compared_with"] == "float" and report["aoti"]["compared_with"] == "quantized"
 
     # the ONNX file is ONNX Runtime's own QDQ int8 and runs in onnxruntime
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
@@ -68,7 +71,7 @@ def test_verification_catches_an_artifact_that_does_not_match(static_convnet, tm
     model, int8, calibration = static_convnet
     artifacts = export(int8, calibration[0][:4], ["torch_export"], tmp_path)
     other = ConvNet(channels=16).eval()  # different weights: the file cannot match it
-    with pytest.raises(QuantizationError, match="torch_export .* exceeds the tolerance"):
+    with pytest.raises(QuantizationError, match="torch_export .* against the quantized model exceeds the tolerance"):
         verify_artifacts(artifacts, other, [ModelInputs.from_value(calibration[0])], tmp_path)
 
 
@@ -82,8 +85,8 @@ def test_dynamic_int8_exports_to_onnx_torch_export_and_legacy_torchscript(tmp_pa
     legacy_quantize_dynamic(legacy, (nn.Linear,))
     artifacts = export(int8, x, ["onnx", "torch_export", "torchscript"], tmp_path, float_model=model,
                        onnx_quantization=OrtDynamicQuantization(), models={"torchscript": legacy})
-    report = verify_artifacts(artifacts, int8, [ModelInputs.from_value(x), ModelInputs.from_value(torch.rand(9, 1, 8, 8))],
-                              tmp_path)
+    cases = [ModelInputs.from_value(x), ModelInputs.from_value(torch.rand(9, 1, 8, 8))]
+    report = verify_artifacts(artifacts, int8, cases, tmp_path, float_model=model)
     assert report["torch_export"]["relative_error"] < 1e-4
     ops = {node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node}
     assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}
@@ -96,7 +99,8 @@ def test_several_inputs_and_a_keyword_argument_in_every_format(tmp_path):
     int8 = quantize(model, DynamicQuantConfig(), two_inputs(4))
     artifacts = export(int8, two_inputs(4), ["onnx", "torch_export"], tmp_path, float_model=model,
                        onnx_quantization=OrtDynamicQuantization())
-    verify_artifacts(artifacts, int8, [ModelInputs.from_value(two_inputs(6)).bind(model.forward)], tmp_path)
+    verify_artifacts(artifacts, int8, [ModelInputs.from_value(two_inputs(6)).bind(model.forward)], tmp_path,
+                     float_model=model)
     batch = two_inputs(5)
     for artifact in artifacts:
         out = load_artifact(tmp_path / artifact.path, artifact.format)(batch["image"], batch["side"], scale=batch["scale"])

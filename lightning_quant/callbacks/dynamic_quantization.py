@@ -103,7 +103,7 @@ class DynamicQuantization(QuantizationCallback):
                  "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."]
         if "torchscript" in self.formats:
             notes.append("'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
-                         "tensors); its numerics differ slightly, hence the looser tolerance.")
+                         "tensors); its numerics differ slightly, so it is verified against the float model.")
         if self._recurrent_layers:
             notes.append(RECURRENT_NOTE)
         elif not self.config.recurrent:

@@ -123,7 +123,7 @@ class PostTrainingQuantization(QuantizationCallback):
                 "by AOTInductor with freezing (fused int8 kernels), 'torch_export' is the unlowered program.",
                 "'onnx' is ONNX Runtime quantize_static (QDQ) of the float model on the same calibration batches, "
                 "because the PT2E graph exported as is runs slowly in ONNX Runtime; its scales come from ONNX "
-                "Runtime's calibrator, hence the looser tolerance.",
+                "Runtime's calibrator, so it is verified against the float model.",
                 *notes,
             ],
         }

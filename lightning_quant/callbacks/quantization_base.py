@@ -24,7 +24,7 @@ Optional hooks:
   quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
 * ``artifact_models(trainer, pl_module)``: ``{format: model}`` for formats that must be made from another
   model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
-  Those files are checked against the converted model with the looser "requantized" tolerance.
+  Those files, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
 * ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
@@ -275,7 +275,7 @@ class QuantizationCallback(Callback, ABC):
                 )
                 timing_inputs = timing_inputs.bind(pl_module.forward)
                 verification = verify_artifacts(
-                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs=timing_inputs
+                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs, float_model
                 )
                 latency = {
                     **compare_latency_ms({"float": float_model, "quantized": self.quantized_model}, timing_inputs),

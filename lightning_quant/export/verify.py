@@ -27,11 +27,16 @@ def verify_artifacts(
     inputs: Sequence[ModelInputs],
     dirpath: Union[str, Path],
     timing_inputs: ModelInputs | None = None,
+    float_model: Any = None,
 ) -> dict[str, dict[str, Any]]:
-    """Compare each artifact's outputs with ``reference`` on every input; time it on ``timing_inputs``.
+    """Compare each artifact's outputs with the quantized ``reference`` on every input; time it.
 
-    Returns, per format: ``max_abs_error``, ``relative_error`` (max abs error / max abs reference output),
-    ``tolerance``, ``batch_sizes`` checked and ``latency_ms`` (median, fresh process).
+    Files re-quantized by another library (``artifact.compared_with == "float"``) are compared with
+    ``float_model`` instead, with tolerance ``max(artifact.tolerance, 2 * reference's own error vs float)``.
+
+    Returns, per format: ``compared_with``, ``max_abs_error``, ``relative_error`` (max abs error / max abs
+    expected output), ``tolerance`` (the one applied), ``relative_error_vs_quantized``, ``batch_sizes``
+    checked and ``latency_ms`` (median, in the fresh process, on ``timing_inputs``).
 
     Raises:
         QuantizationError: an artifact does not load or run, or differs beyond its tolerance.
@@ -41,6 +46,11 @@ def verify_artifacts(
     dirpath = Path(dirpath)
     with torch.no_grad():
         expected = [_tensors(case(reference)) for case in inputs]
+        if any(a.compared_with == "float" for a in artifacts):
+            if float_model is None:
+                raise ValueError("files re-quantized from the float model are verified against it: pass float_model")
+            expected_float = [_tensors(case(float_model)) for case in inputs]
+            reference_vs_float = _relative_error(expected_float, expected)
     with tempfile.TemporaryDirectory() as scratch:
         request, result = Path(scratch) / "request.pt", Path(scratch) / "result.pt"
         torch.save(
@@ -71,29 +81,41 @@ def verify_artifacts(
         if "error" in ran:
             failures.append(f"{artifact.format} ({artifact.path}): does not run after reloading: {ran['error']}")
             continue
-        abs_error, scale = 0.0, 0.0
-        for want, got in zip(expected, ran["outputs"]):
-            if len(want) != len(got) or any(w.shape != g.shape for w, g in zip(want, got)):
-                failures.append(f"{artifact.format}: output shapes {[tuple(g.shape) for g in got]} differ from "
-                                f"the reference's {[tuple(w.shape) for w in want]}")
-                break
-            for w, g in zip(want, got):
-                abs_error = max(abs_error, (w.float() - g.float()).abs().max().item() if w.numel() else 0.0)
-                scale = max(scale, w.float().abs().max().item() if w.numel() else 0.0)
-        relative = abs_error / max(scale, 1e-12)
+        shapes = [[tuple(t.shape) for t in case] for case in ran["outputs"]]
+        if shapes != [[tuple(t.shape) for t in case] for case in expected]:
+            failures.append(f"{artifact.format}: output shapes {shapes} differ from the model's")
+            continue
+        against_quantized = _relative_error(expected, ran["outputs"])
+        if artifact.compared_with == "float":
+            relative = _relative_error(expected_float, ran["outputs"])
+            tolerance = max(artifact.tolerance, 2 * reference_vs_float)
+        else:
+            relative, tolerance = against_quantized, artifact.tolerance
         report[artifact.format] = {
-            "max_abs_error": abs_error,
+            "compared_with": artifact.compared_with,
             "relative_error": relative,
-            "tolerance": artifact.tolerance,
+            "tolerance": tolerance,
+            "relative_error_vs_quantized": against_quantized,
             "batch_sizes": [case.batch_size() for case in inputs],
             "latency_ms": ran["latency_ms"],
         }
-        if relative > artifact.tolerance:
-            failures.append(f"{artifact.format} ({artifact.path}): relative error {relative:.4f} exceeds the "
-                            f"tolerance {artifact.tolerance} (max abs error {abs_error:.4g})")
+        if relative > tolerance:
+            failures.append(f"{artifact.format} ({artifact.path}): relative error {relative:.4f} against the "
+                            f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f}")
     if failures:
         raise QuantizationError("Exported files do not match the quantized model:\n- " + "\n- ".join(failures))
     return report
+
+
+def _relative_error(expected: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> float:
+    """max |got - expected| / max |expected| over every output of every case."""
+    error = scale = 0.0
+    for want_case, got_case in zip(expected, got):
+        for want, have in zip(want_case, got_case):
+            if want.numel():
+                error = max(error, (want.float() - have.float()).abs().max().item())
+                scale = max(scale, want.float().abs().max().item())
+    return error / max(scale, 1e-12)
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
