@@ -338,7 +338,7 @@ class QuantizationCallback(Callback, ABC):
             "float": evaluate_validation(pl_module, float_model, loaders, limits),
             "quantized": evaluate_validation(pl_module, self.quantized_model, loaders, limits),
             "dataloader": "val",
-            "batches": int(sum(min(len(dl), n) if hasattr(dl, "__len__") and math.isfinite(n) else n for dl, n in zip(loaders, limits))),
+            "batches": sum(_evaluated_batches(loader, limit) for loader, limit in zip(loaders, limits)),
         }
 
     def _log(self, trainer: Trainer) -> None:
@@ -436,6 +436,12 @@ def evaluate_validation(
             metric.sync_on_compute = sync
             metric.reset()
     return dict(sorted(results.items()))
+
+
+def _evaluated_batches(loader: Any, limit: float) -> int:
+    if math.isfinite(limit):
+        return min(len(loader), int(limit)) if hasattr(loader, "__len__") else int(limit)
+    return len(loader) if hasattr(loader, "__len__") else 0  # an unsized loader read to its end: not counted
 
 
 def _leaves(batch: Any) -> list[Any]:
