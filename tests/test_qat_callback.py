@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import lightning as L
 import pytest
@@ -15,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import ROOT
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
@@ -282,3 +286,21 @@ def test_forward_with_several_tensor_inputs_and_keyword_arguments(tmp_path):
         expected = module(x, y, scale=scale)
     got = qat.quantized_model(x, y, scale=scale)
     assert (got - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------- train.py
+@pytest.mark.slow
+def test_train_script_with_qat(tmp_path):
+    """`python train.py callbacks=qat`, default formats (AOTInductor and ONNX), 3 epochs of digits."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "callbacks=qat", "trainer.max_epochs=3", "trainer.limit_val_batches=2",
+         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
+    assert manifest["approach"] == "qat" and manifest["qat"]["started_epoch"] == 0
+    assert [a["format"] for a in manifest["artifacts"]] == ["aoti", "onnx"]
+    assert manifest["float_checkpoint"] == "../checkpoints/last.ckpt"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test/acc"] > 0.5  # tested from the best checkpoint, as the fake-quant model

@@ -230,6 +230,7 @@ class QATGraph:
             name for name, child in graph.named_children() if isinstance(child, FakeQuantizeBase)
         )
         self._bindings = _bind(graph, model)
+        self._graph_slots = [(graph.get_submodule(fqn.rpartition(".")[0]), name) for fqn, _, name, _ in self._bindings]
         self._eval_graph: GraphModule | None = None
         self._batchnorm_frozen = False
         self._observers_enabled = True
@@ -237,10 +238,11 @@ class QATGraph:
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         training = self.model.training
-        graph = self.graph if training else self.eval_graph
-        tensors = self._live_tensors(copy_buffers=not training)
         try:
-            return torch.func.functional_call(graph, tensors, args, kwargs)
+            if training and self._graph_holds_live_tensors():
+                return self.graph(*args, **kwargs)  # the usual case, without functional_call's cost
+            graph = self.graph if training else self.eval_graph
+            return torch.func.functional_call(graph, self._live_tensors(copy_buffers=not training), args, kwargs)
         except AssertionError as err:
             if "Guard failed" not in str(err):
                 raise
@@ -389,6 +391,14 @@ class QATGraph:
         return {
             k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names
         }
+
+    def _graph_holds_live_tensors(self) -> bool:
+        """Whether the graph's attributes still are the model's tensors (export shares them), so that the
+        graph can run as it is: not after pruning (a computed ``weight``) or a replaced parameter."""
+        return all(
+            getattr(owner, name) is getattr(slot, slot_name)
+            for (_, owner, name, _), (slot, slot_name) in zip(self._bindings, self._graph_slots)
+        )
 
     def _live_tensors(self, copy_buffers: bool) -> dict[str, torch.Tensor]:
         # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a forward pre-hook of
