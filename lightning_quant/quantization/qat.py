@@ -43,6 +43,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -226,6 +227,9 @@ class QATGraph:
     def __init__(self, model: nn.Module, graph: GraphModule) -> None:
         self.model = model
         self.graph = graph
+        # calls are put in the form the graph was exported with: positional-or-keyword arguments positional,
+        # defaults filled in (as ModelInputs.bind does for the example), so self(x=x) works like self(x)
+        self._signature = inspect.signature(model.forward)
         self._fake_quant_names = sorted(
             name for name, child in graph.named_children() if isinstance(child, FakeQuantizeBase)
         )
@@ -237,6 +241,9 @@ class QATGraph:
 
     # ------------------------------------------------------------------ running
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        args, kwargs = bound.args, bound.kwargs
         training = self.model.training
         try:
             if training and self._graph_holds_live_tensors():
