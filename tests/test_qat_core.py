@@ -149,6 +149,9 @@ def test_pruning_masks_reach_the_graph_and_the_int8_weights():
         model.conv2.weight_orig.mul_(model.conv2.weight_mask)  # what the mask means, applied by hand
         prune.remove(model.conv2, "weight")
         torch.testing.assert_close(model(**inputs(8)), pruned_out)
+    model.train()
+    model(**inputs(8))
+    assert qat.graph.get_parameter("conv2.weight") is model.conv2.weight  # the new parameter, bound again
     int8 = qat.convert()
     int8_weights = [t for t in int8.state_dict().values() if t.dtype == torch.int8 and t.shape == (8, 8, 3, 3)]
     assert len(int8_weights) == 1 and (int8_weights[0] == 0).float().mean() >= 0.5

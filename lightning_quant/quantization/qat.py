@@ -4,11 +4,12 @@
 dynamic), inserts fake-quant modules with ``prepare_qat_pt2e`` and ``X86InductorQuantizer(is_qat=True)``,
 and returns a :class:`QATGraph`: a callable that computes ``model.forward`` with fake-quant.
 
-The graph owns only fake-quant state. Parameters and buffers are read from ``model`` at every call
-(``torch.func.functional_call``), so everything that acts on the original module keeps working while
-the graph trains: the optimizer built over ``model.parameters()``, ``torch.nn.utils.prune`` masks,
-``load_state_dict``, DDP's gradient hooks and buffer broadcast. ``model.state_dict()`` never changes
-shape: a checkpoint taken during QAT loads into the float model as it is.
+The graph owns only fake-quant state; it computes with ``model``'s own parameters and buffers (export
+shares the tensor objects; when the model's differ, e.g. a pruned ``weight`` computed from its mask, they
+are bound per call with ``torch.func.functional_call``). So everything that acts on the original module
+keeps working while the graph trains: the optimizer built over ``model.parameters()``,
+``torch.nn.utils.prune`` masks, ``load_state_dict``, DDP's gradient hooks and buffer broadcast.
+``model.state_dict()`` never changes shape: a checkpoint taken during QAT loads into the float model.
 
 The PT2E traps handled here, each with a test:
 
@@ -80,7 +81,7 @@ from lightning_quant.quantization.quantize import export_for_quantization, singl
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
 _BN_TRAINING, _BN_MOMENTUM, _BN_EPS = 5, 6, 7
-_DROPOUT_P, _DROPOUT_TRAINING = 1, 2
+_DROPOUT_P = 1
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class QATGraph:
         args, kwargs = bound.args, bound.kwargs
         training = self.model.training
         try:
-            if training and self._graph_holds_live_tensors():
+            if training and (self._graph_holds_live_tensors() or self._rebind()):
                 return self.graph(*args, **kwargs)  # the usual case, without functional_call's cost
             graph = self.graph if training else self.eval_graph
             return torch.func.functional_call(graph, self._live_tensors(copy_buffers=not training), args, kwargs)
@@ -406,6 +407,20 @@ class QATGraph:
             getattr(owner, name) is getattr(slot, slot_name)
             for (_, owner, name, _), (slot, slot_name) in zip(self._bindings, self._graph_slots)
         )
+
+    def _rebind(self) -> bool:
+        """Point the graph at the model's registered parameters and buffers again (e.g. after
+        ``prune.remove`` registered a new ``weight``); False while some tensor is computed per call."""
+        live = True
+        for (_, owner, name, _), (slot, slot_name) in zip(self._bindings, self._graph_slots):
+            tensor = getattr(owner, name)
+            if owner._parameters.get(name) is tensor:
+                slot._parameters[slot_name] = tensor
+            elif owner._buffers.get(name) is tensor:
+                slot._buffers[slot_name] = tensor
+            else:
+                live = False
+        return live
 
     def _live_tensors(self, copy_buffers: bool) -> dict[str, torch.Tensor]:
         # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a forward pre-hook of
