@@ -11,6 +11,8 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_quant.quantization import QuantizationError
+
 log = logging.getLogger(__name__)
 
 
@@ -35,10 +37,14 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(cfg.checkpoint), *instantiate_callbacks(cfg.callbacks)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
 
+    failure: QuantizationError | None = None
     if cfg.train:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        except QuantizationError as err:  # training finished; test and record it, then fail the run
+            failure = err
+            log.error("Quantization failed after training (the float checkpoint is kept):\n%s", err)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    # Read before testing: testing a checkpoint restores the callbacks' state as it was when it was saved.
     for callback in trainer.callbacks:
         metrics.update(manifest_metrics(getattr(callback, "manifest", None)))
     if cfg.test:
@@ -52,6 +58,8 @@ def train(cfg: DictConfig) -> float | None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if failure is not None:
+        raise failure
 
     if cfg.optimized_metric is None:
         return None

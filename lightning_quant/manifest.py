@@ -16,6 +16,9 @@ from lightning_quant.export.files import atomic_path
 from lightning_quant.quantization.inputs import ModelInputs
 
 FILENAME = "manifest.json"
+# Version of the manifest's (and the callbacks' checkpoint state's) layout. Readers refuse a newer one:
+# bump it when a field changes meaning or is removed, not when one is added.
+FORMAT_VERSION = 1
 _LIBRARIES = ("torch", "torchao", "lightning", "torchmetrics", "onnx", "onnxruntime", "lightning-quant")
 
 
@@ -49,8 +52,13 @@ def build_manifest(
     details: Optional[dict[str, Any]] = None,
     seconds: Optional[float] = None,
     dirpath: Optional[Path] = None,
+    failures: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
-    """The manifest as a JSON-ready dict (see the README for every field)."""
+    """The manifest as a JSON-ready dict (see the README for every field).
+
+    ``failures`` maps each format that could not be exported or verified to its error; ``status`` is then
+    ``"partial"`` (the listed ``artifacts`` are complete and verified), else ``"ok"``.
+    """
     float_ms = latency_ms["float"]
     entries = []
     for artifact in artifacts:
@@ -66,6 +74,9 @@ def build_manifest(
     if checkpoint and dirpath is not None:
         checkpoint = os.path.relpath(checkpoint, dirpath)
     return {
+        "format_version": FORMAT_VERSION,
+        "status": "partial" if failures else "ok",
+        "failures": dict(failures or {}),
         "approach": approach,
         "backend": backend,
         "model": model,
@@ -97,6 +108,39 @@ def build_manifest(
         **(details or {}),
         "seconds": round(seconds, 2) if seconds is not None else None,
     }
+
+
+def failed_manifest(
+    *, approach: str, backend: str, model: str, error: str, float_checkpoint: Optional[str] = None,
+    dirpath: Optional[Path] = None, failures: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
+    """The manifest of a run that produced no artifact: what failed, why, and where the float weights are."""
+    checkpoint = float_checkpoint
+    if checkpoint and dirpath is not None:
+        checkpoint = os.path.relpath(checkpoint, dirpath)
+    return {
+        "format_version": FORMAT_VERSION,
+        "status": "failed",
+        "error": error,
+        "failures": dict(failures or {}),
+        "approach": approach,
+        "backend": backend,
+        "model": model,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "artifacts": [],
+        "float_checkpoint": checkpoint,
+    }
+
+
+def check_format_version(version: Any, what: str) -> None:
+    """Refuse a manifest or checkpoint state whose layout this lightning-quant does not know."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{what} has an unknown format_version {version!r}; this lightning-quant reads versions "
+                         f"1 to {FORMAT_VERSION}. It was not written by lightning-quant, or it is damaged.")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{what} has format_version {version}, newer than this lightning-quant reads "
+                         f"({FORMAT_VERSION}): upgrade lightning-quant to read it.")
 
 
 def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:

@@ -280,7 +280,8 @@ def test_unexportable_model_error_names_it_after_the_float_checkpoint_is_saved(t
     checkpoint = tmp_path / "quantized" / "float.ckpt"
     assert str(error.value).endswith(str(checkpoint))
     assert torch.load(checkpoint, weights_only=False)["state_dict"].keys() >= {"net.layers.1.weight"}
-    assert not (tmp_path / "quantized" / "manifest.json").exists()
+    manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "control flow" in manifest["error"]
 
 
 # ---------------------------------------------------------------- train.py

@@ -55,8 +55,12 @@ from torch import nn
 from torchmetrics import Metric
 
 from lightning_quant.benchmark import compare_latency_ms, model_bytes
-from lightning_quant.export import FORMATS, Artifact, OnnxQuantization, export, load_artifact, verify_artifacts
-from lightning_quant.manifest import build_manifest, format_table, write_manifest
+from lightning_quant.export import (
+    FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
+)
+from lightning_quant.manifest import (
+    FILENAME, FORMAT_VERSION, build_manifest, check_format_version, failed_manifest, format_table, write_manifest,
+)
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
 
@@ -159,6 +163,9 @@ class QuantizationCallback(Callback, ABC):
             return
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
+        self._check_no_conflicting_callback(trainer)
+        if trainer.is_global_zero:
+            _check_writable(self.dirpath, type(self).__name__)
         self._resolve_example_inputs(pl_module)
         names = dict(pl_module.named_modules())
         missing = [name for name in self.keep_float if name not in names]
@@ -166,6 +173,19 @@ class QuantizationCallback(Callback, ABC):
             options = ", ".join(n for n in names if n) or "(none)"
             raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
                              f"Its modules are: {options}")
+
+    def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
+        others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]
+        int8 = [c for c in others if c.approach != "float"] if self.approach != "float" else []
+        same_dir = [c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == Path(self.dirpath).resolve()]
+        if int8 or same_dir:
+            names = [type(c).__name__ for c in [self, *others]]
+            raise ValueError(
+                f"Conflicting quantization callbacks on one Trainer: {names}. "
+                + ("Two int8 callbacks would quantize the same model twice (QAT's fake-quant model calibrated "
+                   "again, or two sets of int8 files): keep one. " if int8 else "")
+                + (f"They write into the same dirpath {self.dirpath}: give each its own dirpath." if same_dir else "")
+            )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
@@ -180,10 +200,14 @@ class QuantizationCallback(Callback, ABC):
             raise error
 
     def state_dict(self) -> dict[str, Any]:
-        return {"manifest": self.manifest}
+        return {"format_version": FORMAT_VERSION, "manifest": self.manifest}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.manifest = state_dict.get("manifest")
+        check_format_version(state_dict.get("format_version", 1), f"The checkpoint's {type(self).__name__} state")
+        # Testing the best checkpoint after fit restores the state saved before fit end (manifest None):
+        # keep the manifest this process made.
+        if self.manifest is None:
+            self.manifest = state_dict.get("manifest")
 
     # ------------------------------------------------------------------ helpers for subclasses
     def model_inputs(self, trainer: Trainer, dataloader: str, limit: Optional[int] = None) -> Iterator[ModelInputs]:
@@ -249,14 +273,18 @@ class QuantizationCallback(Callback, ABC):
         return str(path)
 
     def _quantize_export_and_report(self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]) -> None:
+        """Convert, then export and verify each format on its own: a format that fails is recorded in the
+        manifest (``failures``) and reported after the others are written; a failed convert writes a manifest
+        with ``status: "failed"``. Either way a :class:`QuantizationError` ends the fit."""
         started = time.perf_counter()
         dirpath = Path(self.dirpath)
         dirpath.mkdir(parents=True, exist_ok=True)
+        model_name = type(pl_module).__name__
         was_training = pl_module.training
         pl_module.eval()
+        failures: dict[str, str] = {}
         try:
             inputs = self._resolve_example_inputs(pl_module)
-            model_name = type(pl_module).__name__
             float_model = self.cpu_copy(pl_module)
             with torch.no_grad(), _jit_is_scripting():
                 reference = self.convert(trainer, pl_module)
@@ -266,16 +294,19 @@ class QuantizationCallback(Callback, ABC):
                         f"{self.approach} quantization of {model_name} produced no quantized op: nothing would run "
                         "in int8. Check keep_float and that the model has layers this approach quantizes."
                     )
-                artifacts = self._export(trainer, pl_module, reference, float_model, inputs, dirpath, model_name)
-                self.quantized_model = _InferenceModel(
-                    pl_module.forward, reference, self._lowered(artifacts, dirpath), approach=self.approach
-                )
+                try:
+                    artifacts = self._export(trainer, pl_module, reference, float_model, inputs, dirpath, model_name)
+                except ExportError as err:
+                    artifacts, failures = err.artifacts, dict(err.failures)
                 timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
                     self.model_inputs(trainer, "train", limit=1), inputs
                 )
                 timing_inputs = timing_inputs.bind(pl_module.forward)
-                verification = verify_artifacts(
-                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs, float_model
+                artifacts, verification = self._verify(
+                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs, float_model, failures
+                )
+                self.quantized_model = _InferenceModel(
+                    pl_module.forward, reference, self._lowered(artifacts, dirpath), approach=self.approach
                 )
                 latency = {
                     **compare_latency_ms({"float": float_model, "quantized": self.quantized_model}, timing_inputs),
@@ -283,10 +314,13 @@ class QuantizationCallback(Callback, ABC):
                 }
             metrics = self._evaluate(trainer, pl_module, float_model)
         except Exception as err:
-            raise QuantizationError(
-                f"{type(self).__name__} failed on {type(pl_module).__name__}: {type(err).__name__}: {err}\n"
-                f"The trained float model is safe: {float_checkpoint}"
-            ) from err
+            message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {err}\n"
+                       f"The trained float model is safe: {float_checkpoint}")
+            self.manifest = failed_manifest(approach=self.approach, backend=self.backend, model=model_name,
+                                            error=message, float_checkpoint=float_checkpoint, dirpath=dirpath,
+                                            failures=failures)
+            self._write_manifest_or_say_why(dirpath)
+            raise QuantizationError(message) from err
         finally:
             pl_module.train(was_training)
 
@@ -308,9 +342,41 @@ class QuantizationCallback(Callback, ABC):
             details=self.manifest_details(),
             seconds=time.perf_counter() - started,
             dirpath=dirpath,
+            failures=failures,
         )
         write_manifest(self.manifest, dirpath)
         self._log(trainer)
+        if failures:
+            raise QuantizationError(
+                f"{type(self).__name__} could not produce {len(failures)} of {len(self.formats)} format(s) for "
+                f"{model_name}:\n- " + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
+                + f"\nThe other formats are complete and verified: {[a.format for a in artifacts]}; "
+                f"{dirpath / FILENAME} records every failure. The trained float model is safe: {float_checkpoint}"
+            )
+
+    def _verify(self, artifacts, reference, cases, dirpath, timing_inputs, float_model, failures):
+        """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
+        A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
+        try:
+            return artifacts, verify_artifacts(artifacts, reference, cases, dirpath, timing_inputs, float_model)
+        except QuantizationError as error:
+            if len(artifacts) == 1:
+                _discard(artifacts[0], error, dirpath, failures)
+                return [], {}
+        verified, verification = [], {}
+        for artifact in artifacts:
+            try:
+                verification.update(verify_artifacts([artifact], reference, cases, dirpath, timing_inputs, float_model))
+                verified.append(artifact)
+            except QuantizationError as error:
+                _discard(artifact, error, dirpath, failures)
+        return verified, verification
+
+    def _write_manifest_or_say_why(self, dirpath: Path) -> None:
+        try:
+            write_manifest(self.manifest, dirpath)
+        except OSError as err:  # e.g. the disk is full: the exception being raised says what failed
+            rank_zero_info(f"{type(self).__name__}: could not write {dirpath / FILENAME}: {err}")
 
     def _export(self, trainer, pl_module, reference, float_model, inputs, dirpath, model_name) -> list[Artifact]:
         return export(
@@ -357,6 +423,11 @@ class QuantizationCallback(Callback, ABC):
             logger.log_metrics(flat, step=trainer.global_step)
             logger.save()
         rank_zero_info(format_table(manifest))
+
+
+def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
+    (Path(dirpath) / artifact.path).unlink(missing_ok=True)
+    failures[artifact.format] = f"{artifact.path} failed verification and was deleted: {error}"
 
 
 class _InferenceModel(nn.Module):
@@ -442,6 +513,20 @@ def _evaluated_batches(loader: Any, limit: float) -> int:
     if math.isfinite(limit):
         return min(len(loader), int(limit)) if hasattr(loader, "__len__") else int(limit)
     return len(loader) if hasattr(loader, "__len__") else 0  # an unsized loader read to its end: not counted
+
+
+def _check_writable(dirpath: Path, owner: str) -> None:
+    """Fail before training if the artifacts could not be written: create ``dirpath`` and a file in it."""
+    try:
+        Path(dirpath).mkdir(parents=True, exist_ok=True)
+        probe = Path(dirpath) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"{owner} cannot write into dirpath {str(dirpath)!r} ({type(err).__name__}: {err.strerror or err}): "
+            "pass a writable dirpath= (or fix the directory's permissions) before training."
+        ) from err
 
 
 def _leaves(batch: Any) -> list[Any]:

@@ -16,13 +16,14 @@ Example::
     ['torch_export']
 """
 
-from lightning_quant.export.api import FORMATS, Artifact, export, load_artifact
+from lightning_quant.export.api import FORMATS, Artifact, ExportError, export, load_artifact
 from lightning_quant.export.onnx import OnnxQuantization, OrtDynamicQuantization, OrtStaticQuantization
 from lightning_quant.export.verify import verify_artifacts
 
 __all__ = [
     "FORMATS",
     "Artifact",
+    "ExportError",
     "OnnxQuantization",
     "OrtDynamicQuantization",
     "OrtStaticQuantization",

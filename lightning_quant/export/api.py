@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -74,7 +75,8 @@ def export(
             those artifacts, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
 
     Raises:
-        QuantizationError: a format failed; the message names the format, the model and the reason.
+        ExportError: a format failed (after every format was tried); the message names each failed format,
+            the model and the reason; ``error.artifacts`` are the files that were written.
     """
     unknown = [f for f in formats if f not in _FORMATS]
     if unknown:
@@ -84,7 +86,8 @@ def export(
     inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
     models = dict(models or {})
     artifacts = []
-    for name in formats:
+    failures: dict[str, str] = {}
+    for name in formats:  # one format failing does not stop the others
         filename, exporter, _ = _FORMATS[name]
         source = models.get(name, model)
         kwargs: dict[str, Any] = {}
@@ -95,10 +98,11 @@ def export(
         try:
             details = exporter(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
         except Exception as err:
-            raise QuantizationError(
+            failures[name] = (
                 f"Exporting {type(source).__name__} to {name!r} failed: {type(err).__name__}: {_first_lines(err)}. "
-                "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."
-            ) from err
+                + _fix(err)
+            )
+            continue
         path = dirpath / filename
         artifacts.append(
             Artifact(
@@ -111,7 +115,26 @@ def export(
                 details=details,
             )
         )
+    if failures:
+        raise ExportError(artifacts, failures)
     return artifacts
+
+
+class ExportError(QuantizationError):
+    """Some formats failed. ``artifacts``: the complete files of the others; ``failures``: format -> error."""
+
+    def __init__(self, artifacts: list[Artifact], failures: dict[str, str]) -> None:
+        self.artifacts, self.failures = list(artifacts), dict(failures)
+        done = f" The other formats were written: {[a.format for a in artifacts]}." if artifacts else ""
+        super().__init__("\n".join(failures.values()) + done)
+
+
+def _fix(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "The disk is full: free space in the export directory (or choose another dirpath) and export again."
+    if isinstance(err, OSError):
+        return "Writing the file failed: check that the export directory is writable and has space."
+    return "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."
 
 
 def load_artifact(path: Union[str, Path], format: str) -> Any:
