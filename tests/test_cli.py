@@ -1,0 +1,139 @@
+"""The ``lightning-quant`` command on a real manifest and real artifacts, run as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_quant.benchmark import model_bytes
+from lightning_quant.cli import main
+from lightning_quant.demo import MLPNet
+from lightning_quant.export import OrtDynamicQuantization, export, verify_artifacts
+from lightning_quant.manifest import build_manifest, write_manifest
+from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, count_quantized_ops, quantize
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it (a fresh process: ~15 s of imports on this machine, so used sparingly)."""
+    return subprocess.run([sys.executable, "-m", "lightning_quant.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture
+def cli(capsys):
+    """``main(argv)`` in this process: returns (exit status, stdout, stderr)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """Dynamic int8 MLPNet exported to ONNX and torch.export, verified, described in manifest.json."""
+    dirpath = tmp_path_factory.mktemp("quantized")
+    torch.manual_seed(0)
+    model = MLPNet().eval()
+    x = torch.rand(4, 1, 8, 8)
+    int8 = quantize(model, DynamicQuantConfig(), x)
+    inputs = ModelInputs.from_value(x)
+    artifacts = export(int8, inputs, ["onnx", "torch_export"], dirpath, float_model=model,
+                       onnx_quantization=OrtDynamicQuantization())
+    checks = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(torch.rand(16, 1, 8, 8))], dirpath,
+                              float_model=model)
+    manifest = build_manifest(
+        approach="dynamic", backend="x86", model="MLPNet", example_inputs=inputs, dynamic_batch=True,
+        artifacts=artifacts, verification=checks, metrics={"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
+        latency_ms={"float": 1.0, "quantized": 0.5, **{k: v["latency_ms"] for k, v in checks.items()}},
+        latency_input=inputs, size_bytes={"float": model_bytes(model), "quantized": model_bytes(int8)},
+        quantized_ops=count_quantized_ops(int8), dirpath=dirpath,
+    )
+    write_manifest(manifest, dirpath)
+    return dirpath
+
+
+def test_inspect_shows_approach_artifacts_metrics_and_checks(exported, cli):
+    done = run_cli("inspect", str(exported))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "approach  dynamic" in out
+    assert "ok              onnx" in out and "ok              torch_export" in out
+    assert "model.onnx" in out and "model_program.pt2" in out
+    assert "val/acc" in out and "0.8900" in out  # metrics table
+    assert "rel. error" in out  # verification result per artifact
+
+    status, out, _ = cli("inspect", str(exported / "manifest.json"), "--json")
+    as_json = json.loads(out)
+    assert status == 0
+    assert {a["status"] for a in as_json["artifacts"]} == {"ok"}
+    assert as_json["approach"] == "dynamic"
+
+
+def test_inspect_reports_changed_and_missing_files(exported, tmp_path, cli):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "manifest.json").write_text((exported / "manifest.json").read_text())
+    (copy / "model.onnx").write_bytes((exported / "model.onnx").read_bytes() + b"x")  # altered; program missing
+    status, out, err = cli("inspect", str(copy))
+    assert status == 1
+    assert "sha256 mismatch" in out and "missing" in out
+    assert "missing or changed since export" in err
+
+
+def test_time_uses_the_manifest_input_and_batch_size(exported, cli):
+    status, out, err = cli("time", str(exported / "model.onnx"), "--batch-size", "32", "--runs", "20", "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["batch_size"] == 32 and result["runs"] == 20
+    assert 0 < result["min_ms"] <= result["median_ms"] <= result["p90_ms"]
+    assert result["throughput_per_s"] == pytest.approx(32_000 / result["median_ms"])
+
+
+def test_time_shows_a_progress_bar(exported):
+    done = run_cli("time", str(exported / "model_program.pt2"), "--runs", "30")
+    assert done.returncode == 0, done.stderr
+    assert "30/30" in done.stderr  # tqdm's bar on stderr
+    assert "median" in done.stdout and "batch 4" in done.stdout
+
+
+def test_compare_two_artifacts_interleaved(exported, cli):
+    status, out, err = cli("compare", str(exported / "model_program.pt2"), str(exported / "model.onnx"),
+                           "--runs", "20", "--batch-size", "8", "--json", "--no-progress")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["a"]["runs"] == result["b"]["runs"] == 20
+    assert result["b_speedup_over_a"] == pytest.approx(result["a"]["median_ms"] / result["b"]["median_ms"])
+    status, out, _ = cli("compare", str(exported / "model_program.pt2"), str(exported / "model.onnx"), "--runs", "10",
+                         "--no-progress")
+    assert status == 0 and "x faster" in out
+
+
+def test_time_without_a_manifest_needs_an_input_shape(exported, tmp_path, cli):
+    lonely = tmp_path / "model.onnx"
+    lonely.write_bytes((exported / "model.onnx").read_bytes())
+    status, _, err = cli("time", str(lonely), "--runs", "5")
+    assert status == 2 and "--input-shape" in err
+    status, out, err = cli("time", str(lonely), "--runs", "5", "--input-shape", "8,1,8,8", "--json", "--no-progress")
+    assert status == 0, err
+    assert json.loads(out)["batch_size"] == 8
+
+
+def test_bad_arguments_name_the_problem(exported, tmp_path, cli):
+    status, _, err = cli("inspect", str(tmp_path))
+    assert status == 2 and "no manifest.json" in err
+    unknown = tmp_path / "weights.bin"
+    unknown.write_bytes(b"0")
+    status, _, err = cli("time", str(unknown), "--input-shape", "2,64")
+    assert status == 2 and "--format" in err
+    with pytest.raises(SystemExit) as exit_:  # argparse's own usage error
+        cli("time", str(exported / "model.onnx"), "--runs", "0")
+    assert exit_.value.code == 2
