@@ -1,0 +1,87 @@
+"""``load``: open an exported artifact safely, checked against its ``manifest.json``.
+
+Example::
+
+    >>> import lightning_quant  # doctest: +SKIP
+    >>> model = lightning_quant.load("lightning_logs/quantized")  # doctest: +SKIP
+    >>> model = lightning_quant.load("lightning_logs/quantized/model.onnx")  # doctest: +SKIP
+    >>> logits = model(images)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning_quant.export import load_artifact
+from lightning_quant.export.files import sha256
+from lightning_quant.manifest import FILENAME, check_format_version
+
+
+def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> Any:
+    """Load an exported artifact as a callable taking the model's inputs, after checking it.
+
+    Args:
+        path_or_manifest: the export directory, its ``manifest.json``, or one artifact file in it.
+        format: which artifact of the manifest to load (e.g. ``"onnx"``). Default: the artifact file given,
+            else the manifest's first artifact (the first of the callback's ``formats``).
+
+    The file's sha256 must match the manifest's, the manifest's ``format_version`` must be one this
+    lightning-quant reads, and nothing is unpickled beyond tensors (``torch.export``/AOTInductor packages,
+    ONNX and TorchScript files are not pickles).
+
+    Raises:
+        FileNotFoundError: no manifest or no file where one is expected.
+        ValueError: a sha256 mismatch, an unknown or newer ``format_version``, a format the manifest does not
+            list, or a manifest of a run that produced no artifact.
+    """
+    path = Path(path_or_manifest)
+    if path.is_dir():
+        manifest_path, requested = path / FILENAME, None
+    elif path.name == FILENAME:
+        manifest_path, requested = path, None
+    else:
+        manifest_path, requested = path.parent / FILENAME, path.name
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"No {FILENAME} at {manifest_path}: lightning_quant.load checks every file against the manifest its "
+            "export wrote. Pass the export directory (with its manifest.json) or a file inside it."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{manifest_path} is not valid JSON ({err}): the file is damaged; export again.") from err
+    check_format_version(manifest.get("format_version") if isinstance(manifest, dict) else None, str(manifest_path))
+    artifacts = manifest.get("artifacts", [])
+    if not artifacts:
+        raise ValueError(f"{manifest_path} lists no artifact (status {manifest.get('status')!r}): "
+                         f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}")
+    entry = _pick(artifacts, requested, format, manifest_path, manifest.get("failures", {}))
+    file = manifest_path.parent / entry["path"]
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing: copy the whole export directory.")
+    digest = sha256(file)
+    if digest != entry["sha256"]:
+        raise ValueError(
+            f"{file} does not match {manifest_path}: sha256 {digest} != {entry['sha256']}. The file changed after "
+            "export (or was damaged or replaced); refusing to load it. Export again, or copy the directory intact."
+        )
+    return load_artifact(file, entry["format"])
+
+
+def _pick(artifacts: list[dict[str, Any]], filename: Optional[str], format: Optional[str], manifest_path: Path,
+          failures: dict[str, str]) -> dict[str, Any]:
+    listed = {a["format"]: a for a in artifacts}
+    if filename is not None:
+        matches = [a for a in artifacts if a["path"] == filename and (format is None or a["format"] == format)]
+        if not matches:
+            raise ValueError(f"{filename} is not an artifact listed in {manifest_path} (it lists "
+                             f"{[a['path'] for a in artifacts]}); refusing to load an unlisted file.")
+        return matches[0]
+    if format is None:
+        return artifacts[0]
+    if format not in listed:
+        why = f" It failed: {failures[format]}" if format in failures else ""
+        raise ValueError(f"{manifest_path} has no {format!r} artifact; it has {list(listed)}.{why}")
+    return listed[format]

@@ -1,0 +1,91 @@
+"""lightning_quant.load: artifacts checked against their manifest (sha256, format_version) before loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_quant import DynamicQuantization
+from lightning_quant.demo import DigitsClassifier, DigitsDataModule, MLPNet
+from lightning_quant.loading import load
+from lightning_quant.manifest import FORMAT_VERSION
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("load")
+    callback = DynamicQuantization(formats=["onnx", "torch_export"])
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1,
+                        limit_train_batches=3, limit_val_batches=2, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(DigitsClassifier(MLPNet()), datamodule=DigitsDataModule(batch_size=32))
+    return callback, tmp_path / "quantized"
+
+
+def copy_of(exported, tmp_path):
+    return shutil.copytree(exported[1], tmp_path / "copy")
+
+
+def test_load_by_directory_manifest_file_and_format(exported):
+    callback, out = exported
+    images = torch.rand(5, 1, 8, 8)
+    expected = callback.quantized_model(images)
+    for model in (load(out), load(out / "manifest.json"), load(out / "model.onnx"), load(out, format="onnx")):
+        assert (model(images) - expected).abs().max() < 0.1 * expected.abs().max()  # ORT's own int8 scales
+    program = load(out / "manifest.json", format="torch_export")
+    assert torch.allclose(program(images), expected, atol=1e-4)
+
+
+def test_a_changed_file_is_refused(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    with open(out / "model.onnx", "ab") as file:
+        file.write(b"\0")
+    with pytest.raises(ValueError, match=r"model.onnx does not match .*manifest.json: sha256 .*refusing to load"):
+        load(out, format="onnx")
+    assert load(out, format="torch_export") is not None  # the untouched file still loads
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    (FORMAT_VERSION + 1, "newer than this lightning-quant reads.*upgrade lightning-quant"),
+    ("1", "unknown format_version '1'"),
+    (None, "unknown format_version None"),
+])
+def test_a_manifest_of_an_unknown_or_newer_version_is_refused(exported, tmp_path, version, message):
+    out = copy_of(exported, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=message):
+        load(out)
+
+
+def test_unlisted_missing_and_unknown_files_are_refused(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    (out / "other.onnx").write_bytes((out / "model.onnx").read_bytes())
+    with pytest.raises(ValueError, match="other.onnx is not an artifact listed in"):
+        load(out / "other.onnx")
+    with pytest.raises(ValueError, match=r"has no 'aoti' artifact; it has \['onnx', 'torch_export'\]"):
+        load(out, format="aoti")
+    (out / "model.onnx").unlink()
+    with pytest.raises(FileNotFoundError, match="listed in .* but missing"):
+        load(out)
+    (out / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="No manifest.json at"):
+        load(out / "model_program.pt2")
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load(out)
+
+
+def test_a_checkpoint_state_of_a_newer_version_is_refused(exported):
+    callback, _ = exported
+    state = callback.state_dict()
+    assert state["format_version"] == FORMAT_VERSION
+    with pytest.raises(ValueError, match="DynamicQuantization state has format_version .*upgrade lightning-quant"):
+        callback.load_state_dict({**state, "format_version": FORMAT_VERSION + 1})
+    callback.load_state_dict({"manifest": None})  # a checkpoint written before format_version existed: version 1
+    assert callback.manifest is not None  # restoring never erases the manifest this process made
