@@ -32,6 +32,7 @@ def test_default_config_values():
     assert cfg.model.net._target_ == "lightning_quant.demo.ConvNet"
     assert cfg.trainer.accelerator == "cpu"
     assert cfg.optimized_metric == "test/acc"
+    assert list(cfg.callbacks) == ["ptq"]  # the default run exports verified int8 files
 
 
 def test_unknown_key_is_rejected_with_its_name():

@@ -30,6 +30,7 @@ def test_train_script_runs_in_a_fresh_process(tmp_path):
             "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1",
             "model=lstm",
+            "callbacks=none",
             f"hydra.run.dir={tmp_path}",
         ],
         capture_output=True,
