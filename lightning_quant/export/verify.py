@@ -73,7 +73,7 @@ def verify_artifacts(
             raise QuantizationError(
                 f"Reloading the exported files in a fresh process failed:\n{process.stderr[-3000:]}"
             )
-        outcome = torch.load(result, weights_only=False)
+        outcome = torch.load(result, weights_only=True)
     report = {}
     failures = []
     for artifact in artifacts:
@@ -127,7 +127,7 @@ def _main(request_path: str) -> None:
     from lightning_quant.benchmark import latency_ms
     from lightning_quant.export.api import load_artifact
 
-    request = torch.load(request_path, weights_only=False)
+    request = torch.load(request_path, weights_only=True)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"])
