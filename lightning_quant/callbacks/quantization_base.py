@@ -167,12 +167,34 @@ class QuantizationCallback(Callback, ABC):
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
         self._resolve_example_inputs(pl_module)
+        self._check_example_runs(pl_module)
         names = dict(pl_module.named_modules())
         missing = [name for name in self.keep_float if name not in names]
         if missing:
             options = ", ".join(n for n in names if n) or "(none)"
             raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
                              f"Its modules are: {options}")
+
+    def _check_example_runs(self, pl_module: LightningModule) -> None:
+        """Run forward once on the example input (eval, no grad) so a wrong shape or dtype fails before training.
+        Skipped for modules that build their layers in ``configure_model`` (not built yet at setup)."""
+        if type(pl_module).configure_model is not LightningModule.configure_model:
+            return
+        was_training = pl_module.training
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        try:
+            with torch.no_grad():
+                pl_module.eval()
+                self.example_inputs.to(device)(pl_module)
+        except Exception as err:
+            described = self.example_inputs.describe()
+            raise ValueError(
+                f"{type(self).__name__}: {type(pl_module).__name__}.forward fails on the example input "
+                f"(shape {described.get('shape')}, dtype {described.get('dtype')}): {type(err).__name__}: {err}. "
+                "Pass example_input= (or set example_input_array to) a batch of the shape and dtype forward takes."
+            ) from err
+        finally:
+            pl_module.train(was_training)
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]
@@ -218,7 +240,15 @@ class QuantizationCallback(Callback, ABC):
             for batch in loader:
                 if limit is not None and count >= limit:
                     return
-                yield ModelInputs.from_value(self.batch_to_input(batch)).to("cpu")
+                inputs = ModelInputs.from_value(self.batch_to_input(batch)).to("cpu")
+                bad = [t for t in inputs.tensors() if t.is_floating_point() and not torch.isfinite(t).all()]
+                if bad:
+                    raise ValueError(
+                        f"Batch {count} of the {dataloader} dataloader holds NaN or inf: calibration ranges and "
+                        "error checks computed from it would be NaN. Clean or clip the data (or drop those "
+                        "samples) before quantizing."
+                    )
+                yield inputs
                 count += 1
 
     @staticmethod
