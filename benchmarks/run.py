@@ -282,7 +282,11 @@ def markdown(results: dict[str, Any]) -> str:
         "(measured faster than exporting the PT2E graph), so that peer and our file are one row. For QAT the ONNX "
         "file is the converted PT2E graph as is (QAT's own ranges). Export seconds = quantize + export of that one "
         "file (QAT: the whole fit-end conversion, export and verification). Legacy eager int8 has no file. "
-        "`static` does not apply to LSTMNet/TransformerNet (PT2E leaves nn.LSTM and the fused encoder in float).",
+        "`static` does not apply to LSTMNet/TransformerNet (PT2E leaves nn.LSTM and the fused encoder in float). "
+        "At the small batch the demo nets do microseconds of work per op; on an oversubscribed machine PyTorch's "
+        "OpenMP threads then wait on descheduled peers (likely cause of torch batch-8 times far above their "
+        "batch-256 per-call cost in a quick run), which ONNX Runtime's thread pool suffers less from: check the "
+        "small-batch torch-vs-ORT ratios on an idle machine before trusting them.",
         "",
         "![speed-up over float eager](results.png)",
         "",
@@ -322,7 +326,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=[8, 256])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the chart from results.json")
     args = parser.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "results.json").read_text())
+        chart(results, args.out / "results.png")
+        (args.out / "RESULTS.md").write_text(markdown(results))
+        return
     epochs, repeats = (3, 20) if args.quick else (15, 100)
     warnings.filterwarnings("ignore")
     results: dict[str, Any] = {"quick": args.quick, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
