@@ -8,7 +8,8 @@ its feed-forward Linears. After ``torch.ao.quantization.quantize_dynamic`` those
 'device'``). The layer kernel cannot take int8 weights, and the feed-forward Linears are most of the work,
 so :func:`route_quantized_encoder_layers` keeps them int8 and sends those layers module by module:
 attention still runs fused (the attention weights stay float), the feed-forward runs int8. On this
-project's CPU that beat the float fused layer by 1.1-1.5x for d_model 256 (benchmarks/bench_inference.py).
+project's CPU that ran 1.1-1.5x faster than the float fused layer for 4 layers of d_model 256, and 0.75-0.95x
+for the tiny digits transformer (d_model 64: too small for int8 to pay); see benchmarks/bench_inference.py.
 
 :func:`find_manual_attention` points at hand-written ``softmax(q @ k^T) @ v`` in user code, which should
 call ``torch.nn.functional.scaled_dot_product_attention`` (fused flash / memory-efficient kernels).
