@@ -157,6 +157,10 @@ def test_test_and_validate_after_fit_load_checkpoints_and_move_nothing(qat_fit):
     fit_trainer.validate(model, datamodule, verbose=False)
     fit_trainer.test(model, datamodule, verbose=False)
     fit_trainer.predict(model, datamodule.predict_dataloader())
+    with torch.no_grad():  # a forward outside any Trainer stage (summaries, setup checks, user code)
+        model.eval()
+        model(torch.zeros(4, 1, 8, 8))
+        model.train()
     for name, value in model.state_dict().items():
         assert torch.equal(value, state[name]), name
     for name, value in ranges(qat).items():
@@ -236,9 +240,16 @@ def test_resume_mid_qat_restores_fake_quant_state_and_continues_identically(tmp_
     # quantize_on_fit_end=False: still a float-in/float-out fake-quant model, and it can be fit again
     assert qat_straight.manifest is None and "forward" in vars(straight)
     before = copy.deepcopy(straight.state_dict())
-    trainer(tmp_path / "c", [qat_straight], max_epochs=1, **limits).fit(straight, train, val)
+    trainer(tmp_path / "c", [qat_straight], max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(straight, train)
     assert "forward" in vars(straight)
     assert not torch.equal(before["net.head.weight"], straight.state_dict()["net.head.weight"])
+    # the fit ended on a training batch; a forward outside the Trainer still moves no range
+    after_fit = ranges(qat_straight)
+    with torch.no_grad():
+        straight.eval()
+        straight(torch.zeros(4, 1, 8, 8))
+    for name, value in ranges(qat_straight).items():
+        assert torch.equal(value, after_fit[name]), name
 
 
 # ---------------------------------------------------------------------------------------------------- inputs

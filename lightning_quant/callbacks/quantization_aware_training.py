@@ -165,16 +165,16 @@ class QuantizationAwareTraining(QuantizationCallback):
         self._enter_stage(trainer, "predict")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._sync_ranges(trainer)
+        self._leave_stage(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sync_ranges(trainer)
+        self._leave_stage(trainer)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sync_ranges(trainer)
+        self._leave_stage(trainer)
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._sync_ranges(trainer)
+        self._leave_stage(trainer)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -266,9 +266,13 @@ class QuantizationAwareTraining(QuantizationCallback):
         frozen = self.freeze_observer_epoch is not None and trainer.current_epoch >= self.freeze_observer_epoch
         self.qat.observers_enabled = stage in self.observer_enabled_stages and not frozen
 
-    def _sync_ranges(self, trainer: Trainer) -> None:
-        if self.qat is not None and self.qat.observers_enabled and trainer.world_size > 1:
-            self.qat.sync_observers()
+    def _leave_stage(self, trainer: Trainer) -> None:
+        # ranges move only inside batches of an allowed stage: not in forwards elsewhere (model summary,
+        # setup checks, the user's own calls)
+        if self.qat is not None and self.qat.observers_enabled:
+            if trainer.world_size > 1:
+                self.qat.sync_observers()
+            self.qat.observers_enabled = False
 
 
 def _is_epoch(value: Any) -> bool:
