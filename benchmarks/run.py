@@ -284,8 +284,8 @@ def markdown(results: dict[str, Any]) -> str:
         "file (QAT: the whole fit-end conversion, export and verification). Legacy eager int8 has no file. "
         "`static` does not apply to LSTMNet/TransformerNet (PT2E leaves nn.LSTM and the fused encoder in float). "
         "At the small batch the demo nets do microseconds of work per op; on an oversubscribed machine PyTorch's "
-        "OpenMP threads then wait on descheduled peers (likely cause of torch batch-8 times far above their "
-        "batch-256 per-call cost in a quick run), which ONNX Runtime's thread pool suffers less from: check the "
+        "OpenMP threads then wait on descheduled peers (an earlier quick run showed MLP torch batch-8 calls "
+        "at 30-80 ms, 100x their batch-256 cost), which ONNX Runtime's thread pool suffers less from: check the "
         "small-batch torch-vs-ORT ratios on an idle machine before trusting them.",
         "",
         "![speed-up over float eager](results.png)",
