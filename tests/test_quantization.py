@@ -79,7 +79,10 @@ def test_keep_float_leaves_named_modules_in_float(convnet):
     assert type(dynamic.layers[5].weight) is nn.Parameter
 
 
-def test_dynamic_int8_quantizes_linear_and_lstm_and_says_the_lstm_kernel_is_legacy():
+def test_dynamic_int8_quantizes_linear_and_lstm_and_says_the_lstm_kernel_is_legacy(monkeypatch):
+    from lightning_quant.quantization import _legacy
+
+    monkeypatch.setattr(_legacy, "_told", set())  # the warning is said once per process: forget earlier tests
     model = LSTMNet().eval()
     x = torch.rand(4, 1, 8, 8)
     with pytest.warns(FutureWarning, match="deprecated torch"):
