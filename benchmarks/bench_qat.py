@@ -8,7 +8,7 @@ AOTInductor-lowered ``quantized_model``), and for the ONNX files in ONNX Runtime
 (forward, backward, optimizer) of the float and the fake-quant model are timed interleaved, batch of 64.
 Writes ``benchmarks/qat_results.md``::
 
-    python benchmarks/bench_qat.py            # about 10 minutes on 2 busy cores
+    python benchmarks/bench_qat.py            # about 15 minutes on 2 busy cores
     python benchmarks/bench_qat.py --quick    # 1 seed, fewer epochs and repeats: a smoke run
 
 Targets: QAT int8 test accuracy within 0.5 points of the float model trained with the same budget, and
@@ -83,6 +83,16 @@ def bench_accuracy(scratch: Path, seeds: list[int], epochs: int, recipe: dict[st
             "qat_manifest": qat.manifest,
         }
         row.update(onnx_requantized(qat, qat_module, datamodule, scratch / f"qat{seed}_requantized"))
+        # harder for int8: one scale per weight tensor (per_channel=False) for both approaches
+        ptq = PostTrainingQuantization(per_channel=False, formats=["aoti"], dirpath=scratch / f"ptq{seed}_pt")
+        float_module, datamodule, _ = fit(ptq, seed, epochs, scratch)
+        qat = QuantizationAwareTraining(**recipe, per_channel=False, formats=["aoti"], dirpath=scratch / f"qat{seed}_pt")
+        fit(qat, seed, epochs, scratch)
+        row["per-tensor weights"] = {
+            "float": accuracy(float_module, datamodule),
+            "static int8": accuracy(ptq.quantized_model, datamodule),
+            "qat int8": accuracy(qat.quantized_model, datamodule),
+        }
         rows.append(row)
         print({k: v for k, v in row.items() if k != "qat_manifest"}, flush=True)
     return rows
@@ -177,6 +187,8 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, float], fit_step_ms: di
     mean = {c: statistics.mean(r[c] for r in rows) for c in columns if all(isinstance(r[c], float) for r in rows)}
     gap_float = mean["float"] - mean["qat int8"]
     gap_static = mean["qat int8"] - mean["static int8"]
+    tensor_mean = {c: statistics.mean(r["per-tensor weights"][c] for r in rows) for c in ("float", "static int8", "qat int8")}
+    tensor_gap = tensor_mean["qat int8"] - tensor_mean["static int8"]
     ratio = step_ms["fake-quant (QAT)"] / step_ms["float"]
     fit_ratio = fit_step_ms["fake-quant (QAT)"] / fit_step_ms["float"]
     manifest = rows[0]["qat_manifest"]
@@ -195,6 +207,8 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, float], fit_step_ms: di
         f"{mean['qat int8']:.2f}: {gap_float:+.2f} points below float | {'yes' if gap_float <= 0.5 else 'no'} |",
         f"| QAT int8 better than static int8 of the same model | static {mean['static int8']:.2f}, QAT "
         f"{mean['qat int8']:.2f}: {gap_static:+.2f} points | {'yes' if gap_static > 0 else 'no'} |",
+        f"| same, weights quantized per tensor (harder for int8) | static {tensor_mean['static int8']:.2f}, QAT "
+        f"{tensor_mean['qat int8']:.2f}: {tensor_gap:+.2f} points | {'yes' if tensor_gap > 0 else 'no'} |",
         f"| training step with fake-quant <= 1.5x float: Lightning's step in `trainer.fit` | "
         f"{fit_step_ms['fake-quant (QAT)']:.2f} ms vs {fit_step_ms['float']:.2f} ms: {fit_ratio:.2f}x | "
         f"{'yes' if fit_ratio <= 1.5 else 'no'} |",
@@ -209,6 +223,16 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, float], fit_step_ms: di
     for r in rows:
         lines.append(f"| {r['seed']} | " + " | ".join(_cell(r[c]) for c in columns) + " |")
     lines.append("| mean | " + " | ".join(_cell(mean.get(c, "-")) for c in columns) + " |")
+    per_tensor = ["float", "static int8", "qat int8"]
+    lines += [
+        "",
+        "Harder for int8, one scale per weight tensor (`per_channel=False`, both callbacks, `aoti`):",
+        "",
+        "| seed | " + " | ".join(per_tensor) + " |",
+        "| --- |" + " --- |" * len(per_tensor),
+        *(f"| {r['seed']} | " + " | ".join(_cell(r["per-tensor weights"][c]) for c in per_tensor) + " |" for r in rows),
+        "| mean | " + " | ".join(_cell(statistics.mean(r["per-tensor weights"][c] for r in rows)) for c in per_tensor) + " |",
+    ]
     lines += [
         "",
         "`qat int8` and `static int8` are the callbacks' `quantized_model` (AOTInductor with freezing); "

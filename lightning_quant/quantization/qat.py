@@ -296,7 +296,8 @@ class QATGraph:
     @observers_enabled.setter
     def observers_enabled(self, enabled: bool) -> None:
         if enabled != self._observers_enabled:
-            self.graph.apply(enable_observer if enabled else disable_observer)
+            for fake_quant in self._fake_quantizers():  # the torchao helpers, without walking every module
+                (enable_observer if enabled else disable_observer)(fake_quant)
             self._observers_enabled = enabled
 
     @property
@@ -359,8 +360,8 @@ class QATGraph:
                 "QAT configuration changed since it was saved."
             )
         self.graph.load_state_dict(dict(state["fake_quant"]), strict=False)
-        self._observers_enabled = bool(state["observers_enabled"])
-        self.graph.apply(enable_observer if self._observers_enabled else disable_observer)
+        self._observers_enabled = not state["observers_enabled"]
+        self.observers_enabled = bool(state["observers_enabled"])
         if state["batchnorm_frozen"]:
             self.freeze_batchnorm()
 
@@ -393,7 +394,7 @@ class QATGraph:
 
     # ------------------------------------------------------------------ internals
     def _fake_quantizers(self) -> list[FakeQuantizeBase]:
-        return [m for m in self.graph.modules() if isinstance(m, FakeQuantizeBase)]
+        return [getattr(self.graph, name) for name in self._fake_quant_names]
 
     def _fake_quant_state(self) -> dict[str, torch.Tensor]:
         return {
