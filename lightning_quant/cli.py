@@ -181,7 +181,7 @@ def interleaved_times(models: dict[str, Callable[..., Any]], inputs: Any, runs: 
 
     times: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
-    with tqdm(total=runs, unit="run", disable=not progress, leave=False, file=sys.stderr) as bar:
+    with tqdm(total=runs, unit="run", disable=not progress, leave=True, file=sys.stderr) as bar:
         done = 0
         while done < runs:
             chunk = min(_CHUNK, runs - done)
