@@ -20,15 +20,31 @@ from lightning_quant.quantization.quantize import (
     single_input_channel_convs,
     x86_quantizer,
 )
+from lightning_quant.quantization.sensitivity import (
+    FallbackResult,
+    MetricBudget,
+    fallback_search,
+    layer_sensitivity,
+    output_error,
+    quantizable_layers,
+    save_sensitivity,
+)
 
 __all__ = [
     "OBSERVERS",
     "DynamicQuantConfig",
+    "FallbackResult",
+    "MetricBudget",
     "ModelInputs",
     "QuantizationError",
     "StaticQuantConfig",
     "count_quantized_ops",
     "export_for_quantization",
+    "fallback_search",
+    "layer_sensitivity",
+    "output_error",
+    "quantizable_layers",
+    "save_sensitivity",
     "quantize",
     "single_input_channel_convs",
     "x86_quantizer",
