@@ -13,6 +13,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers
+
 _DEPRECATION_MESSAGES = (
     r"torch\.ao\.quantization is deprecated",
     r"torch\.quantize_per_tensor, torch\.quantize_per_channel",
@@ -49,7 +51,8 @@ def legacy_quantize_dynamic(
 
     Returns the names of the replaced modules. Used for ``nn.LSTM``/``nn.GRU`` (torchao has no int8
     recurrent layer; on x86 CPUs the int8 LSTM is no faster than float, it saves weight memory) and for
-    TorchScript files (TorchScript cannot trace torchao's int8 tensors).
+    TorchScript files (TorchScript cannot trace torchao's int8 tensors). ``nn.TransformerEncoderLayer`` modules
+    whose Linears became int8 are routed off the fused layer kernel (see :mod:`.transformer_fastpath`).
     """
     targets = {
         name for name, module in model.named_modules() if type(module) in types and not _kept(name, keep_float)
@@ -64,6 +67,8 @@ def legacy_quantize_dynamic(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, quantized.get_submodule(name))
+    # an nn.TransformerEncoderLayer with legacy int8 Linears crashes in its fast-path check (it reads .weight)
+    route_quantized_encoder_layers(model)
     return sorted(targets)
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import fx, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
@@ -156,15 +157,29 @@ def _quantize_static(
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
     quantized = copy.deepcopy(model).eval()
     keep = tuple(config.keep_float)
-    ao.quantize_(
-        quantized,
-        ao.Int8DynamicActivationInt8WeightConfig(),
-        filter_fn=lambda module, fqn: isinstance(module, nn.Linear) and not _kept(fqn, keep),
-    )
+    ao.quantize_(quantized, ao.Int8DynamicActivationInt8WeightConfig(), filter_fn=_dynamic_linear_filter(keep))
     if config.recurrent:
         legacy_quantize_dynamic(quantized, RECURRENT_TYPES, keep)
     route_quantized_encoder_layers(quantized)  # nn.TransformerEncoder: keep inference working, see there
     return quantized
+
+
+def _dynamic_linear_filter(keep_float: tuple[str, ...]) -> Callable[[nn.Module, str], bool]:
+    """The ``nn.Linear`` layers dynamic int8 quantizes: all but kept ones and attention output projections.
+
+    ``nn.MultiheadAttention`` never calls its ``out_proj`` module: it passes ``out_proj.weight`` to
+    ``F.linear`` itself, which ``torch.export`` decomposes into ``aten.t`` + ``addmm`` on the weight, ops
+    torchao's ``Int8Tensor`` does not implement (``NotImplementedError ... aten.t``), so the model could not
+    be exported to AOTInductor. PyTorch gives that layer its own type, ``NonDynamicallyQuantizableLinear``,
+    because quantizing it in place breaks attention (pytorch#58969); legacy ``quantize_dynamic({nn.Linear})``
+    matches exact types and leaves it float too. It is one d_model x d_model matmul per attention layer; the
+    input projection (a raw parameter) stays float as well, the feed-forward Linears (most of the work) are int8.
+    """
+    return lambda module, fqn: (
+        isinstance(module, nn.Linear)
+        and not isinstance(module, NonDynamicallyQuantizableLinear)
+        and not _kept(fqn, keep_float)
+    )
 
 
 def count_quantized_ops(model: nn.Module) -> dict[str, int]:
