@@ -176,6 +176,51 @@ def test_state_dict_round_trip_reproduces_the_model():
         restored.load_state_dict(state)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [QATConfig(), QATConfig(observer="minmax", per_channel=False), QATConfig(observer="histogram")],
+    ids=["moving_average", "minmax-per_tensor", "histogram"],
+)
+def test_every_fake_quant_buffer_round_trips_through_the_state(config):
+    """Every buffer of every fake-quant module and observer, each set to a value a fresh graph does not
+    have, comes back from ``state_dict``/``load_state_dict`` (torchao's versioned loading once reset eps)."""
+    torch.manual_seed(0)
+    model = TwoInputNet()
+    qat = prepare_qat(model, inputs(4), config)
+    model.train()
+    qat(**inputs(16))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, buffer in _fake_quant_buffers(qat, copy=False).items():
+            if name.endswith("observer_enabled"):
+                continue  # the QATGraph's switch, saved as observers_enabled (set below)
+            if buffer.is_floating_point():
+                buffer.add_(torch.rand(buffer.shape, generator=g) + 0.5)
+            else:
+                buffer.add_(torch.randint(1, 5, buffer.shape, generator=g))
+    qat.observers_enabled = False
+    saved = _fake_quant_buffers(qat)
+    restored = prepare_qat(copy.deepcopy(model), inputs(4), config)
+    fresh = _fake_quant_buffers(restored)
+    assert fresh.keys() == saved.keys()
+    same_as_fresh = [n for n, v in saved.items() if v.shape == fresh[n].shape and torch.equal(v, fresh[n])]
+    assert same_as_fresh == []  # the test can fail: every buffer must be carried by the state
+    restored.load_state_dict(qat.state_dict())
+    loaded = _fake_quant_buffers(restored)
+    assert [n for n, v in saved.items() if not (v.shape == loaded[n].shape and torch.equal(v, loaded[n]))] == []
+    assert restored.observers_enabled is False
+
+
+def _fake_quant_buffers(qat, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Every buffer of the graph's fake-quant modules (and their observers), by name."""
+    return {
+        f"{name}.{buffer_name}": buffer.clone() if copy else buffer
+        for name, module in qat.graph.named_children()
+        if isinstance(module, FakeQuantizeBase)
+        for buffer_name, buffer in module.named_buffers()
+    }
+
+
 def test_what_cannot_work_is_an_error_that_says_why():
     with pytest.raises(ValueError, match="choose one of"):
         QATConfig(observer="percentile")

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -359,7 +360,12 @@ class QATGraph:
                 f"{sorted(expected - given)}, unexpected {sorted(given - expected)}): the model or the "
                 "QAT configuration changed since it was saved."
             )
-        self.graph.load_state_dict(dict(state["fake_quant"]), strict=False)
+        # torchao's observers read the state_dict version from its metadata and, without one, take the
+        # state for version 1 and overwrite `eps` with float32's (2**-23 instead of 2**-12): give the
+        # loaded values the metadata of this graph's own state_dict, which they came from.
+        fake_quant = OrderedDict(state["fake_quant"])
+        fake_quant._metadata = self.graph.state_dict()._metadata  # type: ignore[attr-defined]
+        self.graph.load_state_dict(fake_quant, strict=False)
         self._observers_enabled = not state["observers_enabled"]
         self.observers_enabled = bool(state["observers_enabled"])
         if state["batchnorm_frozen"]:
