@@ -274,3 +274,15 @@ def test_missing_required_argument_fails_at_instantiation_naming_it():
     assert OmegaConf.is_missing(cfg.callbacks.stop, "monitor")
     with pytest.raises(Exception, match="monitor"):
         instantiate(cfg.callbacks.stop)
+
+
+def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
+    """A user's Hydra app that imports lightning_quant.configs must not see our schemas among its own
+    model/data/trainer options (its --help would list them); ours live under lightning_quant/app."""
+    import lightning_quant.configs  # noqa: F401  (registers everything)
+    from hydra.core.config_store import ConfigStore
+
+    repo = ConfigStore.instance().repo
+    leaked = [f"{group}/{name}" for group in ("model", "data", "trainer") for name in repo.get(group, {})]
+    assert leaked == [] and "train_schema.yaml" not in repo
+    assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "transformer.yaml"}

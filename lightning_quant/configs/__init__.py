@@ -4,7 +4,7 @@ A YAML file extends one of these schemas through its defaults list, so a misspel
 the wrong type fails at composition, with Hydra's message naming the key. Importing this package
 registers them all:
 
-- the app's (``train_schema``, ``data/digits_schema``, ``model/<name>_schema``, ``trainer/trainer_schema``);
+- the app's, under ``lightning_quant/app/`` (``train``, ``data/digits``, ``model/<name>``, ``trainer/default``);
 - ``lightning_quant/callbacks/<snake_case_class_name>``: one per callback, read from its ``__init__``
   (see :mod:`lightning_quant.configs.callbacks`);
 - ``lightning_quant/sweep/comparison``: the Hydra callback that compares the jobs of a multirun.

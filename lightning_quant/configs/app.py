@@ -159,12 +159,21 @@ class TrainConfig:
 
 
 def register_app_configs() -> None:
-    """Store the app's schemas in Hydra's ConfigStore (safe to call more than once)."""
+    """Store the app's schemas in Hydra's ConfigStore (safe to call more than once).
+
+    They live under ``lightning_quant/app/`` rather than in the ``model``/``data``/``trainer`` groups
+    themselves: a user's own Hydra app that imports :mod:`lightning_quant.configs` would otherwise list
+    our schemas among its own options (``model=convnet_schema`` in its ``--help``). A YAML option extends
+    one with ``- /lightning_quant/app/model/convnet@_here_`` in its defaults list.
+    """
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(group="data", name="digits_schema", node=DigitsDataConfig)
-    cs.store(group="model", name="convnet_schema", node=ConvNetClassifierConfig)
-    cs.store(group="model", name="mlp_schema", node=MLPClassifierConfig)
-    cs.store(group="model", name="lstm_schema", node=LSTMClassifierConfig)
-    cs.store(group="model", name="transformer_schema", node=TransformerClassifierConfig)
-    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    for group, name, node in (
+        ("lightning_quant/app", "train", TrainConfig),
+        ("lightning_quant/app/data", "digits", DigitsDataConfig),
+        ("lightning_quant/app/model", "convnet", ConvNetClassifierConfig),
+        ("lightning_quant/app/model", "mlp", MLPClassifierConfig),
+        ("lightning_quant/app/model", "lstm", LSTMClassifierConfig),
+        ("lightning_quant/app/model", "transformer", TransformerClassifierConfig),
+        ("lightning_quant/app/trainer", "default", TrainerConfig),
+    ):
+        cs.store(group=group, name=name, node=node, provider="lightning-quant")
