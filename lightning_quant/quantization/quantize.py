@@ -14,7 +14,6 @@ from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.inputs import ModelInputs
-from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
 
@@ -160,7 +159,6 @@ def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module
     ao.quantize_(quantized, ao.Int8DynamicActivationInt8WeightConfig(), filter_fn=_dynamic_linear_filter(keep))
     if config.recurrent:
         legacy_quantize_dynamic(quantized, RECURRENT_TYPES, keep)
-    route_quantized_encoder_layers(quantized)  # nn.TransformerEncoder: keep inference working, see there
     return quantized
 
 
