@@ -49,6 +49,7 @@ def build_manifest(
     quantized_ops: dict[str, int],
     float_checkpoint: Optional[str] = None,
     keep_float: Sequence[str] = (),
+    accuracy_budget: Optional[dict[str, Any]] = None,
     details: Optional[dict[str, Any]] = None,
     seconds: Optional[float] = None,
     dirpath: Optional[Path] = None,
@@ -58,6 +59,13 @@ def build_manifest(
 
     ``failures`` maps each format that could not be exported or verified to its error; ``status`` is then
     ``"partial"`` (the listed ``artifacts`` are complete and verified), else ``"ok"``.
+
+    ``accuracy_budget`` (``None`` without ``max_metric_drop``): the budget (``metric``, ``max_drop``,
+    ``relative``, ...), the metric for ``float``, fully int8 (``before``) and the exported model (``after``),
+    ``drop``, ``within_budget``, ``evaluations`` (validation passes, float included), ``float_layers``
+    (``{"name", "reason"}``), ``stopped`` (why the search ended), ``steps`` and ``sensitivity`` (the table's
+    file, or ``None`` when the fully int8 model was within budget). ``keep_float`` lists the user's names and
+    the budget's float layers.
     """
     float_ms = latency_ms["float"]
     entries = []
@@ -104,6 +112,7 @@ def build_manifest(
         },
         "quantized_ops": quantized_ops,
         "keep_float": list(keep_float),
+        "accuracy_budget": accuracy_budget,
         "float_checkpoint": checkpoint,
         **(details or {}),
         "seconds": round(seconds, 2) if seconds is not None else None,
@@ -173,4 +182,13 @@ def format_table(manifest: dict[str, Any]) -> str:
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    budget = manifest.get("accuracy_budget")
+    if budget is not None:
+        verdict = "within budget" if budget["within_budget"] else "OVER BUDGET"
+        relative = " (relative)" if budget["relative"] else ""
+        lines.append(
+            f"budget {budget['metric']}: drop {budget['drop']:.4g} vs max {budget['max_drop']:.4g}{relative}: {verdict}; "
+            f"fully int8 {budget['before']:.4g}, exported {budget['after']:.4g}; "
+            f"float layers {[layer['name'] for layer in budget['float_layers']]}; {budget['evaluations']} validation passes"
+        )
     return "\n".join(lines)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from dataclasses import replace
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import FORMATS, OrtDynamicQuantization
 from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
+from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
 
 # torch.export cannot capture the legacy int8 LSTM/GRU (their packed weights are TorchScript objects)
 _NEEDS_TORCH_EXPORT = ("aoti", "torch_export")
@@ -31,7 +34,8 @@ class DynamicQuantization(QuantizationCallback):
     ``"onnx"`` (ONNX Runtime ``quantize_dynamic``) and ``"torchscript"`` (legacy); ``recurrent=False``
     leaves them in float and allows every format. ``"torchscript"`` holds a legacy ``quantize_dynamic``
     model (TorchScript cannot trace torchao's int8 tensors). Shared arguments: see
-    :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
+    :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback` (``max_metric_drop``:
+    an accuracy budget that returns the most sensitive layers to float).
 
     Args:
         recurrent: also quantize ``nn.LSTM`` and ``nn.GRU`` (legacy kernel, see above).
@@ -57,8 +61,9 @@ class DynamicQuantization(QuantizationCallback):
         keep_float: Sequence[str] = (),
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
+        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch)
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop)
         self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float))
         self._formats_given = formats is not None
         self._recurrent_layers: list[str] = []
@@ -85,7 +90,16 @@ class DynamicQuantization(QuantizationCallback):
         )
 
     def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
-        return quantize(self.cpu_copy(pl_module), self.config, self.example_inputs)
+        config = replace(self.config, keep_float=tuple(self.keep_float))
+        return quantize(self.cpu_copy(pl_module), config, self.example_inputs)
+
+    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
+        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
+        return [
+            name for name in quantizable_layers(pl_module, types, self.keep_float)
+            # attention's output projection: never int8 (see quantize._dynamic_linear_filter)
+            if not isinstance(pl_module.get_submodule(name), NonDynamicallyQuantizableLinear)
+        ]
 
     def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> OrtDynamicQuantization:
         return OrtDynamicQuantization(keep_float=tuple(self.keep_float))

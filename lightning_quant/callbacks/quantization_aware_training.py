@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -11,7 +11,9 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.quantization import OBSERVERS, QuantizationError, single_input_channel_convs
+from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
+from lightning_quant.quantization.sensitivity import MetricBudget
 
 STAGES = ("train", "validate", "test", "predict")
 
@@ -33,6 +35,8 @@ class QuantizationAwareTraining(QuantizationCallback):
     the int8 model computes. See
     :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback` for the shared arguments
     (``dirpath``, ``formats``, ``example_input``, ``keep_float``, ``batch_to_input``, ``dynamic_batch``).
+    With ``max_metric_drop`` (an accuracy budget), layers the search returns to float after training are
+    converted from the trained graph with their fake-quant bypassed (no retraining).
 
     Args:
         start_epoch: the epoch at which fake-quant starts; the epochs before train in float (warm-up).
@@ -81,8 +85,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         keep_float: Sequence[str] = (),
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
+        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch)
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop)
         if not _is_epoch(start_epoch):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -204,7 +209,14 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     # ------------------------------------------------------------------ QuantizationCallback
     def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
-        return self.qat.convert()
+        # keep_float at prepare time has no fake-quant at all; names added since (the accuracy budget's) are
+        # bypassed in a copy of the trained graph
+        added = [name for name in self.keep_float if name not in self.config.keep_float]
+        return convert_keeping_float(self.qat, added)
+
+    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
+        automatic = set(single_input_channel_convs(pl_module))
+        return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
     def manifest_details(self) -> dict[str, Any]:
         return {

@@ -26,6 +26,8 @@ Optional hooks:
   model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
   Those files, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
 * ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
+* ``quantizable_layers(pl_module)``: the module names the accuracy budget's search may return to float
+  (default: Conv and Linear modules outside ``keep_float``).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
 Helpers available to subclasses: ``self.example_inputs`` (:class:`ModelInputs`, set before ``convert``),
@@ -45,12 +47,12 @@ import os
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.core.module import _jit_is_scripting
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
@@ -63,6 +65,7 @@ from lightning_quant.manifest import (
 )
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
+from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
 
 _DATALOADERS = ("train", "val")
 
@@ -79,6 +82,15 @@ class QuantizationCallback(Callback, ABC):
     4. evaluate float and int8 with the module's own validation metrics,
     5. write ``manifest.json``, log the numbers to the Trainer's logger and print one small table.
 
+    With ``max_metric_drop``, step 2 checks the int8 model against the budget first (one validation pass
+    for float, one for int8) and, while it is over, returns the most sensitive layers to float one at a time
+    (ranked by output error with each layer quantized alone, no validation pass needed; the table and chart
+    are written as ``sensitivity.csv/.md/.png``) until the drop is within budget or a cap is hit. The
+    manifest's ``accuracy_budget`` records the budget, the metric for float, fully int8 (``before``) and
+    the exported model (``after``), which layers stayed float and why, and the validation passes made. If
+    the budget cannot be met, the best model found is exported anyway, ``within_budget: false``, with a
+    warning.
+
     Args:
         dirpath: where artifacts and ``manifest.json`` go. Default: ``<trainer.default_root_dir>/quantized``.
         formats: a list from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"`` (those the
@@ -91,6 +103,10 @@ class QuantizationCallback(Callback, ABC):
             Default: ``batch[0]`` of a tuple/list batch, else the batch.
         dynamic_batch: export with a dynamic batch dimension (any batch size). ``False`` pins the batch
             size of ``example_input``.
+        max_metric_drop: an accuracy budget: a :class:`~lightning_quant.quantization.MetricBudget` or a
+            mapping with its fields, e.g. ``{"metric": "val/acc", "max_drop": 0.01}`` (``relative``,
+            ``higher_is_better``, ``max_evaluations``, ``max_float_fraction`` optional). The metric must be
+            one the module logs in ``validation_step``. ``None`` (default): no check.
 
     Example (a subclass)::
 
@@ -113,6 +129,7 @@ class QuantizationCallback(Callback, ABC):
         keep_float: Sequence[str] = (),
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
+        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
     ) -> None:
         if isinstance(formats, str):
             raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
@@ -136,6 +153,10 @@ class QuantizationCallback(Callback, ABC):
         self.keep_float = list(keep_float)
         self.batch_to_input = batch_to_input or default_batch_to_input
         self.dynamic_batch = dynamic_batch
+        self.budget = MetricBudget.from_value(max_metric_drop)
+        self._budget_metric_checked = False
+        # the layers the budget's search returned to float at the last fit end (also in self.keep_float meanwhile)
+        self.budget_float_layers: list[str] = []
         self.example_inputs: Optional[ModelInputs] = None
         self.quantized_model: Optional[nn.Module] = None
         self.manifest: Optional[dict[str, Any]] = None
@@ -157,12 +178,17 @@ class QuantizationCallback(Callback, ABC):
         """Approach-specific entries for ``manifest.json``."""
         return {}
 
+    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
+        """Modules the accuracy budget may return to float (names as in ``pl_module.named_modules()``)."""
+        return quantizable_layers(pl_module, (nn.modules.conv._ConvNd, nn.Linear), self.keep_float)
+
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         if self.dirpath is None:
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
+        self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
@@ -174,6 +200,23 @@ class QuantizationCallback(Callback, ABC):
             options = ", ".join(n for n in names if n) or "(none)"
             raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
                              f"Its modules are: {options}")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.budget is not None and not self._dataloaders(trainer, "val"):
+            raise ValueError(
+                f"{type(self).__name__}(max_metric_drop=...) measures {self.budget.metric!r} on the validation "
+                "dataloader, and this fit has none: pass val_dataloaders to trainer.fit (or a datamodule with "
+                "val_dataloader), or drop max_metric_drop."
+            )
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the first validation (the sanity check, else the first epoch's) shows whether the metric is logged
+        if self.budget is None or self._budget_metric_checked or not trainer.is_global_zero:
+            return
+        logged = sorted(trainer.callback_metrics)
+        self._budget_metric_checked = True
+        if self.budget.metric not in logged:
+            raise ValueError(_unknown_metric(type(self).__name__, self.budget.metric, logged))
 
     def _check_example_runs(self, pl_module: LightningModule) -> None:
         """Run forward once on the example input (eval, no grad) so a wrong shape or dtype fails before training.
@@ -313,11 +356,21 @@ class QuantizationCallback(Callback, ABC):
         was_training = pl_module.training
         pl_module.eval()
         failures: dict[str, str] = {}
+        user_keep_float = list(self.keep_float)
+        self.budget_float_layers = []
+        budget_report: Optional[dict[str, Any]] = None
+        float_metrics: Optional[dict[str, float]] = None
         try:
             inputs = self._resolve_example_inputs(pl_module)
             float_model = self.cpu_copy(pl_module)
             with torch.no_grad(), _jit_is_scripting():
-                reference = self.convert(trainer, pl_module)
+                if self.budget is None:
+                    reference = self.convert(trainer, pl_module)
+                else:
+                    reference, budget_report, float_metrics = self._convert_within_budget(
+                        trainer, pl_module, float_model, dirpath
+                    )
+                keep_float = list(self.keep_float)  # the user's and the budget's
                 quantized_ops = count_quantized_ops(reference)
                 if sum(quantized_ops.values()) == 0 and self.approach != "float":  # "float": OptimizeForInference
                     raise QuantizationError(
@@ -342,7 +395,7 @@ class QuantizationCallback(Callback, ABC):
                     **compare_latency_ms({"float": float_model, "quantized": self.quantized_model}, timing_inputs),
                     **{name: result["latency_ms"] for name, result in verification.items()},
                 }
-            metrics = self._evaluate(trainer, pl_module, float_model)
+            metrics = self._evaluate(trainer, pl_module, float_model, float_metrics)
         except Exception as err:
             message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {err}\n"
                        f"The trained float model is safe: {float_checkpoint}")
@@ -353,6 +406,7 @@ class QuantizationCallback(Callback, ABC):
             raise QuantizationError(message) from err
         finally:
             pl_module.train(was_training)
+            self.keep_float = user_keep_float
 
         self.manifest = build_manifest(
             approach=self.approach,
@@ -368,7 +422,8 @@ class QuantizationCallback(Callback, ABC):
             size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
             quantized_ops=quantized_ops,
             float_checkpoint=float_checkpoint,
-            keep_float=self.keep_float,
+            keep_float=keep_float,
+            accuracy_budget=budget_report,
             details=self.manifest_details(),
             seconds=time.perf_counter() - started,
             dirpath=dirpath,
@@ -376,6 +431,8 @@ class QuantizationCallback(Callback, ABC):
         )
         write_manifest(self.manifest, dirpath)
         self._log(trainer)
+        if budget_report is not None and not budget_report["within_budget"]:
+            rank_zero_warn(_over_budget_message(type(self).__name__, budget_report, dirpath / FILENAME))
         if failures:
             raise QuantizationError(
                 f"{type(self).__name__} could not produce {len(failures)} of {len(self.formats)} format(s) for "
@@ -425,13 +482,58 @@ class QuantizationCallback(Callback, ABC):
         aoti = [a for a in artifacts if a.format == "aoti"]
         return load_artifact(dirpath / aoti[0].path, "aoti") if aoti else None
 
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module) -> dict[str, Any]:
+    def _convert_within_budget(
+        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, dirpath: Path
+    ) -> tuple[nn.Module, dict[str, Any], dict[str, float]]:
+        """Convert, and while the budget's metric dropped too far, convert again with more layers in float.
+        Leaves ``self.keep_float`` = the user's names + the layers the search returned to float."""
+        budget, user_keep_float = self.budget, list(self.keep_float)
+        loaders = self._dataloaders(trainer, "val")
+        limits = list(trainer.num_val_batches) if loaders else []
+        if not loaders or not any(limits):
+            raise ValueError(f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
+                             "has no validation dataloader (or limit_val_batches=0)")
+        float_metrics: dict[str, float] = {}
+
+        def evaluate(model: nn.Module) -> float:
+            if model is float_model:
+                results = evaluate_validation(pl_module, float_model, loaders, limits)
+                float_metrics.update(results)
+            else:
+                reference = _InferenceModel(pl_module.forward, model, None, approach=self.approach)
+                results = evaluate_validation(pl_module, reference, loaders, limits)
+            if budget.metric not in results:
+                raise ValueError(_unknown_metric(type(self).__name__, budget.metric, sorted(results)))
+            return results[budget.metric]
+
+        def quantize_with(names: Sequence[str]) -> nn.Module:
+            self.keep_float = [*user_keep_float, *names]
+            return self.convert(trainer, pl_module)
+
+        result = fallback_search(
+            float_model, quantize_with, evaluate, budget, self.quantizable_layers(pl_module),
+            inputs=list(self.model_inputs(trainer, "val", limit=4)),
+        )
+        self.budget_float_layers = [layer["name"] for layer in result.float_layers]
+        self.keep_float = [*user_keep_float, *self.budget_float_layers]
+        report = result.report(budget)
+        report["sensitivity"] = None
+        if result.sensitivity:
+            save_sensitivity(result.sensitivity, dirpath, title=f"{type(pl_module).__name__}, {self.approach} int8: "
+                             "relative output error with one layer quantized (most sensitive on top)")
+            report["sensitivity"] = "sensitivity.csv"
+        return result.model, report, float_metrics
+
+    def _evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module,
+        float_metrics: Optional[dict[str, float]] = None,
+    ) -> dict[str, Any]:
         loaders = self._dataloaders(trainer, "val")
         limits = list(trainer.num_val_batches) if loaders else []
         if not loaders or not any(limits):
             return {"float": {}, "quantized": {}, "note": "no validation dataloader: nothing to evaluate"}
         return {
-            "float": evaluate_validation(pl_module, float_model, loaders, limits),
+            "float": float_metrics or evaluate_validation(pl_module, float_model, loaders, limits),
             "quantized": evaluate_validation(pl_module, self.quantized_model, loaders, limits),
             "dataloader": "val",
             "batches": sum(_evaluated_batches(loader, limit) for loader, limit in zip(loaders, limits)),
@@ -445,6 +547,15 @@ class QuantizationCallback(Callback, ABC):
                 flat[f"quantization/{kind}/{name}"] = value
             flat[f"quantization/{kind}/latency_ms"] = manifest["latency_ms"][kind]
             flat[f"quantization/{kind}/size_bytes"] = manifest["size_bytes"][kind]
+        budget = manifest.get("accuracy_budget")
+        if budget is not None:
+            flat.update({
+                "quantization/budget/before": budget["before"],
+                "quantization/budget/after": budget["after"],
+                "quantization/budget/within_budget": float(budget["within_budget"]),
+                "quantization/budget/evaluations": budget["evaluations"],
+                "quantization/budget/float_layers": len(budget["float_layers"]),
+            })
         for artifact in manifest["artifacts"]:
             flat[f"quantization/{artifact['format']}/bytes"] = artifact["bytes"]
             if artifact.get("latency_ms") is not None:
@@ -453,6 +564,23 @@ class QuantizationCallback(Callback, ABC):
             logger.log_metrics(flat, step=trainer.global_step)
             logger.save()
         rank_zero_info(format_table(manifest))
+
+
+def _unknown_metric(owner: str, metric: str, logged: Sequence[str]) -> str:
+    return (f"{owner}(max_metric_drop=...) watches {metric!r}, which the LightningModule does not log in "
+            f"validation_step. It logs: {list(logged) or '(nothing)'}. Use one of those names, or log {metric!r} "
+            "with self.log in validation_step.")
+
+
+def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path) -> str:
+    unit = f"{report['max_drop']:.4g}" + (" (relative)" if report["relative"] else "")
+    layers = [layer["name"] for layer in report["float_layers"]]
+    return (f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
+            f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
+            f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
+            f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
+            f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
+            "keep_float the layers you know are fragile, or try QuantizationAwareTraining.")
 
 
 def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
