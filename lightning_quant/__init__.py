@@ -19,6 +19,7 @@ _EXPORTS = {
     "AutoMixedPrecision": "lightning_quant.callbacks.auto_mixed_precision",
     "ChannelsLast": "lightning_quant.callbacks.channels_last",
     "OptimizeForInference": "lightning_quant.callbacks.optimize_for_inference",
+    "MetricBudget": "lightning_quant.quantization.sensitivity",
     "load": "lightning_quant.loading",
 }
 
