@@ -56,8 +56,12 @@ def test_tiny_calibration_dataloader_calibrates_on_what_there_is(tmp_path):
             return DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=8)
 
     callback = PostTrainingQuantization(num_calibration_batches=32, formats=["torch_export"])
-    fit([callback], DigitsClassifier(MLPNet()), tmp_path, datamodule=OneBatchTrain(batch_size=8))
-    assert callback.manifest["calibration"]["batches"] == 1  # recorded, so a reader sees how little it saw
+    with pytest.warns(UserWarning, match=r"Calibrated on 1 batch\(es\) \(8 samples\) of the train dataloader, fewer "
+                                         r"than num_calibration_batches=32.*lower num_calibration_batches"):
+        fit([callback], DigitsClassifier(MLPNet()), tmp_path, datamodule=OneBatchTrain(batch_size=8))
+    calibration = callback.manifest["calibration"]  # recorded, so a reader sees how little it saw
+    assert (calibration["batches"], calibration["batches_requested"]) == (1, 32)
+    assert any(note.startswith("Calibrated on 1 batch") for note in callback.manifest["notes"])
     assert callback.manifest["status"] == "ok"
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
@@ -105,9 +106,20 @@ class PostTrainingQuantization(QuantizationCallback):
             self._calibration = list(
                 self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches)
             )
+            if len(self._calibration) < self.num_calibration_batches:
+                rank_zero_warn(self._short_calibration_note())
         self._kept_float_automatically = single_input_channel_convs(pl_module)
         config = replace(self.config, keep_float=tuple(self.keep_float))
         return quantize(self.cpu_copy(pl_module), config, self.example_inputs, self._calibration)
+
+    def _short_calibration_note(self) -> str:
+        samples = sum(inputs.batch_size() or 0 for inputs in self._calibration)
+        return (
+            f"Calibrated on {len(self._calibration)} batch(es) ({samples} samples) of the {self.calibration_dataloader} "
+            f"dataloader, fewer than num_calibration_batches={self.num_calibration_batches}: activation ranges seen "
+            "on so little data may clip real inputs. Give the dataloader more data (or "
+            "calibration_dataloader='train'/'val', whichever is larger), or lower num_calibration_batches."
+        )
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
         automatic = set(single_input_channel_convs(pl_module))
@@ -137,6 +149,8 @@ class PostTrainingQuantization(QuantizationCallback):
             onnx_note = ("'onnx' is the converted PT2E graph exported as is (slower in ONNX Runtime than its own "
                          "quantize_static): the accuracy budget returned layers to float, and ONNX Runtime's QDQ "
                          "would still quantize their inputs when an elementwise op produces them.")
+        if len(self._calibration) < self.num_calibration_batches:
+            notes.append(self._short_calibration_note())
         if self._kept_float_automatically:
             notes.append(
                 f"Kept float automatically: {self._kept_float_automatically} (convolutions with one input channel: "
@@ -146,6 +160,7 @@ class PostTrainingQuantization(QuantizationCallback):
             "calibration": {
                 "dataloader": self.calibration_dataloader,
                 "batches": len(self._calibration),
+                "batches_requested": self.num_calibration_batches,
                 "observer": self.config.observer,
                 "per_channel_weights": self.config.per_channel,
             },
