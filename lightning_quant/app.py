@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_quant.manifest import manifest_numbers
 from lightning_quant.quantization import QuantizationError
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> float | None:
             log.error("Quantization failed after training (the float checkpoint is kept):\n%s", err)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
     for callback in trainer.callbacks:
-        metrics.update(manifest_metrics(getattr(callback, "manifest", None)))
+        metrics.update(manifest_numbers(getattr(callback, "manifest", None)))
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt_path = best if best else (None if cfg.train else cfg.ckpt_path)
@@ -64,21 +65,6 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.optimized_metric is None:
         return None
     return objective(metrics, cfg.optimized_metric, cfg.latency_budget_ms)
-
-
-def manifest_metrics(manifest: dict[str, Any] | None) -> dict[str, float]:
-    """The numbers of a quantization callback's manifest, named as it logs them: ``quantization/float/val/acc``,
-    ``quantization/quantized/val/acc``, ``quantization/{float,quantized}/{latency_ms,size_bytes}``."""
-    if not manifest:
-        return {}
-    flat = {}
-    for kind in ("float", "quantized"):
-        for name, value in manifest.get("metrics", {}).get(kind, {}).items():
-            flat[f"quantization/{kind}/{name}"] = float(value)
-        for measure in ("latency_ms", "size_bytes"):
-            if manifest.get(measure, {}).get(kind) is not None:
-                flat[f"quantization/{kind}/{measure}"] = float(manifest[measure][kind])
-    return flat
 
 
 def objective(metrics: dict[str, float], optimized_metric: str, latency_budget_ms: float | None = None) -> float:

@@ -192,3 +192,39 @@ def format_table(manifest: dict[str, Any]) -> str:
             f"float layers {[layer['name'] for layer in budget['float_layers']]}; {budget['evaluations']} validation passes"
         )
     return "\n".join(lines)
+
+
+def manifest_numbers(manifest: Optional[dict[str, Any]]) -> dict[str, float]:
+    """The numbers of a manifest as flat, logger-ready names (what the callbacks log and ``train.py`` writes
+    into ``metrics.json``): ``quantization/{float,quantized}/<metric>``, ``.../latency_ms``, ``.../size_bytes``,
+    ``quantization/<format>/{bytes,latency_ms}`` and ``quantization/budget/...``. A failed manifest has fewer.
+
+    Example::
+
+        >>> manifest_numbers({"metrics": {"float": {"val/acc": 0.9}}, "latency_ms": {"float": 2.0}})
+        {'quantization/float/val/acc': 0.9, 'quantization/float/latency_ms': 2.0}
+    """
+    if not manifest:
+        return {}
+    flat: dict[str, float] = {}
+    for kind in ("float", "quantized"):
+        for name, value in (manifest.get("metrics") or {}).get(kind, {}).items():
+            flat[f"quantization/{kind}/{name}"] = float(value)
+        for measure in ("latency_ms", "size_bytes"):
+            value = (manifest.get(measure) or {}).get(kind)
+            if value is not None:
+                flat[f"quantization/{kind}/{measure}"] = float(value)
+    budget = manifest.get("accuracy_budget")
+    if budget:
+        flat.update({
+            "quantization/budget/before": float(budget["before"]),
+            "quantization/budget/after": float(budget["after"]),
+            "quantization/budget/within_budget": float(budget["within_budget"]),
+            "quantization/budget/evaluations": float(budget["evaluations"]),
+            "quantization/budget/float_layers": float(len(budget["float_layers"])),
+        })
+    for artifact in manifest.get("artifacts") or []:
+        flat[f"quantization/{artifact['format']}/bytes"] = float(artifact["bytes"])
+        if artifact.get("latency_ms") is not None:
+            flat[f"quantization/{artifact['format']}/latency_ms"] = float(artifact["latency_ms"])
+    return flat

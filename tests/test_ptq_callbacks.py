@@ -70,8 +70,8 @@ def test_ptq_writes_verified_artifacts_and_a_complete_manifest(ptq_run):
     assert manifest["backend"] == "x86_inductor"
     assert manifest["versions"]["torch"].startswith("2.") and manifest["versions"]["torchao"]
     assert manifest["input"]["shape"] == [4, 1, 8, 8] and manifest["input"]["dtype"] == "float32"
-    assert manifest["calibration"] == {"dataloader": "train", "batches": 6, "observer": "minmax",
-                                       "per_channel_weights": True}
+    assert manifest["calibration"] == {"dataloader": "train", "batches": 6, "batches_requested": 6,
+                                       "observer": "minmax", "per_channel_weights": True}
     assert [a["format"] for a in manifest["artifacts"]] == ["aoti", "onnx", "torch_export"]
     for artifact in manifest["artifacts"]:
         data = (dirpath / artifact["path"]).read_bytes()

@@ -61,7 +61,8 @@ from lightning_quant.export import (
     FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
 )
 from lightning_quant.manifest import (
-    FILENAME, FORMAT_VERSION, build_manifest, check_format_version, failed_manifest, format_table, write_manifest,
+    FILENAME, FORMAT_VERSION, build_manifest, check_format_version, failed_manifest, format_table, manifest_numbers,
+    write_manifest,
 )
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
@@ -540,30 +541,11 @@ class QuantizationCallback(Callback, ABC):
         }
 
     def _log(self, trainer: Trainer) -> None:
-        manifest = self.manifest
-        flat: dict[str, float] = {}
-        for kind in ("float", "quantized"):
-            for name, value in manifest["metrics"].get(kind, {}).items():
-                flat[f"quantization/{kind}/{name}"] = value
-            flat[f"quantization/{kind}/latency_ms"] = manifest["latency_ms"][kind]
-            flat[f"quantization/{kind}/size_bytes"] = manifest["size_bytes"][kind]
-        budget = manifest.get("accuracy_budget")
-        if budget is not None:
-            flat.update({
-                "quantization/budget/before": budget["before"],
-                "quantization/budget/after": budget["after"],
-                "quantization/budget/within_budget": float(budget["within_budget"]),
-                "quantization/budget/evaluations": budget["evaluations"],
-                "quantization/budget/float_layers": len(budget["float_layers"]),
-            })
-        for artifact in manifest["artifacts"]:
-            flat[f"quantization/{artifact['format']}/bytes"] = artifact["bytes"]
-            if artifact.get("latency_ms") is not None:
-                flat[f"quantization/{artifact['format']}/latency_ms"] = artifact["latency_ms"]
+        flat = manifest_numbers(self.manifest)
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=trainer.global_step)
             logger.save()
-        rank_zero_info(format_table(manifest))
+        rank_zero_info(format_table(self.manifest))
 
 
 def _unknown_metric(owner: str, metric: str, logged: Sequence[str]) -> str:
