@@ -247,12 +247,18 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
         "",
         f"- Training step (batch 64, forward + backward + AdamW), median; min of {args.rounds} interleaved rounds: "
         + ", ".join(f"{k} {_pair(v)} ms" for k, v in step_ms.items()) + f"; ratio {ratio:.2f}x; {ratio_min:.2f}x. "
-        "Where the fake-quant step's extra time goes (torch.profiler, self CPU time per step, a quiet moment): "
-        "the activation fake-quant kernel (`_fake_quantize_per_tensor_affine_cachemask_tensor_qparams`, 8 calls, "
-        "~1.4 ms), the conv-BN simulation of prepare_qat_pt2e's pattern (`w * gamma/std`, `conv / (gamma/std)` "
-        "and their backward: div/mul/neg, ~1.5 ms), weight fake-quant and observer updates (~0.5 ms). On this "
-        "small net (8x8 images) elementwise work is a large share of the step; the graph runs without "
-        "functional_call while it shares the module's tensors.",
+        "Where the fake-quant step's extra time goes (torch.profiler, self CPU time per step, measured once on "
+        "this machine, load ~5): activation fake-quant kernels (`_fake_quantize_per_tensor_affine_cachemask_tensor_qparams`, "
+        "8 calls, ~1.05 ms, plus ~0.3 ms of aminmax/qparams in the fused observer), the conv-BN simulation of "
+        "prepare_qat_pt2e's pattern (`w * gamma/std`, `conv / (gamma/std)` and their backward: div/mul/neg, "
+        "~1.3 ms, including the first conv, which stays float but still runs the pattern), per-channel weight "
+        "observer+fake-quant (~0.6 ms: ATen's fused per-channel path computes qparams channel by channel). "
+        "Activations and weights already use torchao's fused observer+fake-quant "
+        "(`FusedMovingAvgObsFakeQuantize`, X86InductorQuantizer's QAT default); the unfused FakeQuantize + "
+        "observer measured slower (weights 255 vs 146 us forward+backward). The training graph no longer runs "
+        "the repeated fake-quant calls after max-pool and flatten (3 of the 8 activation calls; identities in "
+        "the int8 model; ~0.8 ms less per step, from the minima of two runs). What is left is arithmetic the QAT recipe needs in eager mode; "
+        "torch.compile of the training graph would fuse it but costs more compile time than a digits fit saves.",
         "- Fit seconds (epochs + fit-end conversion, export, verification): "
         + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["fit_s"].items()) for r in rows),
         "- QAT ONNX, shipped (PT2E graph as is) / requantized (ONNX Runtime QDQ): relative error to the int8 "

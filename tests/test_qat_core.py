@@ -221,6 +221,30 @@ def _fake_quant_buffers(qat, copy: bool = True) -> dict[str, torch.Tensor]:
     }
 
 
+def test_training_skips_the_fake_quant_calls_that_cannot_change_a_value():
+    """A max-pool or flatten output shares its input's fake-quant: training drops that repeated call (the
+    identity once ranges stop moving), evaluation and convert keep prepare's graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4),
+    )
+    x = torch.randn(16, 3, 6, 6)
+    qat = prepare_qat(model, x[:4])
+    qat.attach()
+    calls = lambda graph: sum(n.op == "call_module" and isinstance(graph.get_submodule(n.target), FakeQuantizeBase) for n in graph.graph.nodes)
+    assert calls(qat.graph) == calls(qat.eval_graph) - 2  # after the max-pool and after flatten
+    model.train()
+    model(x)  # ranges
+    qat.observers_enabled = False
+    qat.freeze_batchnorm()  # training and evaluation now compute the same function
+    with torch.no_grad():
+        trained_graph = model(x)
+        model.eval()
+        torch.testing.assert_close(trained_graph, model(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(qat.convert()(x), model(x), rtol=0.05, atol=0.05)
+
+
 def test_what_cannot_work_is_an_error_that_says_why():
     with pytest.raises(ValueError, match="choose one of"):
         QATConfig(observer="percentile")

@@ -236,6 +236,10 @@ class QATGraph:
             name for name, child in graph.named_children() if isinstance(child, FakeQuantizeBase)
         )
         self._bindings = _bind(graph, model)
+        # the graph as prepared, for evaluation and convert (q/dq where prepare put them); training runs a
+        # lighter copy without the fake-quant calls that cannot change a value
+        self._prepared = copy.deepcopy(graph.graph)
+        _drop_repeated_fake_quant(graph)
         self._graph_slots = [(graph.get_submodule(fqn.rpartition(".")[0]), name) for fqn, _, name, _ in self._bindings]
         self._eval_graph: GraphModule | None = None
         self._batchnorm_frozen = False
@@ -279,7 +283,7 @@ class QATGraph:
         """The graph in eval mode. It shares the fake-quant modules with :attr:`graph`; switching an
         exported graph traces patterns (about a second), so it is done once, not at every ``model.eval()``."""
         if self._eval_graph is None:
-            eval_graph = GraphModule(self.graph, copy.deepcopy(self.graph.graph))
+            eval_graph = GraphModule(self.graph, copy.deepcopy(self._prepared))
             eval_graph.meta.update(self.graph.meta)  # what convert_pt2e reads from prepare
             _switch_mode(eval_graph, training=False)
             self._eval_graph = eval_graph
@@ -498,6 +502,50 @@ def _switch_mode(graph: GraphModule, training: bool) -> None:
         for i in kept:
             args[i] = old[i]
         node.args = tuple(args)
+    graph.recompile()
+
+
+# ops whose outputs are values of their input: applied to values on a quantization grid, they stay on it
+_VALUE_SELECTING = (
+    torch.ops.aten.max_pool1d.default,
+    torch.ops.aten.max_pool2d.default,
+    torch.ops.aten.max_pool3d.default,
+    torch.ops.aten.flatten.using_ints,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten.permute.default,
+    torch.ops.aten.transpose.int,
+    torch.ops.aten.squeeze.dim,
+    torch.ops.aten.unsqueeze.default,
+)
+
+
+def _drop_repeated_fake_quant(graph: GraphModule) -> None:
+    """Remove the fake-quant calls that repeat a shared one after a value-selecting op (max-pool, flatten...).
+
+    X86InductorQuantizer gives such an op's output the quantization of its input (``SharedQuantizationSpec``),
+    and prepare calls that same fake-quant module again on it: in the int8 model the op runs on int8 values
+    and its output keeps the input's scale, so the second call is the identity there. In training it cost a
+    fake-quant kernel and its backward per call (3 of 8 activation calls of the digits ConvNet), and its
+    observer update pulled a moving-average range toward the narrower range of the pooled values. Without
+    it, training computes what the int8 model does and ranges are the producing op's. Training graph only:
+    evaluation and convert keep prepare's graph (the same values once observers are off).
+    """
+    called: dict[int, set[Node]] = {}  # fake-quant module -> its call nodes
+    for node in list(graph.graph.nodes):
+        if node.op != "call_module" or not isinstance(graph.get_submodule(node.target), FakeQuantizeBase):
+            continue
+        module = id(graph.get_submodule(node.target))
+        source = node.args[0]
+        if (
+            _is_call(source, *_VALUE_SELECTING)
+            and source.args[0] in called.get(module, ())
+        ):
+            node.replace_all_uses_with(source)
+            graph.graph.erase_node(node)
+        else:
+            called.setdefault(module, set()).add(node)
+    graph.graph.lint()
     graph.recompile()
 
 
