@@ -88,11 +88,6 @@ def test_disk_full_at_fit_end_names_the_fix_keeps_the_checkpoint_and_leaves_no_p
     assert torch.load(checkpoint, weights_only=True)["state_dict"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "torch.export.save writing to a path aborts the whole process (std::terminate from PyTorchStreamWriter's "
-    "destructor, exit -6) when the disk fills mid-write, leaving a .tmp file and no error to record. Fix in "
-    "lightning_quant/export/torch_export.py: torch.export.save into an io.BytesIO, then "
-    "files.atomic_write_bytes(path, buffer.getvalue())"))
 def test_disk_full_in_one_format_is_an_error_for_that_format_and_the_others_are_written(tmp_path):
     done = run(EXPORT, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

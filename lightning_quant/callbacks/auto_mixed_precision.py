@@ -64,7 +64,7 @@ class AutoMixedPrecision(Callback):
     """
 
     def __init__(self, dtype: str = "auto", measure_steps: int = 5) -> None:
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise MisconfigurationException(
                 f"AutoMixedPrecision(dtype={dtype!r}) is not supported: use 'auto' (choose for this hardware), "
                 "'bf16' (bf16-mixed) or 'fp16' (16-mixed with gradient scaling, CUDA only)."

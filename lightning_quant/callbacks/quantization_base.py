@@ -142,6 +142,9 @@ class QuantizationCallback(Callback, ABC):
             raise ValueError(
                 f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
             )
+        if not formats:
+            raise ValueError(f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
+                             f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})")
         if len(set(formats)) != len(formats):
             raise ValueError(f"formats lists a format twice: {formats}")
         if isinstance(keep_float, str) or not all(isinstance(name, str) for name in keep_float):

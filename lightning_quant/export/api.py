@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -10,7 +9,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 from torch import nn
 
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
-from lightning_quant.export.files import sha256
+from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.quantize import QuantizationError, _first_lines
@@ -130,8 +129,10 @@ class ExportError(QuantizationError):
 
 
 def _fix(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return "The disk is full: free space in the export directory (or choose another dirpath) and export again."
+    if isinstance(err, NoSpaceError):
+        return ""  # its message names the file and the fix already
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return "No space for the file (full disk, file-size limit or quota): free space or choose another dirpath."
     if isinstance(err, OSError):
         return "Writing the file failed: check that the export directory is writable and has space."
     return "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."

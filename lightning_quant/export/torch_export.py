@@ -6,13 +6,14 @@ This is the portable, unlowered program: loaded and run eagerly it executes the 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_path
+from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.export.shapes import batch_dynamic_shapes
 from lightning_quant.quantization.inputs import ModelInputs
 
@@ -23,8 +24,9 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
     program = torch.export.export(
         model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
     )
-    with atomic_path(path) as temporary:
-        torch.export.save(program, str(temporary))
+    buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
+    torch.export.save(program, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return {"how": "torch.export -> torch.export.save (unlowered program)",
             "load": "torch.export.load(path).module()(*args, **kwargs)"}
 

@@ -6,6 +6,7 @@ order; non-tensor arguments are frozen at their example values.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_quant.export.files import atomic_path
+from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.quantization._legacy import legacy_api
 from lightning_quant.quantization.inputs import ModelInputs
 
@@ -40,8 +41,9 @@ class _FlatTensors(nn.Module):
 def export_torchscript(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
     with legacy_api("TorchScript (torch.jit.trace)"), torch.no_grad():
         traced = torch.jit.trace(_FlatTensors(model, inputs).eval(), tuple(inputs.tensors()), check_trace=False)
-        with atomic_path(path) as temporary:
-            traced.save(str(temporary))
+        buffer = io.BytesIO()  # torch.jit.save to a path may abort the process if the disk fills mid-write
+        torch.jit.save(traced, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
     return {"how": "torch.jit.trace (legacy)", "load": "torch.jit.load(path)(*input_tensors)"}
 
 
