@@ -257,8 +257,8 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
         "(`FusedMovingAvgObsFakeQuantize`, X86InductorQuantizer's QAT default); the unfused FakeQuantize + "
         "observer measured slower (weights 255 vs 146 us forward+backward). The training graph no longer runs "
         "the repeated fake-quant calls after max-pool and flatten (3 of the 8 activation calls; identities in "
-        "the int8 model; ~0.8 ms less per step, from the minima of two runs). What is left is arithmetic the QAT recipe needs in eager mode; "
-        "torch.compile of the training graph would fuse it but costs more compile time than a digits fit saves.",
+        "the int8 model); that saved less than the run-to-run noise (bare step 1.77x before, 1.78x after). What is left is arithmetic the QAT recipe needs in eager mode; "
+        "torch.compile of the training graph (not tried) could fuse it, at the price of compile time.",
         "- Fit seconds (epochs + fit-end conversion, export, verification): "
         + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["fit_s"].items()) for r in rows),
         "- QAT ONNX, shipped (PT2E graph as is) / requantized (ONNX Runtime QDQ): relative error to the int8 "
