@@ -275,3 +275,34 @@ def test_a_non_tensor_argument_is_a_constant_of_the_graph():
     assert qat(torch.randn(3, 4), 2.0).shape == (3, 4)
     with pytest.raises(ValueError, match="non-tensor argument is fixed"):
         qat(torch.randn(3, 4), 3.0)
+
+
+def test_a_float_conv_trains_as_plain_conv_batchnorm():
+    """prepare_qat_pt2e rewrites float convs into the fake-quant conv-BN pattern too (w * s, conv / s):
+    training runs them as conv + batch_norm (same function, cheaper), evaluation and convert keep the pattern."""
+    torch.manual_seed(0)
+    model = TwoInputNet()
+    reference = copy.deepcopy(model)
+    qat = prepare_qat(model, inputs(4), QATConfig(keep_float=("conv",)))
+    conv_weights = lambda graph: [n.args[1] for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert [w.op for w in conv_weights(qat.graph)] == ["get_attr", "call_module"]  # float weight, fake-quant
+    assert [w.op for w in conv_weights(qat.eval_graph)] == ["call_function", "call_module"]  # prepare's w * s
+    set_fake_quant(qat, False)
+    batch = inputs(16, seed=1)
+    model.train(), reference.train()
+    torch.manual_seed(3)
+    expected = reference(**batch)
+    torch.manual_seed(3)
+    got = qat(**batch)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.bn.running_var, reference.bn.running_var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(model.bn.num_batches_tracked, reference.bn.num_batches_tracked)
+    set_fake_quant(qat, True)
+    for seed in range(3):
+        qat(**inputs(16, seed=seed))  # ranges
+    qat.observers_enabled = False
+    model.eval()
+    with torch.no_grad():
+        expected = model(**batch)
+    got = qat.convert()(batch["x"], batch["y"], scale=batch["scale"])
+    assert (got - expected).abs().max() <= 0.03 * expected.abs().max()

@@ -240,6 +240,7 @@ class QATGraph:
         # lighter copy without the fake-quant calls that cannot change a value
         self._prepared = copy.deepcopy(graph.graph)
         _drop_repeated_fake_quant(graph)
+        _unfuse_float_conv_batchnorm(graph)
         self._graph_slots = [(graph.get_submodule(fqn.rpartition(".")[0]), name) for fqn, _, name, _ in self._bindings]
         self._eval_graph: GraphModule | None = None
         self._batchnorm_frozen = False
@@ -547,6 +548,36 @@ def _drop_repeated_fake_quant(graph: GraphModule) -> None:
             called.setdefault(module, set()).add(node)
     graph.graph.lint()
     graph.recompile()
+
+
+def _unfuse_float_conv_batchnorm(graph: GraphModule) -> None:
+    """Give a conv kept in float (no fake-quant on its weight) its plain ``batch_norm(conv(x, w, b))`` back.
+
+    ``prepare_qat_pt2e`` rewrites every conv-BN, float ones too, as ``bn(conv(x, w * s) / s + b)`` with
+    ``s = gamma / sqrt(running_var + eps)``: scaling the weight only matters when it is fake-quantized,
+    for a float weight the pattern is the same function at the cost of a weight product, an activation
+    division and their backward (a fifth of the digits ConvNet's QAT overhead came from the float first
+    conv). Training graph only: evaluation and convert keep prepare's pattern, which the fold expects.
+    """
+    for bn in [n for n in graph.graph.nodes if _is_call(n, _BATCH_NORM)]:
+        match = _match_qat_conv_bn(bn)
+        if match is None or match[2] is not match[0].args[1]:  # the conv weight goes through fake-quant
+            continue
+        conv, weight, _, conv_bias = match
+        conv.args = (conv.args[0], weight, conv_bias, *conv.args[3:])
+        bn.args = (conv, *bn.args[1:])
+    # the scaling nodes are dead now; erase only those (pure), not BatchNorm's in-place step counter
+    for node in reversed(list(graph.graph.nodes)):
+        if node.op == "call_function" and not node.users and node.target in _SCALING:
+            graph.graph.erase_node(node)
+    graph.graph.lint()
+    graph.recompile()
+
+
+_SCALING = {
+    torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sqrt.default,
+    torch.ops.aten.reshape.default, torch.ops.aten.zeros_like.default,
+}
 
 
 def _set_batchnorm_training(graph: GraphModule, training: bool) -> None:
