@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import tempfile
 
 import onnx
 import onnxruntime
@@ -19,6 +21,7 @@ from lightning_quant.export import (
     load_artifact,
     verify_artifacts,
 )
+from lightning_quant.export.verify import rounding_noise_floor
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, QuantizationError, StaticQuantConfig, quantize
 from lightning_quant.quantization._legacy import legacy_quantize_dynamic
 
@@ -73,6 +76,48 @@ def test_verification_catches_an_artifact_that_does_not_match(static_convnet, tm
     other = ConvNet(channels=16).eval()  # different weights: the file cannot match it
     with pytest.raises(QuantizationError, match="torch_export .* against the quantized model exceeds the tolerance"):
         verify_artifacts(artifacts, other, [ModelInputs.from_value(calibration[0])], tmp_path)
+
+
+def test_same_program_tolerance_follows_the_noise_floor_and_still_fails_wrong_weights(static_convnet, tmp_path):
+    model, int8, calibration = static_convnet
+    cases = [ModelInputs.from_value(calibration[0])]
+    noise_floor = rounding_noise_floor(int8, cases)
+    assert 0 < noise_floor < 0.05  # ties exist, and flipping them moves a calibrated model's output little
+    assert rounding_noise_floor(model, cases) == 0.0  # the float model has no quantize ops
+
+    # the PT2E graph exported as is to ONNX: the same int8 program, summed in ONNX Runtime's order
+    artifacts = export(int8, calibration[0][:4], ["onnx", "torch_export"], tmp_path / "right")
+    report = verify_artifacts(artifacts, int8, cases, tmp_path / "right")
+    for result in report.values():
+        assert result["tolerance"] == max(0.01, 2 * noise_floor)
+        assert result["tolerance_rule"].startswith(f"max(0.01, 2 x {noise_floor:.4g}): twice the noise floor")
+
+    # a wrong artifact: the same model with 10% noise on its weights, calibrated and exported the same way
+    wrong = ConvNet(channels=16).eval()
+    wrong.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for parameter in wrong.parameters():
+            parameter.mul_(1 + 0.1 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    wrong_int8 = quantize(wrong, StaticQuantConfig(observer="minmax"), calibration[0][:4], calibration)
+    artifacts = export(wrong_int8, calibration[0][:4], ["onnx"], tmp_path / "wrong")
+    with pytest.raises(QuantizationError, match=r"onnx .* against the quantized model exceeds the tolerance"):
+        verify_artifacts(artifacts, int8, cases, tmp_path / "wrong")
+
+
+def test_onnx_export_is_quiet_and_writes_no_system_temp_file(static_convnet, tmp_path, monkeypatch, capsys, caplog):
+    model, int8, calibration = static_convnet
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-temp-dir"))  # any system temp use fails
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "level", logging.INFO)  # as under Hydra
+    recipe = OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration], observer="histogram")
+    with caplog.at_level(logging.INFO):
+        export(int8, calibration[0][:4], ["onnx"], tmp_path / "out", float_model=model, onnx_quantization=recipe)
+    assert (tmp_path / "out" / "model.onnx").is_file() and [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
+    printed = capsys.readouterr()
+    for noise in ("Collecting tensor data", "Finding optimal threshold", "Number of tensors", "histogram bins"):
+        assert noise not in printed.out + printed.err
+    assert [r.name for r in caplog.records if r.name.startswith(("onnx_ir", "onnxscript", "onnxruntime")) or r.name == "root"] == []
+    assert root.level == logging.INFO and logging.getLogger("onnxscript").level == logging.NOTSET  # restored
 
 
 def test_dynamic_int8_exports_to_onnx_torch_export_and_legacy_torchscript(tmp_path):

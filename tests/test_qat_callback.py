@@ -22,7 +22,6 @@ from conftest import ROOT
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
-from lightning_quant.quantization import QuantizationError
 
 FIT = dict(
     accelerator="cpu",
@@ -320,22 +319,16 @@ def test_train_script_with_qat(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- short QAT, ONNX
-@pytest.mark.xfail(
-    strict=True,
-    raises=QuantizationError,
-    reason=(
-        "Known (reported to the lead, fix belongs in export/verify.py): after 2 epochs x 3 batches the int8 model "
-        "is nearly untrained (logits ~0.17) and its eval-mode activations use a few dozen levels of ranges observed "
-        "with batch statistics (BatchNorm's running statistics still ~60% init), so the one-level rounding flips "
-        "that ONNX Runtime's float accumulation order causes at rounding ties move the output by 3-7% of its "
-        "maximum, beyond the 1% 'same program' tolerance. The file runs the same int8 program; the tolerance "
-        "does not scale with the grid the model actually uses."
-    ),
-)
 def test_short_qat_exports_a_verified_onnx_file(tmp_path):
     L.seed_everything(0)
     qat = QuantizationAwareTraining(formats=["onnx"], dirpath=tmp_path / "quantized")
     trainer(tmp_path, [qat], max_epochs=2, limit_train_batches=3, limit_val_batches=2).fit(
         DigitsClassifier(ConvNet()), datamodule=DigitsDataModule()
     )
+    # after 2 epochs x 3 batches the int8 model is nearly untrained (logits ~0.17): one quantization level
+    # flipped at a rounding tie by ONNX Runtime's summation order moves the output by 3-7% of its maximum.
+    # The same-program tolerance follows that measured noise floor instead of a fixed 1%.
     assert [a["format"] for a in qat.manifest["artifacts"]] == ["onnx"]
+    verification = qat.manifest["artifacts"][0]["verification"]
+    assert verification["relative_error"] <= verification["tolerance"]
+    assert verification["tolerance"] > 0.01 and "twice the noise floor" in verification["tolerance_rule"]

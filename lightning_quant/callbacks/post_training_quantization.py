@@ -126,11 +126,6 @@ class PostTrainingQuantization(QuantizationCallback):
         return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
     def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OrtStaticQuantization]:
-        if self.budget_float_layers:
-            # ONNX Runtime's own QDQ would still quantize the inputs of a layer the budget returned to float
-            # when they come from an elementwise op (measured: relative error 0.40 on the fragile test model):
-            # export the graph the budget checked instead (correct, slower in ONNX Runtime)
-            return None
         return OrtStaticQuantization(
             calibration_inputs=self._calibration,
             per_channel=self.config.per_channel,
@@ -145,10 +140,6 @@ class PostTrainingQuantization(QuantizationCallback):
             "because the PT2E graph exported as is runs slowly in ONNX Runtime; its scales come from ONNX "
             "Runtime's calibrator, so it is verified against the float model."
         )
-        if self.budget_float_layers:
-            onnx_note = ("'onnx' is the converted PT2E graph exported as is (slower in ONNX Runtime than its own "
-                         "quantize_static): the accuracy budget returned layers to float, and ONNX Runtime's QDQ "
-                         "would still quantize their inputs when an elementwise op produces them.")
         if len(self._calibration) < self.num_calibration_batches:
             notes.append(self._short_calibration_note())
         if self._kept_float_automatically:

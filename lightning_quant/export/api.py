@@ -23,11 +23,13 @@ _FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], A
 }
 FORMATS: tuple[str, ...] = tuple(_FORMATS)
 
-# Largest accepted relative error, max |file - expected| / max |expected|. A file holding the same int8
-# program as the quantized model ("same") must reproduce that model's outputs. A file another library
-# quantized from the float model ("requantized": ONNX Runtime, legacy torch.ao) has its own scales and
-# rounding, so it is compared with the *float* model instead and may deviate from it by this much, or by
-# twice as much as the quantized model itself does, whichever is larger (see verify_artifacts).
+# Smallest tolerance on the relative error max |file - expected| / max |expected| (see verify_artifacts for
+# the tolerance applied). A file holding the same int8 program as the quantized model ("same") must
+# reproduce that model's outputs: within this much, or within twice the model's own noise floor (how far
+# its outputs move when rounding ties at its quantize ops go the other way), whichever is larger. A file
+# another library quantized from the float model ("requantized": ONNX Runtime, legacy torch.ao) has its own
+# scales and rounding, so it is compared with the *float* model instead and may deviate from it by this
+# much, or by twice as much as the quantized model itself does, whichever is larger.
 TOLERANCES = {"same": 0.01, "requantized": 0.1}
 
 

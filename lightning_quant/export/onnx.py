@@ -10,7 +10,10 @@ model is exported as it is. The file takes the input tensors, flattened in ``Mod
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import logging
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -74,7 +77,7 @@ def export_onnx(
     float_model: Optional[nn.Module] = None,
 ) -> dict[str, Any]:
     if quantization is None:
-        with atomic_path(path) as temporary:
+        with _quiet(), atomic_path(path) as temporary:
             _torch_onnx_export(model, inputs, temporary, dynamic_batch)
         return {"how": "torch.onnx.export(dynamo=True) of the quantized model as is",
                 "load": "onnxruntime.InferenceSession(path)"}
@@ -84,7 +87,9 @@ def export_onnx(
     from onnxruntime.quantization.calibrate import CalibrationMethod
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # scratch files next to the output, ONNX Runtime's own too: a full system temp dir must not fail (or be
+    # blamed for) this export
+    with _quiet(), tempfile.TemporaryDirectory(prefix=".tmp-", dir=path.parent) as scratch, _temp_dir(scratch):
         float_path, prepared_path = Path(scratch) / "float.onnx", Path(scratch) / "prepared.onnx"
         _torch_onnx_export(float_model, inputs, float_path, dynamic_batch)
         quant_pre_process(str(float_path), str(prepared_path), skip_symbolic_shape=True)
@@ -115,24 +120,67 @@ def export_onnx(
 
 
 def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool) -> None:
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
+        if isinstance(model, torch.fx.GraphModule):  # a captured graph (PT2E): its mode is fixed in the graph
+            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+        program = torch.onnx.export(
+            model,
+            inputs.args,
+            kwargs=inputs.kwargs,
+            dynamo=True,
+            dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch),
+            verbose=False,
+            report=False,
+        )
+    program.save(str(path))
+
+
+# Loggers that report progress at INFO while we export (Hydra sets the root logger to INFO): the ONNX IR
+# passes, onnxscript's optimizer and rewriter, and ONNX Runtime's quantizer, which logs to the root logger.
+_QUIET_LOGGERS = {
+    "": logging.WARNING,
+    "onnx_ir": logging.WARNING,
+    "onnxscript": logging.WARNING,
+    "onnxruntime": logging.WARNING,
+    "torch.onnx": logging.WARNING,
+    "torch.onnx._internal.exporter._registration": logging.ERROR,  # "torchvision is not installed"
+}
+_PRINTED_WARNING = re.compile(r"^\s*(warning|error)\b", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Raise the exporters' progress loggers to WARNING and capture what ONNX Runtime's calibrator prints
+    ("Collecting tensor data and making histogram ...") for the block; restore both afterwards. Printed
+    lines that say "Warning"/"Error" are logged as warnings, so nothing real is hidden."""
+    levels = {}
+    for name, level in _QUIET_LOGGERS.items():
+        logger = logging.getLogger(name)
+        levels[logger] = logger.level
+        if logger.getEffectiveLevel() < level:
+            logger.setLevel(level)
+    printed = io.StringIO()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
-            program = torch.onnx.export(
-                model,
-                inputs.args,
-                kwargs=inputs.kwargs,
-                dynamo=True,
-                dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch),
-                verbose=False,
-                report=False,
-            )
-        program.save(str(path))
+        with contextlib.redirect_stdout(printed):
+            yield
     finally:
-        quiet.setLevel(level)
+        for logger, level in levels.items():
+            logger.setLevel(level)
+        for line in printed.getvalue().splitlines():
+            if _PRINTED_WARNING.match(line):
+                logging.getLogger(__name__).warning(line.strip())
+
+
+@contextlib.contextmanager
+def _temp_dir(directory: str) -> Iterator[None]:
+    """Make ``directory`` the default of :mod:`tempfile` for the block: ONNX Runtime's ``quant_pre_process``
+    and ``quantize_static`` create their scratch directories there and take no directory argument."""
+    saved, tempfile.tempdir = tempfile.tempdir, directory
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def same_batch_size(batches: Sequence[ModelInputs]) -> list[ModelInputs]:
@@ -142,19 +190,45 @@ def same_batch_size(batches: Sequence[ModelInputs]) -> list[ModelInputs]:
     return [batch for batch in batches if batch.batch_size() == size]
 
 
+# ONNX ops that compute elementwise or only move data. ONNX Runtime's QDQ quantizer quantizes such an op's
+# output whenever it quantizes the op, so one that feeds a float layer would still hand it int8 input
+# (measured: relative error 0.40 when the float layer's input came from a Mul).
+_ELEMENTWISE_OPS = frozenset({
+    "Abs", "Add", "Cast", "Clip", "Div", "Elu", "Erf", "Exp", "Flatten", "Gelu", "HardSigmoid", "HardSwish",
+    "Identity", "LeakyRelu", "Max", "Min", "Mul", "Neg", "Pow", "Relu", "Reshape", "Sigmoid", "Softplus", "Sqrt",
+    "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
+})
+
+
 def nodes_in_modules(path: Path, module_names: Sequence[str]) -> list[str]:
-    """Names of the ONNX nodes the dynamo exporter attributes to any of ``module_names``."""
+    """Names of the ONNX nodes the dynamo exporter attributes to any of ``module_names``, plus the elementwise
+    nodes (:data:`_ELEMENTWISE_OPS`) whose outputs feed only such nodes: the float layers' inputs stay float."""
     if not module_names:
         return []
     import onnx
 
     wanted = set(module_names)
-    excluded = []
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    excluded = set()
+    consumers: dict[str, list[str]] = {}
+    for node in graph.node:
         for prop in node.metadata_props:
             if prop.key == "pkg.torch.onnx.name_scopes" and wanted & set(ast.literal_eval(prop.value)):
-                excluded.append(node.name)
-    return excluded
+                excluded.add(node.name)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.name)
+    graph_outputs = {output.name for output in graph.output}
+    grown = True
+    while grown:  # walk back from the float layers through chains of elementwise ops
+        grown = False
+        for node in graph.node:
+            if node.name in excluded or node.op_type not in _ELEMENTWISE_OPS or graph_outputs & set(node.output):
+                continue
+            fed = [consumer for output in node.output for consumer in consumers.get(output, [])]
+            if fed and all(consumer in excluded for consumer in fed):
+                excluded.add(node.name)
+                grown = True
+    return [node.name for node in graph.node if node.name in excluded]
 
 
 class _CalibrationReader:
