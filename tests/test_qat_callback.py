@@ -332,3 +332,22 @@ def test_short_qat_exports_a_verified_onnx_file(tmp_path):
     verification = qat.manifest["artifacts"][0]["verification"]
     assert verification["relative_error"] <= verification["tolerance"]
     assert verification["tolerance"] > 0.01 and "twice the noise floor" in verification["tolerance_rule"]
+
+
+# ---------------------------------------------------------------------------------------------------- mixed precision
+def test_qat_trains_under_bf16_mixed_precision_and_converts(tmp_path):
+    """Autocast hands fake-quant bf16 activations, which torch's fused observer + fake-quant kernel refuses:
+    QAT observes and rounds them in float32 (AutoMixedPrecision picks bf16 on CPUs that compute it fast)."""
+    L.seed_everything(0)
+    qat = QuantizationAwareTraining(formats=["torch_export"], dirpath=tmp_path / "quantized")
+    model = DigitsClassifier(ConvNet(channels=8))
+    trainer(tmp_path, [qat], max_epochs=2, precision="bf16-mixed").fit(model, datamodule=DigitsDataModule())
+    ranges_after_fit = ranges(qat)
+    assert ranges_after_fit and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ranges_after_fit.values())
+    assert qat.manifest["status"] == "ok" and qat.manifest["quantized_ops"]
+    x = torch.rand(5, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.dtype == torch.float32  # outside autocast the fake-quant model computes in float32
+    assert (qat.quantized_model(x) - expected).abs().max() <= 0.05 * expected.abs().max()

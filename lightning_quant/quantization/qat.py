@@ -239,6 +239,7 @@ class QATGraph:
         # the graph as prepared, for evaluation and convert (q/dq where prepare put them); training runs a
         # lighter copy without the fake-quant calls that cannot change a value
         self._prepared = copy.deepcopy(graph.graph)
+        _fake_quant_in_float32(graph)
         _drop_repeated_fake_quant(graph)
         _unfuse_float_conv_batchnorm(graph)
         self._graph_slots = [(graph.get_submodule(fqn.rpartition(".")[0]), name) for fqn, _, name, _ in self._bindings]
@@ -519,6 +520,28 @@ _VALUE_SELECTING = (
     torch.ops.aten.squeeze.dim,
     torch.ops.aten.unsqueeze.default,
 )
+
+
+def _fake_quant_in_float32(graph: GraphModule) -> None:
+    """Under mixed precision (autocast bf16/fp16) activations reach fake-quant in low precision, which
+    torch's fused observer + fake-quant kernel refuses ("expected scalar type Float but found BFloat16").
+    Observe and round in float32, as the int8 model's quantize ops will, and hand back the input's dtype."""
+    for module in graph.modules():
+        if isinstance(module, FakeQuantizeBase):
+            module.register_forward_pre_hook(_fake_quant_input_to_float32)
+            module.register_forward_hook(_fake_quant_output_to_input_dtype)
+
+
+def _fake_quant_input_to_float32(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    x = args[0]
+    low_precision = isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32
+    module.__dict__["_input_dtype"] = x.dtype if low_precision else None
+    return (x.float(), *args[1:]) if low_precision else None
+
+
+def _fake_quant_output_to_input_dtype(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+    dtype = module.__dict__.pop("_input_dtype", None)
+    return output.to(dtype) if dtype is not None else None
 
 
 def _drop_repeated_fake_quant(graph: GraphModule) -> None:
