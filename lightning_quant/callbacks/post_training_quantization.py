@@ -12,7 +12,7 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import OrtStaticQuantization
-from lightning_quant.quantization import OBSERVERS, StaticQuantConfig, quantize, single_input_channel_convs
+from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.sensitivity import MetricBudget
 
@@ -74,11 +74,9 @@ class PostTrainingQuantization(QuantizationCallback):
             raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
         if calibration_dataloader not in _DATALOADERS:
             raise ValueError(f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}")
-        if observer not in OBSERVERS:
-            raise ValueError(f"Unknown observer {observer!r}; choose one of {list(OBSERVERS)}")
+        self.config = StaticQuantConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader
-        self.config = StaticQuantConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
         self._calibration: list[ModelInputs] = []
         self._kept_float_automatically: list[str] = []
 

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
-from lightning_quant.quantization import OBSERVERS, QuantizationError, single_input_channel_convs
+from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
 from lightning_quant.quantization.sensitivity import MetricBudget
@@ -95,8 +95,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                 raise ValueError(
                     f"{name} must be None (never) or an integer >= start_epoch ({start_epoch}), got {epoch!r}"
                 )
-        if observer not in OBSERVERS:
-            raise ValueError(f"Unknown observer {observer!r}; choose one of {list(OBSERVERS)}")
+        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
         stages = (observer_enabled_stages,) if isinstance(observer_enabled_stages, str) else observer_enabled_stages
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
@@ -110,7 +109,6 @@ class QuantizationAwareTraining(QuantizationCallback):
         self.freeze_observer_epoch = freeze_observer_epoch
         self.observer_enabled_stages = tuple(stages)
         self.quantize_on_fit_end = quantize_on_fit_end
-        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
         self.qat: Optional[QATGraph] = None
         self._started_epoch: Optional[int] = None
         # fake-quant state read from a checkpoint (None: the checkpoint holds a float model), applied at the

@@ -65,6 +65,7 @@ from lightning_quant.manifest import (
     write_manifest,
 )
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
+from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
 
@@ -147,8 +148,7 @@ class QuantizationCallback(Callback, ABC):
                              f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})")
         if len(set(formats)) != len(formats):
             raise ValueError(f"formats lists a format twice: {formats}")
-        if isinstance(keep_float, str) or not all(isinstance(name, str) for name in keep_float):
-            raise TypeError(f"keep_float must be a list of module names, e.g. ['net.head'], got {keep_float!r}")
+        check_keep_float(keep_float)
         if batch_to_input is not None and not callable(batch_to_input):
             raise TypeError(f"batch_to_input must be a callable batch -> model input, got {batch_to_input!r}")
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -481,6 +481,13 @@ class QuantizationCallback(Callback, ABC):
             models=self.artifact_models(trainer, pl_module),
         )
 
+    def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
+        """The fit's validation dataloaders and how many batches of each the Trainer validates;
+        ``([], [])`` when there is nothing to validate on (no dataloader, or limit_val_batches=0)."""
+        loaders = self._dataloaders(trainer, "val")
+        limits = list(trainer.num_val_batches) if loaders else []
+        return (loaders, limits) if any(limits) else ([], [])
+
     @staticmethod
     def _lowered(artifacts: list[Artifact], dirpath: Path) -> Optional[Callable[..., Any]]:
         aoti = [a for a in artifacts if a.format == "aoti"]
@@ -492,9 +499,8 @@ class QuantizationCallback(Callback, ABC):
         """Convert, and while the budget's metric dropped too far, convert again with more layers in float.
         Leaves ``self.keep_float`` = the user's names + the layers the search returned to float."""
         budget, user_keep_float = self.budget, list(self.keep_float)
-        loaders = self._dataloaders(trainer, "val")
-        limits = list(trainer.num_val_batches) if loaders else []
-        if not loaders or not any(limits):
+        loaders, limits = self._validation_batches(trainer)
+        if not loaders:
             raise ValueError(f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
                              "has no validation dataloader (or limit_val_batches=0)")
         float_metrics: dict[str, float] = {}
@@ -532,9 +538,8 @@ class QuantizationCallback(Callback, ABC):
         self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module,
         float_metrics: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
-        loaders = self._dataloaders(trainer, "val")
-        limits = list(trainer.num_val_batches) if loaders else []
-        if not loaders or not any(limits):
+        loaders, limits = self._validation_batches(trainer)
+        if not loaders:
             return {"float": {}, "quantized": {}, "note": "no validation dataloader: nothing to evaluate"}
         return {
             "float": float_metrics or evaluate_validation(pl_module, float_model, loaders, limits),

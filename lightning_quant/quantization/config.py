@@ -31,7 +31,7 @@ class StaticQuantConfig:
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
-        _check_names(self.keep_float)
+        check_keep_float(self.keep_float)
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,10 @@ class DynamicQuantConfig:
     keep_float: Sequence[str] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        _check_names(self.keep_float)
+        check_keep_float(self.keep_float)
 
 
-def _check_names(names: Sequence[str]) -> None:
+def check_keep_float(names: Sequence[str]) -> None:
+    """``keep_float`` is a list of module names (a bare string would be read letter by letter)."""
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"keep_float must be a list of module names such as ['net.head'], got {names!r}")

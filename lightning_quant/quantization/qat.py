@@ -29,15 +29,15 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
-    >>> qat = prepare_qat(model, torch.randn(4, 1, 8, 8))
+    >>> model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10))
+    >>> qat = prepare_qat(model, torch.randn(4, 3, 8, 8))
     >>> qat.attach()  # model(x) now runs the fake-quant graph on model's own parameters
-    >>> model(torch.randn(16, 1, 8, 8)).shape
+    >>> model(torch.randn(16, 3, 8, 8)).shape
     torch.Size([16, 10])
     >>> qat.num_fake_quantizers
     4
     >>> int8 = qat.convert()  # a PT2E int8 (q/dq) graph, ready for export and lowering
-    >>> int8(torch.randn(2, 1, 8, 8)).shape
+    >>> int8(torch.randn(2, 3, 8, 8)).shape
     torch.Size([2, 10])
 """
 
@@ -75,7 +75,7 @@ from lightning_quant.quantization._torchao import (
     move_exported_model_to_train,
     prepare_qat_pt2e,
 )
-from lightning_quant.quantization.config import OBSERVERS
+from lightning_quant.quantization.config import OBSERVERS, check_keep_float
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.quantize import export_for_quantization, single_input_channel_convs
 
@@ -110,8 +110,7 @@ class QATConfig:
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
-        if isinstance(self.keep_float, str) or not all(isinstance(n, str) for n in self.keep_float):
-            raise TypeError(f"keep_float must be a list of module names such as ['net.head'], got {self.keep_float!r}")
+        check_keep_float(self.keep_float)
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
