@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import fx, nn
@@ -53,6 +54,53 @@ def compare_latency_ms(
                 inputs(model)
                 times[name].append(time.perf_counter() - start)
     return {name: statistic([t * 1000.0 for t in values]) for name, values in times.items()}
+
+
+def quartiles(values: list[float]) -> list[float]:
+    """``[p25, median, p75]`` of ``values``: the median and its spread, robust to a few disturbed calls."""
+    if len(values) < 2:
+        return [values[0]] * 3
+    low, median, high = statistics.quantiles(values, n=4, method="inclusive")
+    return [low, median, high]
+
+
+def measure_speed(
+    float_model: Callable[..., Any],
+    reference: Callable[..., Any],
+    runtimes: Mapping[str, Callable[..., Any]],
+    inputs: Any,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> dict[str, Any]:
+    """Time the float model and every exported file side by side, in interleaved rounds (another process's load
+    falls on all of them alike, so their ratios hold); pick the fastest file.
+
+    Returns ``latency_ms`` (median per name: ``float``, each format, and ``quantized``: the fastest file's, or the
+    eager ``reference``'s when there is no file), ``spread_ms`` (``[p25, median, p75]`` per name), ``fastest``
+    (the fastest format, ``None`` without files), ``speedup_vs_float`` per format, and ``load_average`` (1-minute,
+    at start and end).
+
+    Example::
+
+        >>> speed = measure_speed(nn.Linear(4, 4), nn.Linear(4, 4), {"copy": nn.Linear(4, 4)}, torch.zeros(2, 4))
+        >>> speed["fastest"], sorted(speed["latency_ms"])
+        ('copy', ['copy', 'float', 'quantized'])
+    """
+    load_start = os.getloadavg()[0]
+    models = {"float": float_model, **runtimes} if runtimes else {"float": float_model, "quantized": reference}
+    spread = compare_latency_ms(models, inputs, warmup, repeats, statistic=quartiles)
+    latency = {name: values[1] for name, values in spread.items()}
+    fastest: Optional[str] = min(runtimes, key=latency.__getitem__) if runtimes else None
+    if fastest is not None:
+        latency["quantized"], spread["quantized"] = latency[fastest], spread[fastest]
+    return {
+        "latency_ms": latency,
+        "spread_ms": spread,
+        "fastest": fastest,
+        "speedup_vs_float": {name: latency["float"] / latency[name] for name in runtimes},
+        "load_average": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "rounds": repeats,
+    }
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -79,6 +79,10 @@ def describe_manifest(manifest: dict[str, Any], checked: Sequence[dict[str, Any]
         f"{manifest.get('machine', {}).get('threads')} threads",
         f"input     {shape} {manifest.get('input', {}).get('dtype')}, "
         f"dynamic batch: {manifest.get('input', {}).get('dynamic_batch')}",
+        f"target    {(manifest.get('target') or {}).get('name', 'this machine')} "
+        f"(needs {(manifest.get('target') or {}).get('requires', '?')}); built and verified on "
+        f"{(manifest.get('cpu') or {}).get('model', '?')} {(manifest.get('cpu') or {}).get('flags', '')}",
+        f"recommended  {manifest.get('recommended')}",
         "",
         "artifacts",
     ]
@@ -169,6 +173,16 @@ def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
 
     if not path.is_file():
         raise CliError(f"no such file: {path}")
+    manifest_path = find_manifest(path)
+    if manifest_path is not None:  # a file made for another CPU is refused, not run into a crash
+        from lightning_quant.loading import check_cpu_runs
+
+        _, manifest = load_manifest(manifest_path)
+        entry = next((a for a in manifest.get("artifacts", []) if a.get("path") == path.name), {})
+        try:
+            check_cpu_runs(manifest, entry, path)
+        except RuntimeError as err:
+            raise CliError(str(err)) from err
     return load_artifact(path, artifact_format(path, format))
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 from lightning_quant.export import load_artifact
 from lightning_quant.export.files import sha256
 from lightning_quant.manifest import FILENAME, check_format_version
+from lightning_quant.target import cpu_info
 
 
 def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> Any:
@@ -28,13 +29,16 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             else the manifest's first artifact (the first of the callback's ``formats``).
 
     The file's sha256 must match the manifest's, the manifest's ``format_version`` must be one this
-    lightning-quant reads, and nothing is unpickled beyond tensors (``torch.export``/AOTInductor packages,
+    lightning-quant reads, this CPU must have the instructions of the target the file was made for (e.g. a
+    ``target="avx512_vnni"`` file is refused on an AVX2-only CPU instead of crashing or computing wrong
+    numbers), and nothing is unpickled beyond tensors (``torch.export``/AOTInductor packages,
     ONNX and TorchScript files are not pickles).
 
     Raises:
         FileNotFoundError: no manifest or no file where one is expected.
         ValueError: a sha256 mismatch, an unknown or newer ``format_version``, a format the manifest does not
             list, or a manifest of a run that produced no artifact.
+        RuntimeError: this CPU lacks an instruction set the file's target requires.
     """
     path = Path(path_or_manifest)
     if path.is_dir():
@@ -67,7 +71,23 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{file} does not match {manifest_path}: sha256 {digest} != {entry['sha256']}. The file changed after "
             "export (or was damaged or replaced); refusing to load it. Export again, or copy the directory intact."
         )
+    check_cpu_runs(manifest, entry, file)
     return load_artifact(file, entry["format"])
+
+
+def check_cpu_runs(manifest: dict[str, Any], entry: dict[str, Any], file: Path) -> None:
+    """Refuse a file whose target (recorded in the manifest) needs CPU flags this machine lacks."""
+    target = manifest.get("target")
+    if not target:  # written before targets existed: built for the exporting machine
+        return
+    missing = [flag for flag in target["requires"] if flag not in cpu_info()["flags"]]
+    if missing:
+        raise RuntimeError(
+            f"{file} was built for target {entry.get('target', target['name'])!r} (CPU flags {target['requires']}) "
+            f"on {manifest.get('cpu', {}).get('model', 'another CPU')}; this CPU ({cpu_info()['model']}) lacks "
+            f"{missing}, so it would crash or compute wrong int8 results here. Export again with target='avx2' "
+            "(any x86-64 CPU with AVX2), or run it on a CPU with those instructions."
+        )
 
 
 def _pick(artifacts: list[dict[str, Any]], filename: Optional[str], format: Optional[str], manifest_path: Path,

@@ -14,6 +14,7 @@ import torch
 
 from lightning_quant.export.files import atomic_path
 from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.target import CpuTarget, cpu_info
 
 FILENAME = "manifest.json"
 # Version of the manifest's (and the callbacks' checkpoint state's) layout. Readers refuse a newer one:
@@ -43,8 +44,9 @@ def build_manifest(
     artifacts: Sequence[Any],
     verification: dict[str, dict[str, Any]],
     metrics: dict[str, Any],
-    latency_ms: dict[str, float],
+    speed: dict[str, Any],
     latency_input: ModelInputs,
+    target: CpuTarget,
     size_bytes: dict[str, int],
     quantized_ops: dict[str, int],
     float_checkpoint: Optional[str] = None,
@@ -66,16 +68,23 @@ def build_manifest(
     (``{"name", "reason"}``), ``stopped`` (why the search ended), ``steps`` and ``sensitivity`` (the table's
     file, or ``None`` when the fully int8 model was within budget). ``keep_float`` lists the user's names and
     the budget's float layers.
+
+    ``speed`` is :func:`~lightning_quant.benchmark.measure_speed`'s result: each file's ``latency_ms`` and
+    ``speedup_vs_float`` come from it (float and files timed side by side), ``recommended`` is the fastest file
+    if it beats the float model, else ``None``. ``cpu`` is the machine that built and verified the files;
+    ``target`` (:class:`~lightning_quant.target.CpuTarget`) the CPUs they are made for.
     """
-    float_ms = latency_ms["float"]
+    latency_ms = speed["latency_ms"]
     entries = []
     for artifact in artifacts:
         entry = artifact.to_dict()
-        checked = verification.get(artifact.format, {})
-        entry["verification"] = {k: v for k, v in checked.items() if k != "latency_ms"}
-        entry["latency_ms"] = checked.get("latency_ms")
-        entry["speedup_vs_float"] = (float_ms / entry["latency_ms"]) if entry["latency_ms"] else None
+        entry["verification"] = {k: v for k, v in verification.get(artifact.format, {}).items() if k != "latency_ms"}
+        entry["latency_ms"] = latency_ms.get(artifact.format)
+        entry["speedup_vs_float"] = speed["speedup_vs_float"].get(artifact.format)
+        entry["faster_than_float"] = entry["speedup_vs_float"] is not None and entry["speedup_vs_float"] > 1
         entries.append(entry)
+    fastest = speed["fastest"]
+    recommended = fastest if fastest is not None and speed["speedup_vs_float"][fastest] > 1 else None
     described = example_inputs.describe()
     described["dynamic_batch"] = dynamic_batch
     checkpoint = float_checkpoint
@@ -91,6 +100,11 @@ def build_manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
+        "cpu": cpu_info(),
+        "target": target.to_dict(),
+        "recommended": recommended,
+        "recommended_rule": "the fastest verified file, if it is faster than the float model (eager) on this CPU; "
+                            "null: no file is",
         "input": described,
         "artifacts": entries,
         "tolerances": {
@@ -102,8 +116,11 @@ def build_manifest(
         "latency_ms": {
             **latency_ms,
             "input_shape": latency_input.describe()["shape"],
-            "note": "median after warm-up; float = the float module eager; quantized = quantized_model in "
-            "memory; per format = reloaded in a fresh process",
+            "spread_ms": speed["spread_ms"],
+            "load_average": speed["load_average"],
+            "note": f"median of {speed['rounds']} interleaved rounds (spread_ms: p25, median, p75) after warm-up; "
+            "float = the float module eager; quantized = the fastest file (what quantized_model runs); "
+            "per format = the file loaded in its runtime",
         },
         "size_bytes": {
             **size_bytes,
@@ -137,6 +154,7 @@ def failed_manifest(
         "model": model,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
+        "cpu": cpu_info(),
         "artifacts": [],
         "float_checkpoint": checkpoint,
     }
@@ -164,20 +182,23 @@ def format_table(manifest: dict[str, Any]) -> str:
     """One small text table: float vs int8 metrics, latency and size, then one row per artifact."""
     metrics = manifest["metrics"]
     names = sorted(set(metrics.get("float", {})) | set(metrics.get("quantized", {})))
-    header = ["", *names, "latency ms", "size KiB"]
+    header = ["", *names, "latency ms", "x float", "size KiB"]
     rows = [header]
+    approach = manifest["approach"]
     for kind in ("float", "quantized"):
         values = metrics.get(kind, {})
         rows.append([
-            kind if kind == "float" else f"int8 ({manifest['approach']})",
+            kind if kind == "float" else ("optimized" if approach == "float" else f"int8 ({approach})"),
             *(f"{values[n]:.4f}" if n in values else "-" for n in names),
             f"{manifest['latency_ms'][kind]:.3f}",
+            "" if kind == "float" else f"{manifest['latency_ms']['float'] / manifest['latency_ms'][kind]:.2f}",
             f"{manifest['size_bytes'][kind] / 1024:.1f}",
         ])
     for artifact in manifest["artifacts"]:
-        latency = artifact.get("latency_ms")
-        rows.append([artifact["path"], *("" for _ in names),
-                     f"{latency:.3f}" if latency is not None else "-", f"{artifact['bytes'] / 1024:.1f}"])
+        latency, speedup = artifact.get("latency_ms"), artifact.get("speedup_vs_float")
+        mark = " (recommended)" if artifact["format"] == manifest.get("recommended") else ""
+        rows.append([artifact["path"] + mark, *("" for _ in names), f"{latency:.3f}" if latency is not None else "-",
+                     f"{speedup:.2f}" if speedup is not None else "-", f"{artifact['bytes'] / 1024:.1f}"])
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
     lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]

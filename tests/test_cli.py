@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_quant.benchmark import model_bytes
+from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.cli import main
 from lightning_quant.demo import MLPNet
-from lightning_quant.export import OrtDynamicQuantization, export, verify_artifacts
+from lightning_quant.export import OrtDynamicQuantization, export, load_artifact, verify_artifacts
 from lightning_quant.manifest import build_manifest, write_manifest
+from lightning_quant.target import resolve_target
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, count_quantized_ops, quantize
 
 
@@ -53,8 +54,8 @@ def exported(tmp_path_factory) -> Path:
     manifest = build_manifest(
         approach="dynamic", backend="x86", model="MLPNet", example_inputs=inputs, dynamic_batch=True,
         artifacts=artifacts, verification=checks, metrics={"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
-        latency_ms={"float": 1.0, "quantized": 0.5, **{k: v["latency_ms"] for k, v in checks.items()}},
-        latency_input=inputs, size_bytes={"float": model_bytes(model), "quantized": model_bytes(int8)},
+        speed=measure_speed(model, int8, {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}, inputs),
+        latency_input=inputs, target=resolve_target("avx2"), size_bytes={"float": model_bytes(model), "quantized": model_bytes(int8)},
         quantized_ops=count_quantized_ops(int8), dirpath=dirpath,
     )
     write_manifest(manifest, dirpath)

@@ -50,7 +50,7 @@ def test_static_int8_in_every_format_reloads_in_a_fresh_process_and_matches(stat
 
     # batch sizes 4 (the example) and 64: the batch dimension is dynamic
     report = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(digits_like(1, 64)[0])], tmp_path,
-                              float_model=model)
+                              timing_inputs=inputs, float_model=model)
     assert set(report) == {"aoti", "onnx", "torch_export"}
     assert report["aoti"]["relative_error"] < 1e-3  # the lowered int8 kernels compute what the reference does
     for result in report.values():

@@ -15,6 +15,7 @@ from lightning_quant.export import FORMATS, OrtDynamicQuantization
 from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
+from lightning_quant.target import DEFAULT_TARGET
 
 # torch.export cannot capture the legacy int8 LSTM/GRU (their packed weights are TorchScript objects)
 _NEEDS_TORCH_EXPORT = ("aoti", "torch_export")
@@ -62,9 +63,11 @@ class DynamicQuantization(QuantizationCallback):
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
+        target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop)
-        self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float))
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
+                         target)
+        self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=target)
         self._formats_given = formats is not None
         self._recurrent_layers: list[str] = []
 

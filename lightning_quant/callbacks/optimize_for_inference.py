@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_map
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.quantization.transformer_fastpath import find_manual_attention
+from lightning_quant.target import DEFAULT_TARGET
 
 _DTYPES = ("float32", "bfloat16")
 
@@ -66,6 +67,7 @@ class OptimizeForInference(QuantizationCallback):
         example_input: Any = None,
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
+        target: str = DEFAULT_TARGET,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"OptimizeForInference(dtype={dtype!r}) is not supported: use 'float32' or 'bfloat16'")
@@ -76,7 +78,7 @@ class OptimizeForInference(QuantizationCallback):
                     "OptimizeForInference(dtype='bfloat16') cannot export 'onnx': ONNX Runtime's CPU kernels do not "
                     "run bf16. Use formats=['aoti', 'torch_export'], or dtype='float32' for ONNX."
                 )
-        super().__init__(dirpath, formats, example_input, (), batch_to_input, dynamic_batch)
+        super().__init__(dirpath, formats, example_input, (), batch_to_input, dynamic_batch, target=target)
         self.dtype = dtype
         self.manual_attention: list[str] = []
 

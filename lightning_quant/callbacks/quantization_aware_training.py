@@ -14,6 +14,7 @@ from lightning_quant.quantization import QuantizationError, single_input_channel
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
 from lightning_quant.quantization.sensitivity import MetricBudget
+from lightning_quant.target import DEFAULT_TARGET
 
 STAGES = ("train", "validate", "test", "predict")
 
@@ -86,8 +87,10 @@ class QuantizationAwareTraining(QuantizationCallback):
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
+        target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop)
+        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
+                         target)
         if not _is_epoch(start_epoch):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -95,7 +98,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                 raise ValueError(
                     f"{name} must be None (never) or an integer >= start_epoch ({start_epoch}), got {epoch!r}"
                 )
-        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float))
+        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target)
         stages = (observer_enabled_stages,) if isinstance(observer_enabled_stages, str) else observer_enabled_stages
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:

@@ -56,7 +56,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_quant.benchmark import compare_latency_ms, model_bytes
+from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.export import (
     FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
 )
@@ -68,6 +68,7 @@ from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
+from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name, resolve_target
 
 _DATALOADERS = ("train", "val")
 
@@ -109,6 +110,11 @@ class QuantizationCallback(Callback, ABC):
             mapping with its fields, e.g. ``{"metric": "val/acc", "max_drop": 0.01}`` (``relative``,
             ``higher_is_better``, ``max_evaluations``, ``max_float_fraction`` optional). The metric must be
             one the module logs in ``validation_step``. ``None`` (default): no check.
+        target: the CPUs the files must be right and fast on (:mod:`lightning_quant.target`): ``"avx2"``
+            (default: any x86-64 CPU with AVX2; 7-bit int8 weights, which CPUs without VNNI compute exactly, and
+            AOTInductor code for AVX2), ``"avx512_vnni"`` or ``"amx"`` (full 8-bit weights, code for that ISA;
+            the files refuse to load elsewhere), or ``"native"`` (the widest of those this CPU has). The files
+            are built and verified here, so this CPU must have the target's instructions.
 
     Example (a subclass)::
 
@@ -132,7 +138,9 @@ class QuantizationCallback(Callback, ABC):
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
+        target: str = DEFAULT_TARGET,
     ) -> None:
+        check_target_name(target)
         if isinstance(formats, str):
             raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
         formats = list(self.default_formats if formats is None else formats)
@@ -157,6 +165,7 @@ class QuantizationCallback(Callback, ABC):
         self.keep_float = list(keep_float)
         self.batch_to_input = batch_to_input or default_batch_to_input
         self.dynamic_batch = dynamic_batch
+        self.target = target
         self.budget = MetricBudget.from_value(max_metric_drop)
         self._budget_metric_checked = False
         # the layers the budget's search returned to float at the last fit end (also in self.keep_float meanwhile)
@@ -194,6 +203,9 @@ class QuantizationCallback(Callback, ABC):
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
         self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
+        check_runs_here(self.target, f"{type(self).__name__}(target={self.target!r})",
+                        "Its files are verified by running them here: train on such a CPU, or choose "
+                        "target='avx2' (runs on any x86-64 CPU with AVX2).")
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
         self._resolve_example_inputs(pl_module)
@@ -390,15 +402,13 @@ class QuantizationCallback(Callback, ABC):
                 )
                 timing_inputs = timing_inputs.bind(pl_module.forward)
                 artifacts, verification = self._verify(
-                    artifacts, reference, [inputs, timing_inputs], dirpath, timing_inputs, float_model, failures
+                    artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures
                 )
+                runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
+                speed = measure_speed(float_model, reference, runtimes, timing_inputs)
                 self.quantized_model = _InferenceModel(
-                    pl_module.forward, reference, self._lowered(artifacts, dirpath), approach=self.approach
+                    pl_module.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"], self.approach
                 )
-                latency = {
-                    **compare_latency_ms({"float": float_model, "quantized": self.quantized_model}, timing_inputs),
-                    **{name: result["latency_ms"] for name, result in verification.items()},
-                }
             metrics = self._evaluate(trainer, pl_module, float_model, float_metrics)
         except Exception as err:
             message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {err}\n"
@@ -421,8 +431,9 @@ class QuantizationCallback(Callback, ABC):
             artifacts=artifacts,
             verification=verification,
             metrics=metrics,
-            latency_ms=latency,
+            speed=speed,
             latency_input=timing_inputs,
+            target=resolve_target(self.target),
             size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
             quantized_ops=quantized_ops,
             float_checkpoint=float_checkpoint,
@@ -435,6 +446,8 @@ class QuantizationCallback(Callback, ABC):
         )
         write_manifest(self.manifest, dirpath)
         self._log(trainer)
+        if artifacts and self.manifest["recommended"] is None:
+            rank_zero_warn(_slower_than_float_message(type(self).__name__, self.manifest, dirpath / FILENAME))
         if budget_report is not None and not budget_report["within_budget"]:
             rank_zero_warn(_over_budget_message(type(self).__name__, budget_report, dirpath / FILENAME))
         if failures:
@@ -445,11 +458,12 @@ class QuantizationCallback(Callback, ABC):
                 f"{dirpath / FILENAME} records every failure. The trained float model is safe: {float_checkpoint}"
             )
 
-    def _verify(self, artifacts, reference, cases, dirpath, timing_inputs, float_model, failures):
+    def _verify(self, artifacts, reference, cases, dirpath, float_model, failures):
         """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
         A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
         try:
-            return artifacts, verify_artifacts(artifacts, reference, cases, dirpath, timing_inputs, float_model)
+            return artifacts, verify_artifacts(artifacts, reference, cases, dirpath, float_model=float_model,
+                                               target=self.target)
         except QuantizationError as error:
             if len(artifacts) == 1:
                 _discard(artifacts[0], error, dirpath, failures)
@@ -457,7 +471,8 @@ class QuantizationCallback(Callback, ABC):
         verified, verification = [], {}
         for artifact in artifacts:
             try:
-                verification.update(verify_artifacts([artifact], reference, cases, dirpath, timing_inputs, float_model))
+                verification.update(verify_artifacts([artifact], reference, cases, dirpath, float_model=float_model,
+                                                     target=self.target))
                 verified.append(artifact)
             except QuantizationError as error:
                 _discard(artifact, error, dirpath, failures)
@@ -479,6 +494,7 @@ class QuantizationCallback(Callback, ABC):
             float_model=float_model,
             onnx_quantization=self.onnx_quantization(trainer, pl_module),
             models=self.artifact_models(trainer, pl_module),
+            target=self.target,
         )
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
@@ -487,11 +503,6 @@ class QuantizationCallback(Callback, ABC):
         loaders = self._dataloaders(trainer, "val")
         limits = list(trainer.num_val_batches) if loaders else []
         return (loaders, limits) if any(limits) else ([], [])
-
-    @staticmethod
-    def _lowered(artifacts: list[Artifact], dirpath: Path) -> Optional[Callable[..., Any]]:
-        aoti = [a for a in artifacts if a.format == "aoti"]
-        return load_artifact(dirpath / aoti[0].path, "aoti") if aoti else None
 
     def _convert_within_budget(
         self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, dirpath: Path
@@ -510,7 +521,7 @@ class QuantizationCallback(Callback, ABC):
                 results = evaluate_validation(pl_module, float_model, loaders, limits)
                 float_metrics.update(results)
             else:
-                reference = _InferenceModel(pl_module.forward, model, None, approach=self.approach)
+                reference = _InferenceModel(pl_module.forward, model, None, None, self.approach)
                 results = evaluate_validation(pl_module, reference, loaders, limits)
             if budget.metric not in results:
                 raise ValueError(_unknown_metric(type(self).__name__, budget.metric, sorted(results)))
@@ -581,18 +592,22 @@ def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: 
 class _InferenceModel(nn.Module):
     """The int8 model users call after fit: same inputs as the LightningModule's forward, no autograd.
 
-    Calls go to the lowered (AOTInductor) model when there is one, else to the converted reference model.
+    Calls go to the fastest verified file's runtime (``runtime``: its format, e.g. an ONNX Runtime session for
+    ``"onnx"``) when there is one, else to the converted reference model.
     """
 
-    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]], approach: str) -> None:
+    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]],
+                 runtime: Optional[str], approach: str) -> None:
         super().__init__()
         self.reference = reference
         self._lowered = lowered
+        self.runtime = runtime if lowered is not None else None
         self._signature = inspect.signature(forward)
         self.approach = approach
 
     @property
     def is_lowered(self) -> bool:
+        """True when calls run an exported file (AOTInductor, ONNX Runtime, ...), not the eager reference."""
         return self._lowered is not None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -600,6 +615,14 @@ class _InferenceModel(nn.Module):
         bound.apply_defaults()
         with torch.no_grad():
             return (self._lowered or self.reference)(*bound.args, **bound.kwargs)
+
+
+def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
+    times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
+    return (f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
+            f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
+            f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
+            "time a larger batch, or try another approach or format.")
 
 
 def evaluate_validation(

@@ -3,10 +3,15 @@
 Without ``freezing`` the package keeps the q/dq graph and runs its matmuls in float (3.1 ms vs 0.65 ms
 measured on a small CNN): the weights must be constants for Inductor to prepack them as int8. Freezing
 applies only to a graph captured without autograd, hence ``torch.no_grad()`` around export and compile.
+
+The C++ is compiled for the target's ISA (``-march``, vector width), not ``-march=native``: a package built on
+an AVX-512 machine for ``target="avx2"`` runs on any AVX2 CPU. oneDNN picks its kernels (and the layout of the
+prepacked weights) when the package runs, so a package is portable across CPUs that have its ``-march``.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +22,33 @@ from lightning_quant.export.files import atomic_path
 from lightning_quant.export.shapes import batch_dynamic_shapes
 from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".pt2"
 INDUCTOR_CONFIGS = {"freezing": True}
 
 
-def export_aoti(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
+def export_aoti(
+    model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True, target: CpuTarget = TARGETS["avx2"]
+) -> dict[str, Any]:
     model = with_contiguous_weights(model)  # channels-last weights (ChannelsLast) compile wrongly here
+    configs = {**INDUCTOR_CONFIGS, **target.inductor_configs}
     with torch.no_grad(), atomic_path(path) as temporary:
         program = torch.export.export(
             model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
         )
-        torch._inductor.aoti_compile_and_package(
-            program, package_path=str(temporary), inductor_configs=dict(INDUCTOR_CONFIGS)
-        )
-    return {"how": "torch.export -> torch._inductor.aoti_compile_and_package", "inductor_configs": INDUCTOR_CONFIGS,
+        torch._inductor.aoti_compile_and_package(program, package_path=str(temporary), inductor_configs=configs)
+    return {"how": "torch.export -> torch._inductor.aoti_compile_and_package", "inductor_configs": configs,
             "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)"}
 
 
 def load_aoti(path: Path) -> Any:
-    return torch._inductor.aoti_load_package(str(path))
+    # torch warns "Device information mismatch for AOTI_CPU_ISA: AVX512 AVX512_VNNI vs AVX2" when a package
+    # built for a narrower target loads on a wider CPU: that is the portable case working as meant
+    package_logger = logging.getLogger("torch.export.pt2_archive._package")
+    level = package_logger.level
+    package_logger.setLevel(logging.ERROR)
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    finally:
+        package_logger.setLevel(level)

@@ -13,6 +13,7 @@ from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.quantize import QuantizationError, _first_lines
+from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)
 _FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], Any]]] = {
@@ -43,6 +44,7 @@ class Artifact:
     sha256: str
     tolerance: float
     compared_with: str = "quantized"  # "quantized" (the converted model) or "float" (re-quantized files)
+    target: str = DEFAULT_TARGET  # the CpuTarget the file was made for
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,6 +61,7 @@ def export(
     float_model: Optional[nn.Module] = None,
     onnx_quantization: Optional[OnnxQuantization] = None,
     models: Optional[Mapping[str, nn.Module]] = None,
+    target: Union[str, CpuTarget] = DEFAULT_TARGET,
 ) -> list[Artifact]:
     """Export ``model`` (or ``models[format]`` where given) in every format into ``dirpath``.
 
@@ -74,6 +77,8 @@ def export(
         onnx_quantization: let ONNX Runtime quantize the float model for ``"onnx"`` (fast in ORT).
         models: a different model for some formats (e.g. a legacy-quantized one for ``"torchscript"``);
             those artifacts, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
+        target: the CPUs the files are for (:mod:`lightning_quant.target`): ``"aoti"`` compiles for its ISA,
+            ONNX Runtime quantizes weights to its range (7 bits for ``"avx2"``).
 
     Raises:
         ExportError: a format failed (after every format was tried); the message names each failed format,
@@ -86,15 +91,16 @@ def export(
     dirpath.mkdir(parents=True, exist_ok=True)
     inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
     models = dict(models or {})
+    target = resolve_target(target)
     artifacts = []
     failures: dict[str, str] = {}
     for name in formats:  # one format failing does not stop the others
         filename, exporter, _ = _FORMATS[name]
         source = models.get(name, model)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"target": target} if name in ("aoti", "onnx") else {}
         requantized = name in models
         if name == "onnx" and onnx_quantization is not None:
-            kwargs = {"quantization": onnx_quantization, "float_model": float_model}
+            kwargs.update(quantization=onnx_quantization, float_model=float_model)
             requantized = True
         try:
             details = exporter(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
@@ -114,6 +120,7 @@ def export(
                 tolerance=TOLERANCES["requantized" if requantized else "same"],
                 compared_with="float" if requantized else "quantized",
                 details=details,
+                target=target.name,
             )
         )
     if failures:

@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.quantize import QuantizationError
+from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
 def verify_artifacts(
@@ -29,6 +30,7 @@ def verify_artifacts(
     dirpath: Union[str, Path],
     timing_inputs: ModelInputs | None = None,
     float_model: Any = None,
+    target: Union[str, CpuTarget] = DEFAULT_TARGET,
 ) -> dict[str, dict[str, Any]]:
     """Compare each artifact's outputs with the quantized ``reference`` on every input; time it.
 
@@ -42,10 +44,15 @@ def verify_artifacts(
     Files re-quantized by another library (``artifact.compared_with == "float"``) are compared with
     ``float_model`` instead, with tolerance ``max(artifact.tolerance, 2 * reference's own error vs float)``.
 
-    Returns, per format: ``compared_with``, ``relative_error`` (max abs error / max abs expected output),
+    Files are run on this CPU and, where it is wider than ``target`` (e.g. VNNI for ``"avx2"``), again with
+    oneDNN limited to the target's ISA (``ONEDNN_MAX_CPU_ISA``); the worst run counts. An ONNX file must also
+    hold its int8 weights within the target's range (ONNX Runtime's kernels have no ISA switch to test with).
+
+    Returns, per format: ``checked_on`` (CPU, flags, runs), ``int8_weight_range`` (ONNX), ``compared_with``,
+    ``relative_error`` (max abs error / max abs expected output),
     ``tolerance`` (the one applied), ``tolerance_rule`` (how it was derived, with the numbers),
     ``relative_error_vs_quantized``, ``batch_sizes`` checked and ``latency_ms`` (median, in the fresh
-    process, on ``timing_inputs``).
+    process, on ``timing_inputs``; ``None`` without them).
 
     Raises:
         QuantizationError: an artifact does not load or run, or differs beyond its tolerance.
@@ -62,29 +69,13 @@ def verify_artifacts(
             reference_vs_float = _relative_error(expected_float, expected)
         if any(a.compared_with == "quantized" for a in artifacts):
             noise_floor = rounding_noise_floor(reference, inputs, expected)
-    with tempfile.TemporaryDirectory() as scratch:
-        request, result = Path(scratch) / "request.pt", Path(scratch) / "result.pt"
-        torch.save(
-            {
-                "artifacts": [(a.format, str(dirpath / a.path)) for a in artifacts],
-                "inputs": [tuple(case) for case in inputs],
-                "timing_inputs": tuple(timing_inputs or inputs[-1]),
-                "threads": torch.get_num_threads(),
-                "result": str(result),
-            },
-            request,
-        )
-        process = subprocess.run(
-            [sys.executable, "-m", "lightning_quant.export.verify", str(request)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-        if process.returncode != 0 or not result.exists():
-            raise QuantizationError(
-                f"Reloading the exported files in a fresh process failed:\n{process.stderr[-3000:]}"
-            )
-        outcome = torch.load(result, weights_only=True)
+    target = resolve_target(target)
+    outcome = _run_fresh(artifacts, inputs, timing_inputs, dirpath)
+    # On a CPU wider than the target (VNNI for an "avx2" file), oneDNN's kernels for the target are not the ones
+    # running here: run the PyTorch files again with oneDNN limited to the target's ISA. ONNX Runtime has no such
+    # switch; its files are checked for the target's weight range instead (what makes its kernels exact).
+    narrower = [a for a in artifacts if a.format != "onnx"] if emulates_narrower_isa(target) else []
+    emulated = _run_fresh(narrower, inputs, None, dirpath, {"ONEDNN_MAX_CPU_ISA": target.onednn_isa}) if narrower else {}
     report = {}
     failures = []
     for artifact in artifacts:
@@ -96,9 +87,17 @@ def verify_artifacts(
         if shapes != [[tuple(t.shape) for t in case] for case in expected]:
             failures.append(f"{artifact.format}: output shapes {shapes} differ from the model's")
             continue
-        against_quantized = _relative_error(expected, ran["outputs"])
+        outputs = {"this CPU": ran["outputs"]}
+        if artifact.format in emulated:
+            if "error" in emulated[artifact.format]:
+                failures.append(f"{artifact.format} ({artifact.path}): does not run with oneDNN limited to "
+                                f"{target.onednn_isa}: {emulated[artifact.format]['error']}")
+                continue
+            outputs[f"ONEDNN_MAX_CPU_ISA={target.onednn_isa}"] = emulated[artifact.format]["outputs"]
+        weight_range = onnx_int8_weight_range(dirpath / artifact.path) if artifact.format == "onnx" else None
+        against_quantized = max(_relative_error(expected, got) for got in outputs.values())
         if artifact.compared_with == "float":
-            relative = _relative_error(expected_float, ran["outputs"])
+            relative = max(_relative_error(expected_float, got) for got in outputs.values())
             tolerance = max(artifact.tolerance, 2 * reference_vs_float)
             rule = (f"max({artifact.tolerance:g}, 2 x {reference_vs_float:.4g}): twice the quantized model's own "
                     "relative error against the float model, at least the re-quantized minimum")
@@ -115,11 +114,19 @@ def verify_artifacts(
             "tolerance_rule": rule,
             "relative_error_vs_quantized": against_quantized,
             "batch_sizes": [case.batch_size() for case in inputs],
+            "checked_on": {"cpu": cpu_info()["model"], "cpu_flags": cpu_info()["flags"], "runs": list(outputs)},
             "latency_ms": ran["latency_ms"],
         }
+        if weight_range is not None:
+            report[artifact.format]["int8_weight_range"] = list(weight_range)
         if relative > tolerance:
             failures.append(f"{artifact.format} ({artifact.path}): relative error {relative:.4f} against the "
-                            f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f}")
+                            f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f} "
+                            f"(worst of runs {list(outputs)})")
+        if weight_range is not None and not _fits(weight_range, target):
+            failures.append(f"{artifact.format} ({artifact.path}): int8 weights span {list(weight_range)}, outside "
+                            f"the {target.weight_bits}-bit range target {target.name!r} needs "
+                            f"(|w| <= {-target.weight_range[0]}): CPUs without VNNI would saturate")
     if failures:
         raise QuantizationError("Exported files do not match the quantized model:\n- " + "\n- ".join(failures))
     return report
@@ -169,6 +176,62 @@ class _QuantizeInputNoise(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _run_fresh(
+    artifacts: Sequence[Any], inputs: Sequence[ModelInputs], timing_inputs: Optional[ModelInputs], dirpath: Path,
+    env: Optional[dict[str, str]] = None,
+) -> dict[str, Any]:
+    """Load and run ``artifacts`` in a fresh Python process (with ``env`` added); per format its ``outputs`` and
+    ``latency_ms`` (``None`` without ``timing_inputs``), or its ``error``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        request, result = Path(scratch) / "request.pt", Path(scratch) / "result.pt"
+        torch.save(
+            {
+                "artifacts": [(a.format, str(dirpath / a.path)) for a in artifacts],
+                "inputs": [tuple(case) for case in inputs],
+                "timing_inputs": tuple(timing_inputs) if timing_inputs is not None else None,
+                "threads": torch.get_num_threads(),
+                "result": str(result),
+            },
+            request,
+        )
+        process = subprocess.run(
+            [sys.executable, "-m", "lightning_quant.export.verify", str(request)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        )
+        if process.returncode != 0 or not result.exists():
+            where = f" (with {env})" if env else ""
+            raise QuantizationError(
+                f"Reloading the exported files in a fresh process{where} failed:\n{process.stderr[-3000:]}"
+            )
+        return torch.load(result, weights_only=True)
+
+
+# int8 ONNX tensors that are weights: initializers of int8 type (activations are uint8, biases int32)
+def onnx_int8_weight_range(path: Path) -> Optional[tuple[int, int]]:
+    """Smallest and largest value of the ONNX file's int8 initializers (its int8 weights and their zero points);
+    ``None`` when it has none."""
+    import onnx
+    from onnx import numpy_helper
+
+    low = high = None
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor)
+            if values.size:
+                low = int(values.min()) if low is None else min(low, int(values.min()))
+                high = int(values.max()) if high is None else max(high, int(values.max()))
+    return None if low is None else (low, high)
+
+
+def _fits(weight_range: tuple[int, int], target: CpuTarget) -> bool:
+    """Weights within the target's magnitude bound (ONNX Runtime's 7-bit weights are symmetric [-64, 64]: a pair
+    of products 2 x 255 x 64 still fits int16)."""
+    bound = -target.weight_range[0]
+    return -bound <= weight_range[0] and weight_range[1] <= bound
+
+
 def _relative_error(expected: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> float:
     """max |got - expected| / max |expected| over every output of every case."""
     error = scale = 0.0
@@ -192,7 +255,7 @@ def _main(request_path: str) -> None:
     request = torch.load(request_path, weights_only=True)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
-    timing = ModelInputs(*request["timing_inputs"])
+    timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None
     outcome: dict[str, Any] = {}
     # One at a time, ONNX Runtime last: its thread pool and PyTorch's OpenMP threads slow each other
     # down badly when both are busy in one process (an AOTI call went from 0.75 ms to 6.9 ms interleaved).
@@ -201,7 +264,7 @@ def _main(request_path: str) -> None:
             model = load_artifact(path, format)
             with torch.no_grad():
                 outputs = [_tensors(case(model)) for case in cases]
-            outcome[format] = {"outputs": outputs, "latency_ms": latency_ms(model, timing)}
+            outcome[format] = {"outputs": outputs, "latency_ms": latency_ms(model, timing) if timing else None}
         except Exception as err:  # reported per format by the parent
             outcome[format] = {"error": f"{type(err).__name__}: {str(err)[:2000]}"}
         finally:

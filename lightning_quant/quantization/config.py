@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from lightning_quant.target import DEFAULT_TARGET, check_target_name
+
 OBSERVERS = ("minmax", "moving_average", "histogram")
 
 
@@ -17,6 +19,8 @@ class StaticQuantConfig:
             quantization error, slowest to calibrate), ``"minmax"`` or ``"moving_average"``.
         per_channel: one weight scale per output channel (default) instead of one per tensor.
         keep_float: names of submodules left in float (as in ``model.named_modules()``).
+        target: the CPUs the int8 model must be right on (:mod:`lightning_quant.target`): ``"avx2"`` (default,
+            any x86-64 CPU with AVX2: 7-bit weights), ``"avx512_vnni"``, ``"amx"`` (8-bit) or ``"native"``.
 
     Example::
 
@@ -27,11 +31,13 @@ class StaticQuantConfig:
     observer: str = "histogram"
     per_channel: bool = True
     keep_float: Sequence[str] = field(default_factory=tuple)
+    target: str = DEFAULT_TARGET
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
         check_keep_float(self.keep_float)
+        check_target_name(self.target)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,8 @@ class DynamicQuantConfig:
 
     ``nn.Linear`` layers go through torchao (``Int8DynamicActivationInt8WeightConfig``); ``nn.LSTM`` and
     ``nn.GRU``, which torchao does not cover, through the legacy ``torch.ao.quantization.quantize_dynamic``
-    (on x86 CPUs it saves memory, not time). Set ``recurrent=False`` to leave them in float.
+    (on x86 CPUs it saves memory, not time). Set ``recurrent=False`` to leave them in float. ``target`` as in
+    :class:`StaticQuantConfig` (``"avx2"``: torchao's ``reduce_range``, 7-bit weights and activations).
 
     Example::
 
@@ -50,9 +57,11 @@ class DynamicQuantConfig:
 
     recurrent: bool = True
     keep_float: Sequence[str] = field(default_factory=tuple)
+    target: str = DEFAULT_TARGET
 
     def __post_init__(self) -> None:
         check_keep_float(self.keep_float)
+        check_target_name(self.target)
 
 
 def check_keep_float(names: Sequence[str]) -> None:

@@ -78,6 +78,7 @@ from lightning_quant.quantization._torchao import (
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
 from lightning_quant.quantization.inputs import ModelInputs
 from lightning_quant.quantization.quantize import export_for_quantization, single_input_channel_convs
+from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = torch.ops.aten.dropout.default
@@ -96,6 +97,8 @@ class QATConfig:
             Weights always use a per-step moving average: they change every step.
         per_channel: one weight scale per output channel (default) rather than one per tensor.
         keep_float: names of submodules (as in ``model.named_modules()``) whose ops stay in float.
+        target: the CPUs the int8 model is for (:mod:`lightning_quant.target`); ``"avx2"`` (default) trains with
+            the 7-bit weight grid that CPUs without VNNI compute exactly, so the converted model and files match.
 
     Example::
 
@@ -106,16 +109,19 @@ class QATConfig:
     observer: str = "moving_average"
     per_channel: bool = True
     keep_float: Sequence[str] = ()
+    target: str = DEFAULT_TARGET
 
     def __post_init__(self) -> None:
         if self.observer not in OBSERVERS:
             raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
         check_keep_float(self.keep_float)
+        check_target_name(self.target)
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
 def make_qat_quantizer(config: QATConfig = QATConfig(), model: nn.Module | None = None) -> X86InductorQuantizer:
-    """``X86InductorQuantizer`` for QAT: uint8 activations, int8 symmetric weights, ``keep_float`` skipped.
+    """``X86InductorQuantizer`` for QAT: uint8 activations, int8 symmetric weights in the target's range,
+    ``keep_float`` skipped.
 
     Given ``model``, its convolutions with one input channel stay float too, as in static int8 (see
     :func:`~lightning_quant.quantization.quantize.single_input_channel_convs`).
@@ -126,7 +132,8 @@ def make_qat_quantizer(config: QATConfig = QATConfig(), model: nn.Module | None 
     if config.observer != "moving_average":
         observer = MinMaxObserver if config.observer == "minmax" else HistogramObserver
         activation = replace(activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=eps))
-    weight = default.weight
+    quant_min, quant_max = resolve_target(config.target).weight_range
+    weight = replace(default.weight, quant_min=quant_min, quant_max=quant_max)
     if not config.per_channel:
         weight = replace(
             weight,

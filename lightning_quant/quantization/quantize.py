@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -14,6 +15,7 @@ from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.target import resolve_target
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
 
@@ -79,7 +81,8 @@ def quantize(
 
 
 def x86_quantizer(config: StaticQuantConfig, model: Optional[nn.Module] = None) -> ao.X86InductorQuantizer:
-    """``X86InductorQuantizer`` with the config's observer, weight granularity and float modules.
+    """``X86InductorQuantizer`` with the config's observer, weight granularity, float modules and the weight
+    range of its target (7-bit for ``"avx2"``: see :mod:`lightning_quant.target`).
 
     Given ``model``, its convolutions with a single input channel also stay float (see
     :func:`single_input_channel_convs`).
@@ -92,12 +95,13 @@ def x86_quantizer(config: StaticQuantConfig, model: Optional[nn.Module] = None) 
         qscheme=torch.per_tensor_affine,
         observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=2**-12),
     )
-    weight = default.weight
+    quant_min, quant_max = resolve_target(config.target).weight_range
+    weight = replace(default.weight, quant_min=quant_min, quant_max=quant_max)
     if not config.per_channel:
         weight = ao.QuantizationSpec(
             dtype=torch.int8,
-            quant_min=-128,
-            quant_max=127,
+            quant_min=quant_min,
+            quant_max=quant_max,
             qscheme=torch.per_tensor_symmetric,
             observer_or_fake_quant_ctr=ao.MinMaxObserver.with_args(eps=2**-12),
         )
@@ -156,7 +160,9 @@ def _quantize_static(
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
     quantized = copy.deepcopy(model).eval()
     keep = tuple(config.keep_float)
-    ao.quantize_(quantized, ao.Int8DynamicActivationInt8WeightConfig(), filter_fn=_dynamic_linear_filter(keep))
+    # reduce_range: 7-bit weights and activations, whose u8 x s8 pair sums fit the int16 of non-VNNI kernels
+    int8 = ao.Int8DynamicActivationInt8WeightConfig(reduce_range=resolve_target(config.target).weight_bits == 7)
+    ao.quantize_(quantized, int8, filter_fn=_dynamic_linear_filter(keep))
     if config.recurrent:
         legacy_quantize_dynamic(quantized, RECURRENT_TYPES, keep)
     return quantized
