@@ -178,9 +178,8 @@ def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
         from lightning_quant.loading import check_cpu_runs
 
         _, manifest = load_manifest(manifest_path)
-        entry = next((a for a in manifest.get("artifacts", []) if a.get("path") == path.name), {})
         try:
-            check_cpu_runs(manifest, entry, path)
+            check_cpu_runs(manifest, path)
         except RuntimeError as err:
             raise CliError(str(err)) from err
     return load_artifact(path, artifact_format(path, format))

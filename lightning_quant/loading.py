@@ -71,11 +71,11 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{file} does not match {manifest_path}: sha256 {digest} != {entry['sha256']}. The file changed after "
             "export (or was damaged or replaced); refusing to load it. Export again, or copy the directory intact."
         )
-    check_cpu_runs(manifest, entry, file)
+    check_cpu_runs(manifest, file)
     return load_artifact(file, entry["format"])
 
 
-def check_cpu_runs(manifest: dict[str, Any], entry: dict[str, Any], file: Path) -> None:
+def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
     """Refuse a file whose target (recorded in the manifest) needs CPU flags this machine lacks."""
     target = manifest.get("target")
     if not target:  # written before targets existed: built for the exporting machine
@@ -83,7 +83,7 @@ def check_cpu_runs(manifest: dict[str, Any], entry: dict[str, Any], file: Path) 
     missing = [flag for flag in target["requires"] if flag not in cpu_info()["flags"]]
     if missing:
         raise RuntimeError(
-            f"{file} was built for target {entry.get('target', target['name'])!r} (CPU flags {target['requires']}) "
+            f"{file} was built for target {target['name']!r} (CPU flags {target['requires']}) "
             f"on {manifest.get('cpu', {}).get('model', 'another CPU')}; this CPU ({cpu_info()['model']}) lacks "
             f"{missing}, so it would crash or compute wrong int8 results here. Export again with target='avx2' "
             "(any x86-64 CPU with AVX2), or run it on a CPU with those instructions."
