@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -35,13 +34,14 @@ from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 from lightning_quant.export import export, load_artifact
 from lightning_quant.memory_format import to_channels_last
 from lightning_quant.quantization import DynamicQuantConfig, quantize
-from lightning_quant.quantization._legacy import legacy_api
+from lightning_quant.deprecated import legacy_api
 from lightning_quant.quantization.transformer_fastpath import (
     FUSED_ATTENTION,
     FUSED_ENCODER_LAYER,
     inference_operators,
     route_quantized_encoder_layers,
 )
+from lightning_quant.target import cpu_info
 
 RESULTS = Path(__file__).with_name("inference_results.md")
 
@@ -221,7 +221,7 @@ def main() -> None:
 
     report = f"""# Inference and training-speed benchmark (issue 5)
 
-`python benchmarks/bench_inference.py{' --quick' if args.quick else ''}` on {platform.processor() or platform.machine()},
+`python benchmarks/bench_inference.py{' --quick' if args.quick else ''}` on {cpu_info()['model']} (ISA flags {cpu_info()['flags']}),
 torch {torch.__version__}, {torch.get_num_threads()} threads, {load} ({os.cpu_count()} cores). Fastest of
 {rounds} interleaved rounds; the machine is shared, so absolute times drift: read the ratios.
 

@@ -17,7 +17,6 @@ Targets:
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, ML
 from lightning_quant.export import OrtDynamicQuantization, OrtStaticQuantization, export, load_artifact
 from lightning_quant.export.aoti import export_aoti
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, StaticQuantConfig, quantize
+from lightning_quant.target import cpu_info
 
 RESULTS = Path(__file__).with_name("ptq_results.md")
 
@@ -177,7 +177,7 @@ def report(static: dict, dynamic: dict, digits: dict, repeats: int, epochs: int)
     rows = [
         "# Static and dynamic int8: measured (benchmarks/bench_ptq.py)",
         "",
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{cpu_info()['model']} (ISA flags {cpu_info()['flags']}), {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"median of {repeats} calls after warm-up, torch variants interleaved in one process, ONNX Runtime alone "
         "after them. The machine is shared with other jobs: absolute times drift, ratios hold better.",
         "",

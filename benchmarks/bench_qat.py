@@ -22,7 +22,6 @@ import argparse
 import copy
 import itertools
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,6 +39,7 @@ from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 from lightning_quant.export import OrtStaticQuantization, export, load_artifact
 from lightning_quant.quantization import ModelInputs
 from lightning_quant.quantization.qat import prepare_qat
+from lightning_quant.target import cpu_info
 
 RESULTS = Path(__file__).with_name("qat_results.md")
 
@@ -196,7 +196,7 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
     lines = [
         "# Quantization-aware training: results",
         "",
-        f"`python benchmarks/bench_qat.py{' --quick' if args.quick else ''}` on {platform.processor() or platform.machine()}, "
+        f"`python benchmarks/bench_qat.py{' --quick' if args.quick else ''}` on {cpu_info()['model']} (ISA flags {cpu_info()['flags']}), "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}. Digits ConvNet (4 conv-BN-ReLU blocks, 32 "
         f"channels), {args.epochs} epochs for every model, seeds {args.seeds}. QAT recipe: {recipe}. Load average "
         f"(1, 5, 15 min) at start {_load(load[0])}, at end {_load(load[1])}: the 2 cores are shared, the step ratios "

@@ -235,12 +235,10 @@ def _safe(fn: Callable[[], float]) -> Optional[float]:
 
 # ------------------------------------------------------------------------------------------- reporting
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    from lightning_quant.target import cpu_info
+
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "isa_flags": cpu["flags"], "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "load_average": list(os.getloadavg())}
 
 
@@ -326,7 +324,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         f"# Benchmarks: lightning-quant against the tools users would otherwise pick{' (QUICK RUN)' if results['quick'] else ''}",
         "",
-        f"`python benchmarks/run.py{' --quick' if results['quick'] else ''}`, {results['date']}. Machine: {m['cpu']}, "
+        f"`python benchmarks/run.py{' --quick' if results['quick'] else ''}`, {results['date']}. Machine: {m['cpu']} "
+        f"(ISA flags {m.get('isa_flags', 'not recorded')}), "
         f"{m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, Python {m['python']}; load average "
         f"at start {m['load_average'][0]:.1f} (shared with other jobs: absolute times drift, ratios hold better). "
         f"Models trained {results['epochs']} epochs on digits; median of {results['repeats']} calls after 10 warm-up "

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import fx, nn
 
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 
 
 def latency_ms(model: Callable[..., Any], inputs: Any, warmup: int = 5, repeats: int = 20) -> float:

@@ -133,7 +133,7 @@ def artifact_format(path: Path, given: Optional[str] = None) -> str:
 
 def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape: Optional[str]) -> Any:
     """Random inputs of the shape given, or of the first manifest found next to ``paths`` (batch replaced)."""
-    from lightning_quant.quantization.inputs import ModelInputs
+    from lightning_quant.inputs import ModelInputs
 
     if input_shape:
         try:

@@ -80,9 +80,9 @@ def test_keep_float_leaves_named_modules_in_float(convnet):
 
 
 def test_dynamic_int8_quantizes_linear_and_lstm_and_says_the_lstm_kernel_is_legacy(monkeypatch):
-    from lightning_quant.quantization import _legacy
+    from lightning_quant import deprecated
 
-    monkeypatch.setattr(_legacy, "_told", set())  # the warning is said once per process: forget earlier tests
+    monkeypatch.setattr(deprecated, "_told", set())  # the warning is said once per process: forget earlier tests
     model = LSTMNet().eval()
     x = torch.rand(4, 1, 8, 8)
     with pytest.warns(FutureWarning, match="deprecated torch"):

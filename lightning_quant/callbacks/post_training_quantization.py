@@ -13,7 +13,7 @@ from torch import nn
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import OrtStaticQuantization
 from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.target import DEFAULT_TARGET
 

@@ -66,7 +66,7 @@ from lightning_quant.manifest import (
 )
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.config import check_keep_float
-from lightning_quant.quantization.inputs import ModelInputs, default_batch_to_input
+from lightning_quant.inputs import ModelInputs, default_batch_to_input
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
 from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name, resolve_target
 

@@ -11,8 +11,9 @@ from torch import nn
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
 from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
-from lightning_quant.quantization.inputs import ModelInputs
-from lightning_quant.quantization.quantize import QuantizationError, _first_lines
+from lightning_quant.inputs import ModelInputs
+from lightning_quant.errors import QuantizationError
+from lightning_quant.errors import first_lines as _first_lines
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)

@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_quant.export.files import atomic_path
 from lightning_quant.export.shapes import batch_dynamic_shapes
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".onnx"

@@ -9,7 +9,7 @@ import torch
 from torch.export import Dim
 from torch.utils._pytree import tree_map
 
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 
 
 def batch_dynamic_shapes(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> dict[str, Any] | None:

@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_quant.export.files import atomic_write_bytes
-from lightning_quant.quantization._legacy import legacy_api
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.deprecated import legacy_api
+from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".ts"
 

@@ -18,8 +18,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_quant.quantization.inputs import ModelInputs
-from lightning_quant.quantization.quantize import QuantizationError
+from lightning_quant.inputs import ModelInputs
+from lightning_quant.errors import QuantizationError
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
@@ -248,11 +248,12 @@ def _tensors(output: Any) -> list[torch.Tensor]:
 
 
 def _main(request_path: str) -> None:
-    import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
     from lightning_quant.benchmark import latency_ms
     from lightning_quant.export.api import load_artifact
 
     request = torch.load(request_path, weights_only=True)
+    if any(format == "torch_export" for format, _ in request["artifacts"]):
+        import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None

@@ -11,7 +11,7 @@ Example::
 """
 
 from lightning_quant.quantization.config import OBSERVERS, DynamicQuantConfig, StaticQuantConfig
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.quantize import (
     QuantizationError,
     count_quantized_ops,

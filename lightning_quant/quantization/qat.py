@@ -76,7 +76,7 @@ from lightning_quant.quantization._torchao import (
     prepare_qat_pt2e,
 )
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.quantize import export_for_quantization, single_input_channel_convs
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 

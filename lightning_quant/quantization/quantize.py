@@ -11,10 +11,12 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from lightning_quant.errors import QuantizationError
+from lightning_quant.errors import first_lines as _first_lines
 from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import resolve_target
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
@@ -25,10 +27,6 @@ _OBSERVERS = {
     "moving_average": ao.MovingAverageMinMaxObserver,
     "histogram": ao.HistogramObserver,
 }
-
-
-class QuantizationError(RuntimeError):
-    """A model could not be quantized or exported; the message names the model and the reason."""
 
 
 def quantize(
@@ -231,7 +229,3 @@ def _op_name(target: Any) -> str:
     """``aten.linear`` for ``torch.ops.aten.linear.default``."""
     name = str(target)
     return name.rsplit(".", 1)[0] if name.count(".") >= 2 else name
-
-
-def _first_lines(err: BaseException, lines: int = 6) -> str:
-    return "\n".join(str(err).strip().splitlines()[:lines])

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from lightning_quant.quantization._legacy import _kept
-from lightning_quant.quantization.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 _BUDGET_FIELDS = ("metric", "max_drop", "relative", "higher_is_better", "max_evaluations", "max_float_fraction")
