@@ -52,6 +52,24 @@ class ModelInputs(NamedTuple):
         # bound.args/kwargs leave *args/**kwargs parameters in place, which is the call forward accepts
         return ModelInputs(tuple(bound.args), dict(bound.kwargs))
 
+    def matching(self, forward: Callable[..., Any]) -> ModelInputs:
+        """These inputs without the keywords ``forward`` has no parameter for (a dict batch's ``labels``, ids,
+        metadata), unless it takes ``**kwargs``.
+
+        Example::
+
+            >>> def forward(input_ids, attention_mask=None): ...
+            >>> sorted(ModelInputs((), {"input_ids": 1, "attention_mask": 2, "labels": 3}).matching(forward).kwargs)
+            ['attention_mask', 'input_ids']
+        """
+        try:
+            parameters = inspect.signature(forward).parameters
+        except (TypeError, ValueError):
+            return self
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return self
+        return ModelInputs(self.args, {k: v for k, v in self.kwargs.items() if k in parameters})
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor in the call, in the order export flattens them."""
         leaves, _ = tree_flatten((self.args, self.kwargs))
@@ -87,7 +105,8 @@ class ModelInputs(NamedTuple):
 
 
 def default_batch_to_input(batch: Any) -> Any:
-    """The input part of a batch: ``batch[0]`` of a tuple/list ``(input, target, ...)``, else the batch itself."""
+    """The input part of a batch: ``batch[0]`` of a tuple/list ``(input, target, ...)``, else the batch itself
+    (a dict batch is bound to ``forward`` by parameter name; keys it has no parameter for are dropped)."""
     if isinstance(batch, (tuple, list)):
         if not batch:
             raise ValueError("got an empty batch; pass batch_to_input=... to say which part is the model input")

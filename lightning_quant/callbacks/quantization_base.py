@@ -224,6 +224,8 @@ class QuantizationCallback(Callback, ABC):
                 "dataloader, and this fit has none: pass val_dataloaders to trainer.fit (or a datamodule with "
                 "val_dataloader), or drop max_metric_drop."
             )
+        # a batch that does not fit forward fails now, not at fit end after all the training
+        next(self.model_inputs(trainer, "train", limit=1), None)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the first validation (the sanity check, else the first epoch's) shows whether the metric is logged
@@ -299,7 +301,7 @@ class QuantizationCallback(Callback, ABC):
             for batch in loader:
                 if limit is not None and count >= limit:
                     return
-                inputs = ModelInputs.from_value(self.batch_to_input(batch)).to("cpu")
+                inputs = self._batch_inputs(batch, trainer.lightning_module, dataloader).to("cpu")
                 bad = [t for t in inputs.tensors() if t.is_floating_point() and not torch.isfinite(t).all()]
                 if bad:
                     raise ValueError(
@@ -309,6 +311,21 @@ class QuantizationCallback(Callback, ABC):
                     )
                 yield inputs
                 count += 1
+
+    def _batch_inputs(self, batch: Any, pl_module: LightningModule, dataloader: str) -> ModelInputs:
+        """The model input of a batch, bound to ``forward`` (a dict batch by parameter name, extra keys dropped);
+        a batch that cannot be bound raises an error naming ``batch_to_input``."""
+        inputs = ModelInputs.from_value(self.batch_to_input(batch)).matching(pl_module.forward)
+        try:
+            return inputs.bind(pl_module.forward)
+        except TypeError as err:
+            kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+            raise ValueError(
+                f"{type(self).__name__}: a batch of the {dataloader} dataloader ({kind}) does not fit "
+                f"{type(pl_module).__name__}.forward{inspect.signature(pl_module.forward)}: {err}. Pass "
+                "batch_to_input=lambda batch: ... returning what forward takes (a tensor, a tuple of arguments or a "
+                "dict of keywords)."
+            ) from err
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
@@ -407,7 +424,8 @@ class QuantizationCallback(Callback, ABC):
                 runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
                 speed = measure_speed(float_model, reference, runtimes, timing_inputs)
                 self.quantized_model = _InferenceModel(
-                    pl_module.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"], self.approach
+                    pl_module.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"], self.approach,
+                    output_template=inputs(reference),
                 )
             metrics = self._evaluate(trainer, pl_module, float_model, float_metrics)
         except Exception as err:
@@ -597,10 +615,12 @@ class _InferenceModel(nn.Module):
     """
 
     def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]],
-                 runtime: Optional[str], approach: str) -> None:
+                 runtime: Optional[str], approach: str, output_template: Any = None) -> None:
         super().__init__()
         self.reference = reference
         self._lowered = lowered
+        # files return the tensors of forward's output (a ModelOutput's fields, say): calls get its structure back
+        self._output_template = output_template
         self.runtime = runtime if lowered is not None else None
         self._signature = inspect.signature(forward)
         self.approach = approach
@@ -614,7 +634,21 @@ class _InferenceModel(nn.Module):
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
         with torch.no_grad():
-            return (self._lowered or self.reference)(*bound.args, **bound.kwargs)
+            if self._lowered is None:
+                return self.reference(*bound.args, **bound.kwargs)
+            return _like(self._output_template, self._lowered(*bound.args, **bound.kwargs))
+
+
+def _like(template: Any, output: Any) -> Any:
+    """``output`` (a file's tensors) in the structure of ``template`` (forward's own output on the example):
+    its tensor leaves replaced, in order, by the file's tensors."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    if template is None or isinstance(template, torch.Tensor):
+        return output
+    leaves, spec = tree_flatten(template)
+    tensors = iter([output] if isinstance(output, torch.Tensor) else list(output))
+    return tree_unflatten([next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
 
 def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:

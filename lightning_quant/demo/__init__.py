@@ -2,6 +2,6 @@
 
 from lightning_quant.demo.data import DigitsDataModule
 from lightning_quant.demo.module import DigitsClassifier
-from lightning_quant.demo.nets import ConvNet, LSTMNet, MLPNet, TransformerNet
+from lightning_quant.demo.nets import ConvNet, LSTMNet, MLPNet, ResNet, TransformerNet
 
-__all__ = ["DigitsDataModule", "DigitsClassifier", "ConvNet", "LSTMNet", "MLPNet", "TransformerNet"]
+__all__ = ["DigitsDataModule", "DigitsClassifier", "ConvNet", "LSTMNet", "MLPNet", "ResNet", "TransformerNet"]

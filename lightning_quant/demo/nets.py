@@ -88,3 +88,49 @@ class TransformerNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x.flatten(1, 2) if x.dim() == 4 else x) + self.position
         return self.head(self.encoder(tokens).mean(dim=1))
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock``, as torchvision writes it: one ``self.relu`` module called twice."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    """A ResNet with torchvision's structure (stem, stages of :class:`BasicBlock`, global pooling, ``fc``),
+    sized for 8x8 images: ``blocks`` per stage, ``widths`` channels, stride 2 from the second stage on."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32), blocks: int = 2,
+                 num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        stages, c_in = [], widths[0]
+        for i, width in enumerate(widths):
+            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else width, width, 2 if i and not j else 1)
+                                          for j in range(blocks))))
+            c_in = width
+        self.layers = nn.Sequential(*stages)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))

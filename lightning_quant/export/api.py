@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
@@ -93,6 +96,10 @@ def export(
     inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
     models = dict(models or {})
     target = resolve_target(target)
+    model, output_names = tensor_outputs(model, inputs)
+    models = {name: tensor_outputs(source, inputs)[0] for name, source in models.items()}
+    if float_model is not None:
+        float_model = tensor_outputs(float_model, inputs)[0]
     artifacts = []
     failures: dict[str, str] = {}
     for name in formats:  # one format failing does not stop the others
@@ -112,6 +119,8 @@ def export(
             )
             continue
         path = dirpath / filename
+        if output_names is not None:
+            details = {**details, "outputs": output_names}
         artifacts.append(
             Artifact(
                 format=name,
@@ -127,6 +136,63 @@ def export(
     if failures:
         raise ExportError(artifacts, failures)
     return artifacts
+
+
+def tensor_outputs(model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, Optional[list[str]]]:
+    """``model`` itself if it returns tensors (one, or a tuple/list of them); else ``model`` wrapped to return the
+    tensor fields of its output (a Hugging Face ``ModelOutput``, a dataclass, a dict) as a tuple, or the tensor
+    when there is one, with their names. Exported files then load anywhere: an AOTInductor package or program
+    that returns a ``ModelOutput`` needs ``transformers`` imported to be read back.
+
+    Example::
+
+        >>> _, names = tensor_outputs(DictOutput(), ModelInputs.from_value(torch.zeros(2, 3)))
+        >>> names
+        ['logits']
+    """
+    with torch.no_grad():
+        output = inputs(model)
+    if isinstance(output, torch.Tensor) or (
+        isinstance(output, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in output)
+    ):
+        return model, None
+    names = _tensor_fields(output)
+    if not names:
+        raise TypeError(f"{type(model).__name__}.forward returns {type(output).__name__}, which holds no tensor field "
+                        "to export: return tensors (or a ModelOutput/dataclass/dict of them)")
+    return _TensorOutputs(model, names), names
+
+
+def _tensor_fields(output: Any) -> list[str]:
+    if isinstance(output, Mapping):  # dict, and transformers' ModelOutput (an OrderedDict of its set fields)
+        return [name for name, value in output.items() if isinstance(value, torch.Tensor)]
+    if dataclasses.is_dataclass(output):
+        return [f.name for f in dataclasses.fields(output) if isinstance(getattr(output, f.name), torch.Tensor)]
+    return []
+
+
+class _TensorOutputs(nn.Module):
+    """Calls ``model`` and returns the named tensor fields of its output (the tensor itself when there is one).
+    ``forward`` keeps ``model.forward``'s signature, so inputs bind and export the same way."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, list(names)
+
+        @functools.wraps(model.forward)  # inspect.signature(self.forward) is model.forward's
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            output = model(*args, **kwargs)
+            values = [output[name] if isinstance(output, Mapping) else getattr(output, name) for name in names]
+            return values[0] if len(values) == 1 else tuple(values)
+
+        self.forward = forward
+
+
+class DictOutput(nn.Module):
+    """A model returning a dict (doctest of :func:`tensor_outputs`)."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return {"logits": x * 2, "note": "not a tensor"}
 
 
 class ExportError(QuantizationError):

@@ -77,7 +77,7 @@ from lightning_quant.quantization._torchao import (
 )
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization.quantize import export_for_quantization, single_input_channel_convs
+from lightning_quant.quantization.quantize import capture_for_quantization, single_input_channel_convs
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
@@ -208,10 +208,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATCo
     was_training = model.training
     model.train()  # the training graph: BatchNorm on batch statistics, dropout on
     try:
-        exported = export_for_quantization(model, inputs)
+        captured = capture_for_quantization(model, inputs)
     finally:
         model.train(was_training)
-    prepared = prepare_qat_pt2e(exported.module(), make_qat_quantizer(config, model))
+    prepared = prepare_qat_pt2e(captured, make_qat_quantizer(config, model))
     _restore_batchnorm_literals(prepared, model)
     qat = QATGraph(model, prepared)
     if qat.num_fake_quantizers == 0:
@@ -399,8 +399,10 @@ class QATGraph:
         ]
         if unobserved:
             raise ValueError(
-                f"Fake-quant modules {unobserved} have no range: the QAT graph must run in training with "
-                "observers enabled on real batches before it can be converted."
+                f"{len(unobserved)} fake-quant modules ({', '.join(unobserved[:4])}{', ...' if len(unobserved) > 4 else ''}) "
+                "have no range: the QAT graph must run in training with observers enabled on real batches before it "
+                "can be converted. The graph is the model's forward: a training_step that calls a submodule directly "
+                "(e.g. self.model(**batch)) instead of self(...) never runs it."
             )
         graph = copy.deepcopy(self.eval_graph).cpu()
         with torch.no_grad():

@@ -140,11 +140,31 @@ def export_for_quantization(model: nn.Module, inputs: ModelInputs) -> torch.expo
         ) from err
 
 
+def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphModule:
+    """The graph PT2E annotates: :func:`export_for_quantization`'s module, with every call of a module used more
+    than once (torchvision's ResNet blocks call one ``self.relu`` twice) marked as a call of its own.
+
+    ``X86InductorQuantizer`` groups nodes into patterns by the module they came from; two calls of one ReLU module
+    make one group with two outputs, which it refuses ("Input partition has more than one output node").
+    ``torch.export`` already keys the second call ``...relu@1`` in ``nn_module_stack``; the module name
+    becomes ``relu@1`` too, so each call is matched on its own, as if the block had a ReLU per use.
+    """
+    graph = export_for_quantization(model, inputs).module()
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key, (fqn, cls) = list(stack.items())[-1]
+        call = key.rpartition("@")[2] if "@" in key else ""
+        if call.isdigit():
+            stack[key] = (f"{fqn}@{call}", cls)
+    return graph
+
+
 def _quantize_static(
     model: nn.Module, config: StaticQuantConfig, inputs: ModelInputs, calibration_data: Iterable[Any]
 ) -> fx.GraphModule:
-    exported = export_for_quantization(model, inputs)
-    prepared = ao.prepare_pt2e(exported.module(), x86_quantizer(config, model))
+    prepared = ao.prepare_pt2e(capture_for_quantization(model, inputs), x86_quantizer(config, model))
     batches = 0
     with torch.no_grad():
         for batch in calibration_data:
