@@ -76,7 +76,7 @@ class BertClassifier(L.LightningModule):
 
 def fit_bert(callback, tmp_path: Path) -> dict:
     trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1,
-                        limit_train_batches=4, limit_val_batches=2, enable_progress_bar=False,
+                        limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(BertClassifier(), DataLoader(Tokens(64, 0), batch_size=8), DataLoader(Tokens(32, 1), batch_size=8))
     return json.loads((Path(callback.dirpath) / "manifest.json").read_text())
@@ -98,7 +98,7 @@ print(tuple(logits.shape), from_onnx.shape)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make", [
-    lambda: PostTrainingQuantization(num_calibration_batches=4),
+    lambda: PostTrainingQuantization(num_calibration_batches=3),
     lambda: DynamicQuantization(),
     lambda: QuantizationAwareTraining(),
 ], ids=["static", "dynamic", "qat"])

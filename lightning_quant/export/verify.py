@@ -70,12 +70,12 @@ def verify_artifacts(
         if any(a.compared_with == "quantized" for a in artifacts):
             noise_floor = rounding_noise_floor(reference, inputs, expected)
     target = resolve_target(target)
-    outcome = _run_fresh(artifacts, inputs, timing_inputs, dirpath)
     # On a CPU wider than the target (VNNI for an "avx2" file), oneDNN's kernels for the target are not the ones
     # running here: run the PyTorch files again with oneDNN limited to the target's ISA. ONNX Runtime has no such
     # switch; its files are checked for the target's weight range instead (what makes its kernels exact).
     narrower = [a for a in artifacts if a.format != "onnx"] if emulates_narrower_isa(target) else []
-    emulated = _run_fresh(narrower, inputs, None, dirpath, {"ONEDNN_MAX_CPU_ISA": target.onednn_isa}) if narrower else {}
+    runs = [(artifacts, {}), *([(narrower, {"ONEDNN_MAX_CPU_ISA": target.onednn_isa})] if narrower else [])]
+    outcome, emulated = (*_run_fresh(runs, inputs, timing_inputs, dirpath), {})[:2]
     report = {}
     failures = []
     for artifact in artifacts:
@@ -177,35 +177,45 @@ class _QuantizeInputNoise(TorchFunctionMode):
 
 
 def _run_fresh(
-    artifacts: Sequence[Any], inputs: Sequence[ModelInputs], timing_inputs: Optional[ModelInputs], dirpath: Path,
-    env: Optional[dict[str, str]] = None,
-) -> dict[str, Any]:
-    """Load and run ``artifacts`` in a fresh Python process (with ``env`` added); per format its ``outputs`` and
-    ``latency_ms`` (``None`` without ``timing_inputs``), or its ``error``."""
+    runs: Sequence[tuple[Sequence[Any], dict[str, str]]], inputs: Sequence[ModelInputs],
+    timing_inputs: Optional[ModelInputs], dirpath: Path,
+) -> list[dict[str, Any]]:
+    """Load and run each run's artifacts in a fresh Python process (with its environment variables added); per
+    run and format its ``outputs`` and ``latency_ms`` (first run only, ``None`` without ``timing_inputs``), or
+    its ``error``. Without timing the processes run at once (each only computes outputs); with it, one by one,
+    so nothing else runs while the first is timed."""
     with tempfile.TemporaryDirectory() as scratch:
-        request, result = Path(scratch) / "request.pt", Path(scratch) / "result.pt"
-        torch.save(
-            {
-                "artifacts": [(a.format, str(dirpath / a.path)) for a in artifacts],
-                "inputs": [tuple(case) for case in inputs],
-                "timing_inputs": tuple(timing_inputs) if timing_inputs is not None else None,
-                "threads": torch.get_num_threads(),
-                "result": str(result),
-            },
-            request,
-        )
-        process = subprocess.run(
-            [sys.executable, "-m", "lightning_quant.export.verify", str(request)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-        )
-        if process.returncode != 0 or not result.exists():
-            where = f" (with {env})" if env else ""
-            raise QuantizationError(
-                f"Reloading the exported files in a fresh process{where} failed:\n{process.stderr[-3000:]}"
+        results, started, outcomes = [], [], []
+        for index, (artifacts, env) in enumerate(runs):
+            request, result = Path(scratch) / f"request{index}.pt", Path(scratch) / f"result{index}.pt"
+            torch.save(
+                {
+                    "artifacts": [(a.format, str(dirpath / a.path)) for a in artifacts],
+                    "inputs": [tuple(case) for case in inputs],
+                    "timing_inputs": tuple(timing_inputs) if timing_inputs is not None and index == 0 else None,
+                    "threads": torch.get_num_threads(),
+                    "result": str(result),
+                },
+                request,
             )
-        return torch.load(result, weights_only=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "lightning_quant.export.verify", str(request)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+            )
+            if timing_inputs is not None:
+                process.communicate()
+            results.append(result)
+            started.append((process, env))
+        for (process, env), result in zip(started, results):
+            _, stderr = process.communicate()
+            if process.returncode != 0 or not result.exists():
+                where = f" (with {env})" if env else ""
+                raise QuantizationError(f"Reloading the exported files in a fresh process{where} failed:\n{stderr[-3000:]}")
+            outcomes.append(torch.load(result, weights_only=True))
+        return outcomes
 
 
 # int8 ONNX tensors that are weights: initializers of int8 type (activations are uint8, biases int32)
