@@ -3,7 +3,8 @@
 Each job leaves files in its own folder: ``metrics.json`` (what ``train`` logged), ``manifest.json``
 files (what a quantization callback measured: float and int8 accuracy, latency, size) and
 ``job_status.json`` (written by :class:`SweepComparison` when the job ends: completed or failed, and
-why). :func:`compare_sweep` reads whatever each job left; a job without metrics is a failed row, and
+why). :func:`compare_sweep` reads whatever each job left (the manifests first: any app's callbacks write them);
+a job with neither a manifest nor metrics is a failed row, and
 it hides no other row. One row per (job, manifest); a job that only trained (no manifest) is one
 ``float`` row with its accuracy.
 
@@ -60,6 +61,7 @@ COLUMNS = (
     "size_float_bytes",
     "size_int8_bytes",
     "smallest_file_bytes",
+    "shipped_file",
     "objective",
     "pareto",
     "overrides",
@@ -151,26 +153,32 @@ def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
         "error": status.get("error"),
         "objective": status.get("return_value"),
     }
-    if status.get("status") == "failed" or metrics is None:
-        error = base["error"] or "the job left no metrics.json (it was stopped, or never got to write it)"
-        return [{**dict.fromkeys(COLUMNS), **base, "status": "failed", "error": error}]
-
     manifests = sorted(job_dir.rglob("manifest.json"))
+    if status.get("status") == "failed" or (metrics is None and not manifests):
+        error = base["error"] or ("the job left neither a manifest.json (the quantization callbacks write one) nor a "
+                                  "metrics.json (it was stopped, or never got to write them)")
+        return [{**dict.fromkeys(COLUMNS), **base, "status": "failed", "error": error}]
     if not manifests:
         return [{**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}]
-    return [{**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics)} for path in manifests]
+    # the manifests are what the callbacks wrote, in any app; metrics.json (our train.py's) only fills gaps
+    return [{**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics or {}, base["model"])}
+            for path in manifests]
 
 
-def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Columns read from one quantization manifest (float vs int8 accuracy, latency, size)."""
+def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
+    """Columns read from one quantization manifest (float vs int8 accuracy, latency of the fastest shipped file,
+    size); ``model`` defaults to the manifest's (the LightningModule's class)."""
     manifest = _read_json(path)
     if manifest is None:
         return {"status": "failed", "error": f"{path} is not readable JSON"}
     acc_float = _side(manifest.get("metrics"), "float", metric)
     latency_float = _side(manifest.get("latency_ms"), "float", metric)
     latency_int8 = _side(manifest.get("latency_ms"), "quantized", metric)
+    recommended = [a["path"] for a in manifest.get("artifacts") or [] if a.get("format") == manifest.get("recommended")]
     return {
         "status": "ok",
+        "model": model or manifest.get("model"),
+        "shipped_file": recommended[0] if recommended else None,
         "approach": manifest.get("approach", "quantized"),
         "acc_float": acc_float if acc_float is not None else metrics.get(metric),
         "acc_int8": _side(manifest.get("metrics"), "quantized", metric),
@@ -219,7 +227,7 @@ def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], s
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["job", "status", "model", "callbacks", "approach", "acc float", "acc int8", "latency float (ms)",
               "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "smallest file (KiB)",
-              "objective", "Pareto", "overrides"]  # fmt: skip
+              "recommended file", "objective", "Pareto", "overrides"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for row in rows:
         cells = [
@@ -236,6 +244,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
             _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
             _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
+            row.get("shipped_file") or "none faster than float",
             _fmt(row.get("objective"), "{:.4f}"),
             {True: "yes", False: "", None: ""}[row.get("pareto")],
             f"`{row['overrides']}`" if row.get("overrides") else "",

@@ -286,3 +286,35 @@ def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
     leaked = [f"{group}/{name}" for group in ("model", "data", "trainer") for name in repo.get(group, {})]
     assert leaked == [] and "train_schema.yaml" not in repo
     assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "transformer.yaml"}
+
+
+# The README's recipe for an app whose users switch approach from the command line: one file per approach in a
+# group of the app's own, each choosing lightning-quant's schema and setting only that approach's keys.
+SWITCHABLE_APP = {
+    "config.yaml": "defaults:\n  - quant: ptq\n  - _self_\n",
+    "quant/ptq.yaml": (
+        "# @package _global_\ndefaults:\n  - /lightning_quant/callbacks@callbacks.quant: post_training_quantization\n"
+        "  - _self_\ncallbacks:\n  quant:\n    num_calibration_batches: 16\n    target: avx2\n"
+    ),
+    "quant/dynamic.yaml": (
+        "# @package _global_\ndefaults:\n  - /lightning_quant/callbacks@callbacks.quant: dynamic_quantization\n"
+        "  - _self_\ncallbacks:\n  quant:\n    recurrent: false\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "PostTrainingQuantization"),
+    (["quant=dynamic"], "DynamicQuantization"),
+    (["quant=dynamic", "callbacks.quant.target=native"], "DynamicQuantization"),
+])
+def test_an_app_switches_approach_from_the_command_line(tmp_path, overrides, expected):
+    for name, text in SWITCHABLE_APP.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    callback = instantiate(cfg.callbacks.quant)
+    assert type(callback).__name__ == expected
+    assert callback.target == ("native" if "callbacks.quant.target=native" in overrides else "avx2")

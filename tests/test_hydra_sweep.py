@@ -117,3 +117,26 @@ def test_sweep_comparison_arguments_are_checked():
         SweepComparison(metric="")
     with pytest.raises(ValueError, match="bare file name"):
         SweepComparison(stem="../elsewhere")
+
+
+def test_a_job_of_any_app_is_read_from_its_manifest(tmp_path):
+    """A user's app writes no metrics.json: the job's row comes from the manifest its callback wrote, with the
+    model's name and the recommended file's speed-up."""
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- lr=0.1\n")
+    (job / "quantized").mkdir()
+    manifest = {
+        "approach": "static", "model": "MyClassifier", "recommended": "onnx",
+        "metrics": {"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
+        "latency_ms": {"float": 2.0, "quantized": 0.5, "aoti": 0.8, "onnx": 0.5},
+        "size_bytes": {"float": 4000, "quantized": 1000, "smallest_artifact": 900},
+        "artifacts": [{"format": "aoti", "path": "model_aoti.pt2"}, {"format": "onnx", "path": "model.onnx"}],
+    }
+    (job / "quantized" / "manifest.json").write_text(json.dumps(manifest))
+    [row] = compare_sweep(tmp_path)
+    assert row["status"] == "ok" and row["model"] == "MyClassifier" and row["approach"] == "static"
+    assert row["acc_int8"] == 0.89 and row["speedup"] == 4.0 and row["shipped_file"] == "model.onnx"
+    (job / "quantized" / "manifest.json").unlink()
+    [row] = compare_sweep(tmp_path)
+    assert row["status"] == "failed" and "neither a manifest.json" in row["error"]
