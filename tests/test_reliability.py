@@ -83,3 +83,22 @@ def test_train_script_ends_with_a_clear_message_and_a_nonzero_exit(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     metrics = json.loads((tmp_path / "metrics.json").read_text())  # the test still ran on the best checkpoint
     assert "test/acc" in metrics
+
+
+def test_the_float_checkpoint_holds_the_weights_that_were_quantized(tmp_path):
+    """A ModelCheckpoint that saves only on improvement leaves a "last" checkpoint of an earlier step: the float
+    checkpoint the manifest names must be the trained model that was quantized, not that one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    never_improves = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True,
+                                     save_top_k=1)
+    callback = DynamicQuantization(formats=["onnx"])
+    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[never_improves, callback], logger=False,
+                        **{**FAST, "max_epochs": 3})
+    model = DigitsClassifier(MLPNet(), lr=1e-12)  # next to no learning: val/acc never improves after epoch 0
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
+    manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
+    saved = torch.load(tmp_path / "quantized" / manifest["float_checkpoint"], weights_only=True)
+    assert torch.load(never_improves.last_model_path, weights_only=True)["global_step"] < trainer.global_step
+    assert saved["global_step"] == trainer.global_step
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in model.state_dict().items())

@@ -225,7 +225,10 @@ class QuantizationCallback(Callback, ABC):
                 "val_dataloader), or drop max_metric_drop."
             )
         # a batch that does not fit forward fails now, not at fit end after all the training
-        next(self.model_inputs(trainer, "train", limit=1), None)
+        for loader in self._dataloaders(trainer, "train"):
+            sample = _first_sample_batch(loader)
+            if sample is not None:
+                self._batch_inputs(sample, pl_module, "train")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the first validation (the sanity check, else the first epoch's) shows whether the metric is logged
@@ -367,7 +370,9 @@ class QuantizationCallback(Callback, ABC):
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
         checkpoint = trainer.checkpoint_callback
         last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
-        if last and os.path.isfile(last):
+        # reused only if it holds the weights being quantized: a "last" checkpoint written at an earlier step
+        # (ModelCheckpoint saves last only when it saves at all, e.g. when the monitored metric improved) does not
+        if last and os.path.isfile(last) and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step:
             return str(last)
         path = Path(self.dirpath) / "float.ckpt"
         temporary = path.with_name(path.name + ".tmp")
@@ -712,6 +717,15 @@ def evaluate_validation(
             metric.sync_on_compute = sync
             metric.reset()
     return dict(sorted(results.items()))
+
+
+def _first_sample_batch(loader: Any) -> Any:
+    """A batch of the loader's first sample, collated as the loader would, without iterating the loader: iterating
+    would advance its sampler's generator and change the order training sees. ``None`` for iterable datasets."""
+    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return None
+    return collate([dataset[0]])
 
 
 def _evaluated_batches(loader: Any, limit: float) -> int:
