@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
 def train(cfg: DictConfig) -> float | None:
     """Fit and test the configured model; write ``metrics.json`` (logged metrics, and the numbers of any
     quantization manifest); return the objective for sweepers (see :func:`objective`), or None."""
+    # torch 2.13 deprecates pytree's LeafSpec, which Lightning and torch's own copying still use: a note about
+    # their code on every run, never about the user's model or data
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

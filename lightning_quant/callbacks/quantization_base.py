@@ -422,9 +422,10 @@ class QuantizationCallback(Callback, ABC):
                 timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
                     self.model_inputs(trainer, "train", limit=1), inputs
                 )
+                data_cases = [1] if timing_inputs is not inputs else None  # a real batch: case 1 below
                 timing_inputs = timing_inputs.bind(pl_module.forward)
                 artifacts, verification = self._verify(
-                    artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures
+                    artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures, data_cases
                 )
                 runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
                 speed = measure_speed(float_model, reference, runtimes, timing_inputs)
@@ -481,12 +482,12 @@ class QuantizationCallback(Callback, ABC):
                 f"{dirpath / FILENAME} records every failure. The trained float model is safe: {float_checkpoint}"
             )
 
-    def _verify(self, artifacts, reference, cases, dirpath, float_model, failures):
+    def _verify(self, artifacts, reference, cases, dirpath, float_model, failures, data_cases):
         """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
         A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
         try:
             return artifacts, verify_artifacts(artifacts, reference, cases, dirpath, float_model=float_model,
-                                               target=self.target)
+                                               target=self.target, data_cases=data_cases)
         except QuantizationError as error:
             if len(artifacts) == 1:
                 _discard(artifacts[0], error, dirpath, failures)
@@ -495,7 +496,7 @@ class QuantizationCallback(Callback, ABC):
         for artifact in artifacts:
             try:
                 verification.update(verify_artifacts([artifact], reference, cases, dirpath, float_model=float_model,
-                                                     target=self.target))
+                                                     target=self.target, data_cases=data_cases))
                 verified.append(artifact)
             except QuantizationError as error:
                 _discard(artifact, error, dirpath, failures)

@@ -12,6 +12,7 @@ prepacked weights) when the package runs, so a package is portable across CPUs t
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,10 @@ def export_aoti(
 ) -> dict[str, Any]:
     model = with_contiguous_weights(model)  # channels-last weights (ChannelsLast) compile wrongly here
     configs = {**INDUCTOR_CONFIGS, **target.inductor_configs}
-    with torch.no_grad(), atomic_path(path) as temporary:
+    with torch.no_grad(), atomic_path(path) as temporary, warnings.catch_warnings():
+        # torch's own compile-time notes, about its code, not the user's model
+        warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         program = torch.export.export(
             model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
         )
