@@ -146,9 +146,12 @@ def tensor_outputs(model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, Op
 
     Example::
 
-        >>> _, names = tensor_outputs(DictOutput(), ModelInputs.from_value(torch.zeros(2, 3)))
-        >>> names
-        ['logits']
+        >>> class Classifier(nn.Module):
+        ...     def forward(self, x):
+        ...         return {"logits": x * 2, "note": "not a tensor"}
+        >>> wrapped, names = tensor_outputs(Classifier(), ModelInputs.from_value(torch.zeros(2, 3)))
+        >>> names, wrapped(torch.ones(2, 3)).shape
+        (['logits'], torch.Size([2, 3]))
     """
     with torch.no_grad():
         output = inputs(model)
@@ -186,13 +189,6 @@ class _TensorOutputs(nn.Module):
             return values[0] if len(values) == 1 else tuple(values)
 
         self.forward = forward
-
-
-class DictOutput(nn.Module):
-    """A model returning a dict (doctest of :func:`tensor_outputs`)."""
-
-    def forward(self, x: torch.Tensor) -> dict[str, Any]:
-        return {"logits": x * 2, "note": "not a tensor"}
 
 
 class ExportError(QuantizationError):
