@@ -155,8 +155,10 @@ def test_several_inputs_and_a_keyword_argument_in_every_format(tmp_path):
 def test_a_failing_format_names_itself_and_leaves_no_partial_file(tmp_path):
     legacy = MLPNet().eval()
     legacy_quantize_dynamic(legacy, (nn.Linear,))  # legacy packed weights: torch.export cannot capture them
-    with pytest.raises(QuantizationError, match="Exporting MLPNet to 'torch_export' failed"):
+    with pytest.raises(QuantizationError, match="Exporting MLPNet to 'torch_export' failed") as error:
         export(legacy, torch.rand(4, 1, 8, 8), ["torch_export"], tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert [path.name for path in tmp_path.iterdir()] == ["errors.log"]  # no partial file; the full report
+    assert f"(full report: {tmp_path / 'errors.log'})" in str(error.value) and len(str(error.value)) < 1200
+    assert "Traceback" in (tmp_path / "errors.log").read_text()
     with pytest.raises(ValueError, match=r"Unknown export format\(s\) \['tflite'\]"):
         export(legacy, torch.rand(4, 1, 8, 8), ["tflite"], tmp_path)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_quant.export.files import atomic_path
-from lightning_quant.export.shapes import batch_dynamic_shapes
+from lightning_quant.capture import capture
 from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
@@ -38,12 +38,12 @@ def export_aoti(
         # torch's own compile-time notes, about its code, not the user's model
         warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-        program = torch.export.export(
-            model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
+        captured = capture(model, inputs, dynamic_batch)
+        torch._inductor.aoti_compile_and_package(
+            captured.program, package_path=str(temporary), inductor_configs=configs
         )
-        torch._inductor.aoti_compile_and_package(program, package_path=str(temporary), inductor_configs=configs)
     return {"how": "torch.export -> torch._inductor.aoti_compile_and_package", "inductor_configs": configs,
-            "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)"}
+            "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)", **captured.details()}
 
 
 def load_aoti(path: Path) -> Any:

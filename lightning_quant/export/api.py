@@ -11,12 +11,13 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from lightning_quant.capture import CaptureError
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
 from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.errors import QuantizationError
-from lightning_quant.errors import first_lines as _first_lines
+from lightning_quant.errors import first_lines, write_report
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)
@@ -27,6 +28,9 @@ _FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], A
     "torchscript": ("model" + torchscript.SUFFIX, torchscript.export_torchscript, torchscript.load_torchscript),
 }
 FORMATS: tuple[str, ...] = tuple(_FORMATS)
+# the unlowered program, for users to compile (AOTInductor, torch.compile): not a file to run as is
+UNLOWERED = ("torch_export",)
+ERROR_LOG = "errors.log"  # beside the files: what failed, in full (tracebacks, compiler output, FX graphs)
 
 # Smallest tolerance on the relative error max |file - expected| / max |expected| (see verify_artifacts for
 # the tolerance applied). A file holding the same int8 program as the quantized model ("same") must
@@ -113,10 +117,10 @@ def export(
         try:
             details = exporter(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
         except Exception as err:
-            failures[name] = (
-                f"Exporting {type(source).__name__} to {name!r} failed: {type(err).__name__}: {_first_lines(err)}. "
-                + _fix(err)
-            )
+            cause = str(err) if isinstance(err, CaptureError) else f"{type(err).__name__}: {first_lines(err, 3)}"
+            failures[name] = f"Exporting {type(source).__name__} to {name!r} failed: {cause} {_fix(err)}"
+            if not isinstance(err, OSError):  # a full or read-only disk has no room for a report, nor needs one
+                failures[name] += f" (full report: {write_report(err, dirpath / ERROR_LOG)})"
             continue
         path = dirpath / filename
         if output_names is not None:
@@ -207,6 +211,8 @@ def _fix(err: BaseException) -> str:
         return "No space for the file (full disk, file-size limit or quota): free space or choose another dirpath."
     if isinstance(err, OSError):
         return "Writing the file failed: check that the export directory is writable and has space."
+    if isinstance(err, CaptureError):
+        return "Or leave this format out of `formats`."
     return "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."
 
 

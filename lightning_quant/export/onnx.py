@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lightning_quant.export.files import atomic_path
-from lightning_quant.export.shapes import batch_dynamic_shapes
+from lightning_quant.capture import capture
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
 
@@ -80,9 +80,9 @@ def export_onnx(
 ) -> dict[str, Any]:
     if quantization is None:
         with _quiet(), atomic_path(path) as temporary:
-            _torch_onnx_export(model, inputs, temporary, dynamic_batch)
+            captured = _torch_onnx_export(model, inputs, temporary, dynamic_batch)
         return {"how": "torch.onnx.export(dynamo=True) of the quantized model as is",
-                "load": "onnxruntime.InferenceSession(path)"}
+                "load": "onnxruntime.InferenceSession(path)", **captured}
     if float_model is None:
         raise ValueError("ONNX Runtime quantization needs the float model (float_model=...)")
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -96,7 +96,7 @@ def export_onnx(
     # blamed for) this export
     with _quiet(), tempfile.TemporaryDirectory(prefix=".tmp-", dir=path.parent) as scratch, _temp_dir(scratch):
         float_path, prepared_path = Path(scratch) / "float.onnx", Path(scratch) / "prepared.onnx"
-        _torch_onnx_export(float_model, inputs, float_path, dynamic_batch)
+        captured = _torch_onnx_export(float_model, inputs, float_path, dynamic_batch)
         quant_pre_process(str(float_path), str(prepared_path), skip_symbolic_shape=True)
         excluded = nodes_in_modules(prepared_path, quantization.keep_float)
         with atomic_path(path) as temporary:
@@ -113,7 +113,9 @@ def export_onnx(
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=excluded,
                     calibrate_method=getattr(CalibrationMethod, method),
-                    extra_options=dict(options),
+                    # as PT2E does: layers with weights only; attention's activation x activation products
+                    # stay float (int8 there put a demo Transformer's outputs 19% off float)
+                    extra_options={**options, "MatMulConstBOnly": True},
                     reduce_range=reduce_range,
                 )
                 how = (f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
@@ -123,24 +125,16 @@ def export_onnx(
                 quantize_dynamic(str(prepared_path), str(temporary), weight_type=QuantType.QInt8,
                                  nodes_to_exclude=excluded, reduce_range=reduce_range)
                 how = f"float ONNX -> onnxruntime quantize_dynamic ({bits}-bit int8 weights, dynamic activations)"
-    return {"how": how, "nodes_kept_float": len(excluded), "load": "onnxruntime.InferenceSession(path)"}
+    return {"how": how, "nodes_kept_float": len(excluded), "load": "onnxruntime.InferenceSession(path)", **captured}
 
 
-def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool) -> None:
+def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool) -> dict[str, Any]:
+    captured = capture(model, inputs, dynamic_batch)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
-        if isinstance(model, torch.fx.GraphModule):  # a captured graph (PT2E): its mode is fixed in the graph
-            warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        program = torch.onnx.export(
-            model,
-            inputs.args,
-            kwargs=inputs.kwargs,
-            dynamo=True,
-            dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch),
-            verbose=False,
-            report=False,
-        )
+        program = torch.onnx.export(captured.program, dynamo=True, verbose=False, report=False)
     program.save(str(path))
+    return captured.details()
 
 
 # Loggers that report progress at INFO while we export (Hydra sets the root logger to INFO): the ONNX IR
@@ -149,6 +143,7 @@ _QUIET_LOGGERS = {
     "": logging.WARNING,
     "onnx_ir": logging.WARNING,
     "onnxscript": logging.WARNING,
+    "onnxscript.optimizer": logging.ERROR,  # "Skipping constant folding for op Split ...": its optimizer's choice
     "onnxruntime": logging.WARNING,
     "torch.onnx": logging.WARNING,
     "torch.onnx._internal.exporter._registration": logging.ERROR,  # "torchvision is not installed"

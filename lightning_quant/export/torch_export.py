@@ -14,21 +14,19 @@ import torch
 from torch import nn
 
 from lightning_quant.export.files import atomic_write_bytes
-from lightning_quant.export.shapes import batch_dynamic_shapes
+from lightning_quant.capture import capture
 from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".pt2"
 
 
 def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
-    program = torch.export.export(
-        model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs, dynamic_batch)
-    )
+    captured = capture(model, inputs, dynamic_batch)
     buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
-    torch.export.save(program, buffer)
+    torch.export.save(captured.program, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return {"how": "torch.export -> torch.export.save (unlowered program)",
-            "load": "torch.export.load(path).module()(*args, **kwargs)"}
+            "load": "torch.export.load(path).module()(*args, **kwargs)", **captured.details()}
 
 
 def load_program(path: Path) -> Any:

@@ -77,6 +77,7 @@ from lightning_quant.quantization._torchao import (
 )
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.capture import NOTES_KEY
 from lightning_quant.quantization.quantize import capture_for_quantization, single_input_channel_convs
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
@@ -410,7 +411,9 @@ class QATGraph:
                 _assign(graph, fqn, tensor.detach().to("cpu", copy=True))
         graph.apply(disable_observer)
         _fold_conv_batchnorm(graph)
-        return _drop_unused_tensors(convert_pt2e(graph))
+        converted = _drop_unused_tensors(convert_pt2e(graph))
+        converted.meta.setdefault(NOTES_KEY, graph.meta.get(NOTES_KEY, ()))  # what capturing the model changed
+        return converted
 
     # ------------------------------------------------------------------ internals
     def _fake_quantizers(self) -> list[FakeQuantizeBase]:

@@ -11,8 +11,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
-from lightning_quant.errors import first_lines as _first_lines
 from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
@@ -124,20 +124,12 @@ def single_input_channel_convs(model: nn.Module) -> list[str]:
     ]
 
 
-def export_for_quantization(model: nn.Module, inputs: ModelInputs) -> torch.export.ExportedProgram:
-    """``torch.export`` with a dynamic batch dimension; errors say what could not be exported and why."""
-    from lightning_quant.export.shapes import batch_dynamic_shapes
-
+def export_for_quantization(model: nn.Module, inputs: ModelInputs) -> Capture:
+    """:func:`lightning_quant.capture.capture` with a dynamic batch dimension; its error says what blocks it."""
     try:
-        return torch.export.export(
-            model, inputs.args, inputs.kwargs, dynamic_shapes=batch_dynamic_shapes(model, inputs)
-        )
-    except Exception as err:
-        raise QuantizationError(
-            f"torch.export could not capture {type(model).__name__}.forward, which static int8 needs: "
-            f"{type(err).__name__}: {_first_lines(err)}. Typical causes are data-dependent control flow "
-            "(rewrite it with torch.cond or tensor ops) or an op export does not support."
-        ) from err
+        return capture(model, inputs)
+    except CaptureError as err:
+        raise CaptureError(f"Quantizing needs the model as a graph. {err}", err.report) from err
 
 
 def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphModule:
@@ -149,7 +141,9 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
     ``torch.export`` already keys the second call ``...relu@1`` in ``nn_module_stack``; the module name
     becomes ``relu@1`` too, so each call is matched on its own, as if the block had a ReLU per use.
     """
-    graph = export_for_quantization(model, inputs).module()
+    captured = export_for_quantization(model, inputs)
+    graph = captured.program.module()
+    graph.meta[NOTES_KEY] = captured.notes  # read by the capture of each exported file (prepare/convert keep meta)
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if node.op != "call_function" or not stack:
@@ -172,7 +166,9 @@ def _quantize_static(
             batches += 1
     if batches == 0:
         raise ValueError("calibration_data yielded no batch: static int8 needs real batches to calibrate on")
-    return ao.convert_pt2e(prepared)
+    converted = ao.convert_pt2e(prepared)
+    converted.meta.setdefault(NOTES_KEY, prepared.meta.get(NOTES_KEY, ()))
+    return converted
 
 
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
