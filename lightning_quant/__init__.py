@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_quant import _quiet
+
+_quiet.install()  # torchao's and torch's import noise on CPU machines, whoever imports torchao first
+
 __version__ = "0.1.0"
 
 # public name -> module that defines it
