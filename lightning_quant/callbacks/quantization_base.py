@@ -56,14 +56,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_quant.benchmark import measure_speed, model_bytes
+from lightning_quant.benchmark import measure_speed, model_bytes, without_much_slower
 from lightning_quant.export import (
     FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
 )
+from lightning_quant.export.api import ERROR_LOG, UNLOWERED
 from lightning_quant.manifest import (
     FILENAME, FORMAT_VERSION, build_manifest, check_format_version, failed_manifest, format_table, manifest_numbers,
     write_manifest,
 )
+from lightning_quant.errors import first_lines, write_report
 from lightning_quant.quantization import QuantizationError, count_quantized_ops
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.inputs import ModelInputs, default_batch_to_input
@@ -317,18 +319,25 @@ class QuantizationCallback(Callback, ABC):
 
     def _batch_inputs(self, batch: Any, pl_module: LightningModule, dataloader: str) -> ModelInputs:
         """The model input of a batch, bound to ``forward`` (a dict batch by parameter name, extra keys dropped);
-        a batch that cannot be bound raises an error naming ``batch_to_input``."""
-        inputs = ModelInputs.from_value(self.batch_to_input(batch)).matching(pl_module.forward)
-        try:
-            return inputs.bind(pl_module.forward)
-        except TypeError as err:
-            kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
-            raise ValueError(
-                f"{type(self).__name__}: a batch of the {dataloader} dataloader ({kind}) does not fit "
-                f"{type(pl_module).__name__}.forward{inspect.signature(pl_module.forward)}: {err}. Pass "
-                "batch_to_input=lambda batch: ... returning what forward takes (a tensor, a tuple of arguments or a "
-                "dict of keywords)."
-            ) from err
+        a batch that cannot be bound raises an error naming ``batch_to_input``. By default a tuple batch is
+        ``(input, target)``; when ``forward`` needs more than ``batch[0]`` (``forward(inputs, target)`` in
+        Lightning's demo Transformer), the whole tuple is its arguments."""
+        candidates = [self.batch_to_input(batch)]
+        if self.batch_to_input is default_batch_to_input and isinstance(batch, (tuple, list)) and len(batch) > 1:
+            candidates.append(tuple(batch))
+        errors = []
+        for candidate in candidates:
+            try:
+                return ModelInputs.from_value(candidate).matching(pl_module.forward).bind(pl_module.forward)
+            except TypeError as err:
+                errors.append(err)
+        kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        raise ValueError(
+            f"{type(self).__name__}: a batch of the {dataloader} dataloader ({kind}) does not fit "
+            f"{type(pl_module).__name__}.forward{inspect.signature(pl_module.forward)}: {errors[0]}. Pass "
+            "batch_to_input=lambda batch: ... returning what forward takes (a tensor, a tuple of arguments or a "
+            "dict of keywords)."
+        ) from errors[0]
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
@@ -428,15 +437,20 @@ class QuantizationCallback(Callback, ABC):
                     artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures, data_cases
                 )
                 runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
-                speed = measure_speed(float_model, reference, runtimes, timing_inputs)
+                speed, slow = without_much_slower(
+                    measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
+                )
+                artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
                 self.quantized_model = _InferenceModel(
                     pl_module.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"], self.approach,
                     output_template=inputs(reference),
                 )
             metrics = self._evaluate(trainer, pl_module, float_model, float_metrics)
         except Exception as err:
-            message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {err}\n"
-                       f"The trained float model is safe: {float_checkpoint}")
+            log = write_report(err, dirpath / ERROR_LOG)
+            cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
+            message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {cause}\n"
+                       f"Full report: {log}. The trained float model is safe: {float_checkpoint}")
             self.manifest = failed_manifest(approach=self.approach, backend=self.backend, model=model_name,
                                             error=message, float_checkpoint=float_checkpoint, dirpath=dirpath,
                                             failures=failures)
@@ -466,10 +480,13 @@ class QuantizationCallback(Callback, ABC):
             details=self.manifest_details(),
             seconds=time.perf_counter() - started,
             dirpath=dirpath,
-            failures=failures,
+            failures={**failures, **slow},
         )
         write_manifest(self.manifest, dirpath)
         self._log(trainer)
+        if slow:
+            rank_zero_warn(f"{type(self).__name__}: " + "; ".join(f"{name} {why}" for name, why in slow.items())
+                           + f". {dirpath / FILENAME} records it under failures.")
         if artifacts and self.manifest["recommended"] is None:
             rank_zero_warn(_slower_than_float_message(type(self).__name__, self.manifest, dirpath / FILENAME))
         if budget_report is not None and not budget_report["within_budget"]:
@@ -606,6 +623,15 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
             f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
             f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
             "keep_float the layers you know are fragile, or try QuantizationAwareTraining.")
+
+
+def _drop_slow(artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
+               ) -> list[Artifact]:
+    for artifact in artifacts:
+        if artifact.format in slow:
+            runtimes.pop(artifact.format)
+            (dirpath / artifact.path).unlink(missing_ok=True)
+    return [artifact for artifact in artifacts if artifact.format not in slow]
 
 
 def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
