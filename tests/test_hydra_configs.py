@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -285,7 +286,7 @@ def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
     repo = ConfigStore.instance().repo
     leaked = [f"{group}/{name}" for group in ("model", "data", "trainer") for name in repo.get(group, {})]
     assert leaked == [] and "train_schema.yaml" not in repo
-    assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "transformer.yaml"}
+    assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "resnet.yaml", "transformer.yaml"}
 
 
 # The README's recipe for an app whose users switch approach from the command line: one file per approach in a
@@ -318,3 +319,10 @@ def test_an_app_switches_approach_from_the_command_line(tmp_path, overrides, exp
     callback = instantiate(cfg.callbacks.quant)
     assert type(callback).__name__ == expected
     assert callback.target == ("native" if "callbacks.quant.target=native" in overrides else "avx2")
+
+
+def test_model_resnet_instantiates_torchvisions_block_structure():
+    from lightning_quant.demo import ResNet
+
+    model = instantiate(compose_with_hydra(["model=resnet"]).model)
+    assert isinstance(model.net, ResNet) and model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

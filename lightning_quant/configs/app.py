@@ -67,6 +67,15 @@ class TransformerNetConfig:
 
 
 @dataclass
+class ResNetConfig:
+    _target_: str = "lightning_quant.demo.ResNet"
+    in_channels: int = 1
+    widths: list[int] = field(default_factory=lambda: [16, 32])
+    blocks: int = 2
+    num_classes: int = 10
+
+
+@dataclass
 class ClassifierConfig:
     _target_: str = "lightning_quant.demo.DigitsClassifier"
     net: Any = MISSING
@@ -78,6 +87,11 @@ class ClassifierConfig:
 @dataclass
 class ConvNetClassifierConfig(ClassifierConfig):
     net: ConvNetConfig = field(default_factory=ConvNetConfig)
+
+
+@dataclass
+class ResNetClassifierConfig(ClassifierConfig):
+    net: ResNetConfig = field(default_factory=ResNetConfig)
 
 
 @dataclass
@@ -171,6 +185,7 @@ def register_app_configs() -> None:
         ("lightning_quant/app", "train", TrainConfig),
         ("lightning_quant/app/data", "digits", DigitsDataConfig),
         ("lightning_quant/app/model", "convnet", ConvNetClassifierConfig),
+        ("lightning_quant/app/model", "resnet", ResNetClassifierConfig),
         ("lightning_quant/app/model", "mlp", MLPClassifierConfig),
         ("lightning_quant/app/model", "lstm", LSTMClassifierConfig),
         ("lightning_quant/app/model", "transformer", TransformerClassifierConfig),
