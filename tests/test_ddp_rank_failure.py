@@ -52,7 +52,7 @@ def run(out: Path, case: str) -> None:
     quantization = DynamicQuantization(formats=["torch_export"], dirpath=out / "quantized", keep_float=keep_float)
     L.seed_everything(0)
     trainer = L.Trainer(
-        strategy=DDPStrategy(timeout=timedelta(seconds=15)), accelerator="cpu", devices=2, max_epochs=1,
+        strategy=DDPStrategy(timeout=timedelta(seconds=10)), accelerator="cpu", devices=2, max_epochs=1,
         limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[Fail(), quantization],
         logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
     )

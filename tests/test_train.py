@@ -20,27 +20,6 @@ def test_train_returns_the_optimized_metric_and_writes_outputs(fast_cfg, tmp_pat
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_train_script_runs_in_a_fresh_process(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1",
-            "model=lstm",
-            "callbacks=none",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/acc" in json.loads((tmp_path / "metrics.json").read_text())
-
-
 def test_train_script_rejects_an_unknown_key_before_training(tmp_path):
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "trainer.max_epoch=1", f"hydra.run.dir={tmp_path}"],
