@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -174,12 +175,21 @@ class _QuantizeInputNoise(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if args and str(func).startswith(_QUANTIZE_OPS) and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and (
+            str(func).startswith(_QUANTIZE_OPS) or _quantizes_its_input(func, args)
+        ):
             self.calls += 1
             x = args[0]
             noise = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.dtype)
             args = (x + x * TIE_NOISE * noise, *args[1:])
         return func(*args, **kwargs)
+
+
+def _quantizes_its_input(func: Any, args: tuple[Any, ...]) -> bool:
+    """A linear whose weight is a quantized tensor subclass (torchao's dynamic int8): it quantizes its input
+    inside the subclass, out of sight of the quantize ops above."""
+    return func is torch.nn.functional.linear and len(args) > 1 and isinstance(args[1], torch.Tensor) and (
+        type(args[1]) not in (torch.Tensor, nn.Parameter))
 
 
 def _run_fresh(
