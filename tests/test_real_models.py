@@ -14,6 +14,7 @@ import lightning as L
 import pytest
 import torch
 from torch.utils.data import DataLoader
+from conftest import produced_formats
 
 from lightning_quant import (
     ChannelsLast,
@@ -58,7 +59,7 @@ print(tuple(logits.shape), from_onnx.shape)
 def test_bert_with_dict_batches_and_a_model_output(make, tmp_path):
     callback = make()
     manifest = fit_bert(callback, tmp_path)
-    assert manifest["status"] == "ok" and {a["format"] for a in manifest["artifacts"]} == {"aoti", "onnx"}
+    assert produced_formats(manifest) == {"aoti", "onnx"}
     for artifact in manifest["artifacts"]:
         assert artifact["details"]["outputs"] == ["logits"]  # what the files return, said in the manifest
         assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
@@ -111,7 +112,7 @@ def test_resnet_with_a_shared_relu_quantizes_with_channels_last(make, tmp_path):
     torch.manual_seed(0)
     fit_digits([ChannelsLast(), callback], tmp_path, ResNet())
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
-    assert manifest["status"] == "ok" and {a["format"] for a in manifest["artifacts"]} == {"aoti", "onnx"}
+    assert produced_formats(manifest) == {"aoti", "onnx"}
     convs = sum(count for op, count in manifest["quantized_ops"].items() if "conv" in op)
     assert convs >= 8  # every conv of both stages but the one-channel stem (kept float, see the manifest notes)
     for artifact in manifest["artifacts"]:
@@ -139,7 +140,9 @@ def test_lightnings_demo_transformer(make, tmp_path):
                         enable_model_summary=False)
     trainer.fit(DemoTransformer())
     manifest = callback.manifest
-    assert manifest["status"] == "ok" and manifest["artifacts"], manifest.get("failures")
+    # ONNX Runtime's int8 attention can run slower than float here; such a file is deleted, nothing else may fail
+    assert "aoti" in {a["format"] for a in manifest["artifacts"]}, manifest.get("failures")
+    assert all("slower than the float model" in why for why in manifest.get("failures", {}).values()), manifest
     for artifact in manifest["artifacts"]:
         assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
         if artifact["format"] == "aoti":  # nn.Transformer's causal-mask check, resolved from the example

@@ -56,7 +56,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_quant.benchmark import measure_speed, model_bytes, without_much_slower
+from lightning_quant.benchmark import measure_speed, model_bytes, without_slower_files
 from lightning_quant.export import (
     FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
 )
@@ -437,7 +437,7 @@ class QuantizationCallback(Callback, ABC):
                     artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures, data_cases
                 )
                 runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
-                speed, slow = without_much_slower(
+                speed, slow = without_slower_files(
                     measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
                 )
                 artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
