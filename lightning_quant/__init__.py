@@ -25,6 +25,7 @@ _EXPORTS = {
     "OptimizeForInference": "lightning_quant.callbacks.optimize_for_inference",
     "MetricBudget": "lightning_quant.quantization.sensitivity",
     "load": "lightning_quant.loading",
+    "deploy": "lightning_quant.pipeline",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

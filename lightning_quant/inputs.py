@@ -104,6 +104,31 @@ class ModelInputs(NamedTuple):
         return model(*self.args, **self.kwargs)
 
 
+def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_batch: bool = True) -> ModelInputs:
+    """``value`` (Lightning's convention) bound to ``forward``, on CPU, checked for export: it must fit
+    ``forward``, hold a tensor and, with a dynamic batch, have a batch of 2 or more.
+
+    Example::
+
+        >>> def forward(x, scale=1.0): ...
+        >>> example_inputs_for_export(torch.zeros(1, 3), forward)
+        Traceback (most recent call last):
+        ...
+        ValueError: example_input has batch size 1, which export treats as a constant: use a batch of 2 or more, or dynamic_batch=False
+    """
+    name = getattr(forward, "__qualname__", "forward")
+    try:
+        inputs = ModelInputs.from_value(value).bind(forward)
+    except TypeError as err:
+        raise ValueError(f"example_input does not match {name}: {err}") from err
+    if not inputs.tensors():
+        raise ValueError("example_input holds no tensor; pass the tensors forward takes")
+    if dynamic_batch and inputs.batch_size() == 1:
+        raise ValueError("example_input has batch size 1, which export treats as a constant: use a batch of "
+                         "2 or more, or dynamic_batch=False")
+    return inputs.to("cpu")
+
+
 def default_batch_to_input(batch: Any) -> Any:
     """The input part of a batch: ``batch[0]`` of a tuple/list ``(input, target, ...)``, else the batch itself
     (a dict batch is bound to ``forward`` by parameter name; keys it has no parameter for are dropped)."""

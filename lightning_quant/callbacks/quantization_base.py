@@ -56,21 +56,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_quant.benchmark import measure_speed, model_bytes, without_slower_files
-from lightning_quant.export import (
-    FORMATS, Artifact, ExportError, OnnxQuantization, export, load_artifact, verify_artifacts,
-)
-from lightning_quant.export.api import ERROR_LOG, UNLOWERED
-from lightning_quant.manifest import (
-    FILENAME, FORMAT_VERSION, build_manifest, check_format_version, failed_manifest, format_table, manifest_numbers,
-    write_manifest,
-)
-from lightning_quant.errors import first_lines, write_report
-from lightning_quant.quantization import QuantizationError, count_quantized_ops
+from lightning_quant.export import FORMATS, OnnxQuantization
+from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
+from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
+from lightning_quant.pipeline import DeploymentError, InferenceModel, failure, raise_failures, ship
 from lightning_quant.quantization.config import check_keep_float
-from lightning_quant.inputs import ModelInputs, default_batch_to_input
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
-from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name, resolve_target
+from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
 
 _DATALOADERS = ("train", "val")
 
@@ -362,17 +354,7 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
                 "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
             )
-        inputs = ModelInputs.from_value(value)
-        try:
-            inputs = inputs.bind(pl_module.forward)
-        except TypeError as err:
-            raise ValueError(f"example_input does not match {type(pl_module).__name__}.forward: {err}") from err
-        if not inputs.tensors():
-            raise ValueError("example_input holds no tensor; pass the tensors forward takes")
-        if self.dynamic_batch and inputs.batch_size() == 1:
-            raise ValueError("example_input has batch size 1, which export treats as a constant: use a batch of "
-                             "2 or more, or dynamic_batch=False")
-        self.example_inputs = inputs.to("cpu")
+        self.example_inputs = example_inputs_for_export(value, pl_module.forward, self.dynamic_batch)
         return self.example_inputs
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
@@ -393,150 +375,59 @@ class QuantizationCallback(Callback, ABC):
         return str(path)
 
     def _quantize_export_and_report(self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]) -> None:
-        """Convert, then export and verify each format on its own: a format that fails is recorded in the
-        manifest (``failures``) and reported after the others are written; a failed convert writes a manifest
-        with ``status: "failed"``. Either way a :class:`QuantizationError` ends the fit."""
+        """Convert (within the accuracy budget, if any), then hand the converted model to the shared pipeline
+        (:func:`lightning_quant.pipeline.ship`): export, verify, time, evaluate, ``manifest.json``. A format that
+        fails is recorded in the manifest (``failures``) and reported after the others are written; a failed
+        convert writes a manifest with ``status: "failed"``. Either way a :class:`QuantizationError` ends the fit."""
         started = time.perf_counter()
         dirpath = Path(self.dirpath)
         dirpath.mkdir(parents=True, exist_ok=True)
-        model_name = type(pl_module).__name__
+        owner, model_name = type(self).__name__, type(pl_module).__name__
         was_training = pl_module.training
         pl_module.eval()
-        failures: dict[str, str] = {}
         user_keep_float = list(self.keep_float)
         self.budget_float_layers = []
-        budget_report: Optional[dict[str, Any]] = None
-        float_metrics: Optional[dict[str, float]] = None
         try:
-            inputs = self._resolve_example_inputs(pl_module)
-            float_model = self.cpu_copy(pl_module)
             with torch.no_grad(), _jit_is_scripting():
-                if self.budget is None:
-                    reference = self.convert(trainer, pl_module)
-                else:
-                    reference, budget_report, float_metrics = self._convert_within_budget(
-                        trainer, pl_module, float_model, dirpath
-                    )
-                keep_float = list(self.keep_float)  # the user's and the budget's
-                quantized_ops = count_quantized_ops(reference)
-                if sum(quantized_ops.values()) == 0 and self.approach != "float":  # "float": OptimizeForInference
-                    raise QuantizationError(
-                        f"{self.approach} quantization of {model_name} produced no quantized op: nothing would run "
-                        "in int8. Check keep_float and that the model has layers this approach quantizes."
-                    )
                 try:
-                    artifacts = self._export(trainer, pl_module, reference, float_model, inputs, dirpath, model_name)
-                except ExportError as err:
-                    artifacts, failures = err.artifacts, dict(err.failures)
-                timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
-                    self.model_inputs(trainer, "train", limit=1), inputs
+                    inputs = self._resolve_example_inputs(pl_module)
+                    float_model = self.cpu_copy(pl_module)
+                    budget_report, float_metrics = None, None
+                    if self.budget is None:
+                        reference = self.convert(trainer, pl_module)
+                    else:
+                        reference, budget_report, float_metrics = self._convert_within_budget(
+                            trainer, pl_module, float_model, dirpath
+                        )
+                    keep_float = list(self.keep_float)  # the user's and the budget's
+                    onnx, models = self.onnx_quantization(trainer, pl_module), self.artifact_models(trainer, pl_module)
+                    details = self.manifest_details()
+                    timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
+                        self.model_inputs(trainer, "train", limit=1), None
+                    )
+                except Exception as err:
+                    raise failure(err, owner=owner, dirpath=dirpath, approach=self.approach, backend=self.backend,
+                                  model_name=model_name, float_checkpoint=float_checkpoint) from err
+                finally:
+                    self.keep_float = user_keep_float
+                deployment = ship(
+                    reference, float_model, inputs, dirpath, self.formats, approach=self.approach,
+                    backend=self.backend, owner=owner, timing_inputs=timing_inputs, dynamic_batch=self.dynamic_batch,
+                    target=self.target, onnx_quantization=onnx, models=models, keep_float=keep_float,
+                    evaluate=lambda model: self._evaluate(trainer, pl_module, float_model, model, float_metrics),
+                    accuracy_budget=budget_report, details=details, float_checkpoint=float_checkpoint,
+                    started=started,
                 )
-                data_cases = [1] if timing_inputs is not inputs else None  # a real batch: case 1 below
-                timing_inputs = timing_inputs.bind(pl_module.forward)
-                artifacts, verification = self._verify(
-                    artifacts, reference, [inputs, timing_inputs], dirpath, float_model, failures, data_cases
-                )
-                runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
-                speed, slow = without_slower_files(
-                    measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
-                )
-                artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
-                self.quantized_model = _InferenceModel(
-                    pl_module.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"], self.approach,
-                    output_template=inputs(reference),
-                )
-            metrics = self._evaluate(trainer, pl_module, float_model, float_metrics)
-        except Exception as err:
-            log = write_report(err, dirpath / ERROR_LOG)
-            cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
-            message = (f"{type(self).__name__} failed on {model_name}: {type(err).__name__}: {cause}\n"
-                       f"Full report: {log}. The trained float model is safe: {float_checkpoint}")
-            self.manifest = failed_manifest(approach=self.approach, backend=self.backend, model=model_name,
-                                            error=message, float_checkpoint=float_checkpoint, dirpath=dirpath,
-                                            failures=failures)
-            self._write_manifest_or_say_why(dirpath)
-            raise QuantizationError(message) from err
+        except DeploymentError as err:
+            self.manifest = err.manifest
+            raise
         finally:
             pl_module.train(was_training)
-            self.keep_float = user_keep_float
-
-        self.manifest = build_manifest(
-            approach=self.approach,
-            backend=self.backend,
-            model=model_name,
-            example_inputs=inputs,
-            dynamic_batch=self.dynamic_batch,
-            artifacts=artifacts,
-            verification=verification,
-            metrics=metrics,
-            speed=speed,
-            latency_input=timing_inputs,
-            target=resolve_target(self.target),
-            size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
-            quantized_ops=quantized_ops,
-            float_checkpoint=float_checkpoint,
-            keep_float=keep_float,
-            accuracy_budget=budget_report,
-            details=self.manifest_details(),
-            seconds=time.perf_counter() - started,
-            dirpath=dirpath,
-            failures={**failures, **slow},
-        )
-        write_manifest(self.manifest, dirpath)
+        self.manifest, self.quantized_model = deployment.manifest, deployment.model
         self._log(trainer)
-        if slow:
-            rank_zero_warn(f"{type(self).__name__}: " + "; ".join(f"{name} {why}" for name, why in slow.items())
-                           + f". {dirpath / FILENAME} records it under failures.")
-        if artifacts and self.manifest["recommended"] is None:
-            rank_zero_warn(_slower_than_float_message(type(self).__name__, self.manifest, dirpath / FILENAME))
         if budget_report is not None and not budget_report["within_budget"]:
-            rank_zero_warn(_over_budget_message(type(self).__name__, budget_report, dirpath / FILENAME))
-        if failures:
-            raise QuantizationError(
-                f"{type(self).__name__} could not produce {len(failures)} of {len(self.formats)} format(s) for "
-                f"{model_name}:\n- " + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
-                + f"\nThe other formats are complete and verified: {[a.format for a in artifacts]}; "
-                f"{dirpath / FILENAME} records every failure. The trained float model is safe: {float_checkpoint}"
-            )
-
-    def _verify(self, artifacts, reference, cases, dirpath, float_model, failures, data_cases):
-        """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
-        A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
-        try:
-            return artifacts, verify_artifacts(artifacts, reference, cases, dirpath, float_model=float_model,
-                                               target=self.target, data_cases=data_cases)
-        except QuantizationError as error:
-            if len(artifacts) == 1:
-                _discard(artifacts[0], error, dirpath, failures)
-                return [], {}
-        verified, verification = [], {}
-        for artifact in artifacts:
-            try:
-                verification.update(verify_artifacts([artifact], reference, cases, dirpath, float_model=float_model,
-                                                     target=self.target, data_cases=data_cases))
-                verified.append(artifact)
-            except QuantizationError as error:
-                _discard(artifact, error, dirpath, failures)
-        return verified, verification
-
-    def _write_manifest_or_say_why(self, dirpath: Path) -> None:
-        try:
-            write_manifest(self.manifest, dirpath)
-        except OSError as err:  # e.g. the disk is full: the exception being raised says what failed
-            rank_zero_info(f"{type(self).__name__}: could not write {dirpath / FILENAME}: {err}")
-
-    def _export(self, trainer, pl_module, reference, float_model, inputs, dirpath, model_name) -> list[Artifact]:
-        return export(
-            reference,
-            inputs,
-            self.formats,
-            dirpath,
-            dynamic_batch=self.dynamic_batch,
-            float_model=float_model,
-            onnx_quantization=self.onnx_quantization(trainer, pl_module),
-            models=self.artifact_models(trainer, pl_module),
-            target=self.target,
-        )
+            rank_zero_warn(_over_budget_message(owner, budget_report, dirpath / FILENAME))
+        raise_failures(deployment, owner=owner, model_name=model_name, float_checkpoint=float_checkpoint)
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
         """The fit's validation dataloaders and how many batches of each the Trainer validates;
@@ -562,7 +453,7 @@ class QuantizationCallback(Callback, ABC):
                 results = evaluate_validation(pl_module, float_model, loaders, limits)
                 float_metrics.update(results)
             else:
-                reference = _InferenceModel(pl_module.forward, model, None, None, self.approach)
+                reference = InferenceModel(pl_module.forward, model, None, None, self.approach)
                 results = evaluate_validation(pl_module, reference, loaders, limits)
             if budget.metric not in results:
                 raise ValueError(_unknown_metric(type(self).__name__, budget.metric, sorted(results)))
@@ -587,7 +478,7 @@ class QuantizationCallback(Callback, ABC):
         return result.model, report, float_metrics
 
     def _evaluate(
-        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module,
+        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, quantized: nn.Module,
         float_metrics: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
         loaders, limits = self._validation_batches(trainer)
@@ -595,7 +486,7 @@ class QuantizationCallback(Callback, ABC):
             return {"float": {}, "quantized": {}, "note": "no validation dataloader: nothing to evaluate"}
         return {
             "float": float_metrics or evaluate_validation(pl_module, float_model, loaders, limits),
-            "quantized": evaluate_validation(pl_module, self.quantized_model, loaders, limits),
+            "quantized": evaluate_validation(pl_module, quantized, loaders, limits),
             "dataloader": "val",
             "batches": sum(_evaluated_batches(loader, limit) for loader, limit in zip(loaders, limits)),
         }
@@ -623,72 +514,6 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
             f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
             f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
             "keep_float the layers you know are fragile, or try QuantizationAwareTraining.")
-
-
-def _drop_slow(artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
-               ) -> list[Artifact]:
-    for artifact in artifacts:
-        if artifact.format in slow:
-            runtimes.pop(artifact.format)
-            (dirpath / artifact.path).unlink(missing_ok=True)
-    return [artifact for artifact in artifacts if artifact.format not in slow]
-
-
-def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
-    (Path(dirpath) / artifact.path).unlink(missing_ok=True)
-    failures[artifact.format] = f"{artifact.path} failed verification and was deleted: {error}"
-
-
-class _InferenceModel(nn.Module):
-    """The int8 model users call after fit: same inputs as the LightningModule's forward, no autograd.
-
-    Calls go to the fastest verified file's runtime (``runtime``: its format, e.g. an ONNX Runtime session for
-    ``"onnx"``) when there is one, else to the converted reference model.
-    """
-
-    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]],
-                 runtime: Optional[str], approach: str, output_template: Any = None) -> None:
-        super().__init__()
-        self.reference = reference
-        self._lowered = lowered
-        # files return the tensors of forward's output (a ModelOutput's fields, say): calls get its structure back
-        self._output_template = output_template
-        self.runtime = runtime if lowered is not None else None
-        self._signature = inspect.signature(forward)
-        self.approach = approach
-
-    @property
-    def is_lowered(self) -> bool:
-        """True when calls run an exported file (AOTInductor, ONNX Runtime, ...), not the eager reference."""
-        return self._lowered is not None
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        with torch.no_grad():
-            if self._lowered is None:
-                return self.reference(*bound.args, **bound.kwargs)
-            return _like(self._output_template, self._lowered(*bound.args, **bound.kwargs))
-
-
-def _like(template: Any, output: Any) -> Any:
-    """``output`` (a file's tensors) in the structure of ``template`` (forward's own output on the example):
-    its tensor leaves replaced, in order, by the file's tensors."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
-
-    if template is None or isinstance(template, torch.Tensor):
-        return output
-    leaves, spec = tree_flatten(template)
-    tensors = iter([output] if isinstance(output, torch.Tensor) else list(output))
-    return tree_unflatten([next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
-
-
-def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
-    times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
-    return (f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
-            f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
-            f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
-            "time a larger batch, or try another approach or format.")
 
 
 def evaluate_validation(

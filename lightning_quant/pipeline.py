@@ -1,0 +1,372 @@
+"""The one pipeline, free of Lightning: a converted model -> files -> verification -> timing -> ``manifest.json``.
+
+:func:`deploy` is the whole job for a plain PyTorch model: quantize it (the config's type says how), export
+every format, reload and compare each file in a fresh process, time the files against the float model, and
+write the manifest that :func:`lightning_quant.load` reads. :func:`ship` is the part after conversion, which
+the Lightning callbacks call at fit end with the model they converted and their own evaluation.
+
+Example::
+
+    >>> import tempfile, torch
+    >>> from lightning_quant import deploy, load
+    >>> from lightning_quant.demo import MLPNet
+    >>> from lightning_quant.quantization import DynamicQuantConfig
+    >>> folder = tempfile.mkdtemp()
+    >>> deployment = deploy(MLPNet().eval(), DynamicQuantConfig(), torch.rand(4, 1, 8, 8), dirpath=folder,
+    ...                     formats=["torch_export"])
+    >>> deployment.manifest["approach"], [a["format"] for a in deployment.manifest["artifacts"]]
+    ('dynamic', ['torch_export'])
+    >>> deployment.model(torch.rand(3, 1, 8, 8)).shape  # called like forward, at any batch size
+    torch.Size([3, 10])
+    >>> load(folder)(torch.rand(5, 1, 8, 8)).shape  # the file, checked against the manifest, without this process's model
+    torch.Size([5, 10])
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from lightning_quant.benchmark import measure_speed, model_bytes, without_slower_files
+from lightning_quant.errors import QuantizationError, first_lines, write_report
+from lightning_quant.export import (
+    Artifact,
+    ExportError,
+    OnnxQuantization,
+    OrtDynamicQuantization,
+    OrtStaticQuantization,
+    export,
+    load_artifact,
+    verify_artifacts,
+)
+from lightning_quant.export.api import ERROR_LOG, UNLOWERED
+from lightning_quant.inputs import ModelInputs, example_inputs_for_export
+from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
+from lightning_quant.quantization import count_quantized_ops, quantize
+from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.target import DEFAULT_TARGET, resolve_target
+
+NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
+
+# config type -> (approach, backend, default formats); ``None`` is the float model itself, exported for inference
+_APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
+    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx")),
+    DynamicQuantConfig: ("dynamic", "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
+                         ("aoti", "onnx")),
+    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
+}
+
+
+class DeploymentError(QuantizationError):
+    """A run that produced nothing: ``manifest`` is the ``status: "failed"`` manifest written beside ``errors.log``."""
+
+    def __init__(self, message: str, manifest: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+
+@dataclass
+class Deployment:
+    """What :func:`ship` made: the manifest (also in ``dirpath/manifest.json``), ``model`` (calls run the fastest
+    verified file, with the float model's inputs and output structure), ``failures`` (formats that could not be
+    exported or verified, and why) and ``slow`` (files verified but deleted for running slower than float)."""
+
+    manifest: dict[str, Any]
+    model: InferenceModel
+    dirpath: Path
+    failures: dict[str, str] = field(default_factory=dict)
+    slow: dict[str, str] = field(default_factory=dict)
+
+
+def deploy(
+    model: nn.Module,
+    config: Union[StaticQuantConfig, DynamicQuantConfig, None],
+    example_inputs: Any,
+    calibration_data: Optional[Iterable[Any]] = None,
+    *,
+    dirpath: Union[str, Path],
+    formats: Optional[Sequence[str]] = None,
+    dynamic_batch: bool = True,
+    target: str = DEFAULT_TARGET,
+) -> Deployment:
+    """Quantize ``model`` by ``config`` and ship it into ``dirpath``: verified files and ``manifest.json``.
+
+    Args:
+        model: the float model (switched to eval mode, otherwise not modified).
+        config: :class:`~lightning_quant.quantization.StaticQuantConfig` (needs ``calibration_data``),
+            :class:`~lightning_quant.quantization.DynamicQuantConfig`, or ``None`` to export the float model
+            itself for inference.
+        example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
+            batch of 2 or more: export treats a dimension of size 1 as a constant).
+        calibration_data: static only: real input batches in the same form.
+        dirpath: where the files and ``manifest.json`` go.
+        formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``; default ``aoti`` and
+            ``onnx`` (float: also ``torch_export``).
+        dynamic_batch: files take any batch size; ``False`` pins the example's.
+        target: the CPUs the files are for (:mod:`lightning_quant.target`).
+
+    Raises:
+        QuantizationError: quantization, or every format, failed (``manifest.json`` and ``errors.log`` say why);
+            or some formats failed, after the others were written and verified.
+    """
+    if type(config) not in _APPROACHES:
+        raise TypeError(f"config must be a StaticQuantConfig, a DynamicQuantConfig or None (float), got "
+                        f"{type(config).__name__}")
+    approach, backend, default_formats = _APPROACHES[type(config)]
+    if isinstance(config, StaticQuantConfig) and calibration_data is None:
+        raise ValueError("static int8 needs calibration_data: a few dozen real input batches (the form "
+                         "example_inputs has) to measure activation ranges on")
+    dirpath = Path(dirpath)
+    dirpath.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    float_model = model.eval()
+    inputs = example_inputs_for_export(example_inputs, model.forward, dynamic_batch)
+    calibration = [ModelInputs.from_value(batch).bind(model.forward) for batch in calibration_data or ()]
+    try:
+        with torch.no_grad():
+            reference = model if config is None else quantize(model, config, inputs, calibration)
+    except Exception as err:
+        raise failure(err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend,
+                      model_name=type(model).__name__) from err
+    onnx: Optional[OnnxQuantization] = None
+    if isinstance(config, StaticQuantConfig):
+        onnx = OrtStaticQuantization(calibration_inputs=calibration, per_channel=config.per_channel,
+                                     observer=config.observer, keep_float=tuple(config.keep_float))
+    elif isinstance(config, DynamicQuantConfig):
+        onnx = OrtDynamicQuantization(keep_float=tuple(config.keep_float))
+    deployment = ship(
+        reference, float_model, inputs, dirpath, list(formats or default_formats), approach=approach, backend=backend,
+        timing_inputs=calibration[0] if calibration else None, dynamic_batch=dynamic_batch, target=target,
+        onnx_quantization=onnx, keep_float=getattr(config, "keep_float", ()), owner="deploy", started=started,
+    )
+    raise_failures(deployment, owner="deploy", model_name=type(model).__name__)
+    return deployment
+
+
+def ship(
+    reference: nn.Module,
+    float_model: nn.Module,
+    inputs: ModelInputs,
+    dirpath: Path,
+    formats: Sequence[str],
+    *,
+    approach: str,
+    backend: str,
+    owner: str,
+    timing_inputs: Optional[ModelInputs] = None,
+    dynamic_batch: bool = True,
+    target: str = DEFAULT_TARGET,
+    onnx_quantization: Optional[OnnxQuantization] = None,
+    models: Optional[Mapping[str, nn.Module]] = None,
+    evaluate: Optional[Callable[[nn.Module], dict[str, Any]]] = None,
+    keep_float: Sequence[str] = (),
+    accuracy_budget: Optional[dict[str, Any]] = None,
+    details: Optional[dict[str, Any]] = None,
+    float_checkpoint: Optional[str] = None,
+    started: Optional[float] = None,
+) -> Deployment:
+    """Export ``reference`` (the converted model) in ``formats``, verify, time and evaluate the files, and write
+    ``manifest.json``. A format that fails is deleted and listed in ``failures``; a file clearly slower than
+    ``float_model`` is deleted and listed in ``slow`` (both under the manifest's ``failures``). Anything else
+    that fails writes a manifest with ``status: "failed"`` and ``errors.log``, and raises
+    :class:`QuantizationError` naming ``owner``.
+
+    ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
+    model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
+    ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them."""
+    started = time.perf_counter() if started is None else started
+    model_name = type(float_model).__name__
+    failures: dict[str, str] = {}
+    try:
+        quantized_ops = count_quantized_ops(reference)
+        if sum(quantized_ops.values()) == 0 and approach != "float":
+            raise QuantizationError(
+                f"{approach} quantization of {model_name} produced no quantized op: nothing would run "
+                "in int8. Check keep_float and that the model has layers this approach quantizes."
+            )
+        with torch.no_grad():
+            try:
+                artifacts = export(reference, inputs, formats, dirpath, dynamic_batch=dynamic_batch,
+                                   float_model=float_model, onnx_quantization=onnx_quantization, models=models,
+                                   target=target)
+            except ExportError as err:
+                artifacts, failures = err.artifacts, dict(err.failures)
+            real_batch = timing_inputs is not None
+            timing_inputs = (timing_inputs or inputs).bind(float_model.forward)
+            artifacts, verification = _verify(artifacts, reference, [inputs, timing_inputs], dirpath, float_model,
+                                              failures, data_cases=[1] if real_batch else None, target=target)
+            runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
+            speed, slow = without_slower_files(
+                measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
+            )
+            artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
+            model = InferenceModel(float_model.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"],
+                                   approach, output_template=inputs(reference))
+        metrics = NO_EVALUATION if evaluate is None else evaluate(model)
+    except Exception as err:
+        raise failure(err, owner=owner, dirpath=dirpath, approach=approach, backend=backend, model_name=model_name,
+                      float_checkpoint=float_checkpoint, failures=failures) from err
+    manifest = build_manifest(
+        approach=approach,
+        backend=backend,
+        model=model_name,
+        example_inputs=inputs,
+        dynamic_batch=dynamic_batch,
+        artifacts=artifacts,
+        verification=verification,
+        metrics=metrics,
+        speed=speed,
+        latency_input=timing_inputs,
+        target=resolve_target(target),
+        size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
+        quantized_ops=quantized_ops,
+        float_checkpoint=float_checkpoint,
+        keep_float=keep_float,
+        accuracy_budget=accuracy_budget,
+        details=details,
+        seconds=time.perf_counter() - started,
+        dirpath=dirpath,
+        failures={**failures, **slow},
+    )
+    write_manifest(manifest, dirpath)
+    manifest_path = dirpath / FILENAME
+    if slow:
+        warnings.warn(f"{owner}: " + "; ".join(f"{name} {why}" for name, why in slow.items())
+                      + f". {manifest_path} records it under failures.", stacklevel=2)
+    if artifacts and manifest["recommended"] is None:
+        warnings.warn(_slower_than_float_message(owner, manifest, manifest_path), stacklevel=2)
+    return Deployment(manifest, model, dirpath, failures, slow)
+
+
+def raise_failures(deployment: Deployment, *, owner: str, model_name: str, float_checkpoint: Optional[str] = None
+                   ) -> None:
+    """Raise :class:`QuantizationError` listing the formats that failed, if any (the others are on disk)."""
+    failures = deployment.failures
+    if not failures:
+        return
+    formats = len(failures) + len(deployment.manifest["artifacts"]) + len(deployment.slow)
+    safe = f" The trained float model is safe: {float_checkpoint}" if float_checkpoint else ""
+    raise QuantizationError(
+        f"{owner} could not produce {len(failures)} of {formats} format(s) for {model_name}:\n- "
+        + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
+        + f"\nThe other formats are complete and verified: {[a['format'] for a in deployment.manifest['artifacts']]}; "
+        f"{deployment.dirpath / FILENAME} records every failure.{safe}"
+    )
+
+
+def failure(
+    err: BaseException, *, owner: str, dirpath: Path, approach: str, backend: str, model_name: str,
+    float_checkpoint: Optional[str] = None, failures: Optional[dict[str, str]] = None,
+) -> DeploymentError:
+    """The error that ends a failed run, after ``errors.log`` (the full report) and a ``status: "failed"``
+    manifest are written; a manifest that cannot be written (a full disk) is only mentioned."""
+    log = write_report(err, dirpath / ERROR_LOG)
+    cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
+    safe = f" The trained float model is safe: {float_checkpoint}" if float_checkpoint else ""
+    message = f"{owner} failed on {model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
+    manifest = failed_manifest(approach=approach, backend=backend, model=model_name, error=message,
+                               float_checkpoint=float_checkpoint, dirpath=dirpath, failures=failures or {})
+    try:
+        write_manifest(manifest, dirpath)
+    except OSError as write_error:  # e.g. the disk is full: the error being raised says what failed
+        message += f"\n({dirpath / FILENAME} could not be written either: {write_error})"
+    return DeploymentError(message, manifest)
+
+
+def _verify(artifacts: list[Artifact], reference: nn.Module, cases: list[ModelInputs], dirpath: Path,
+            float_model: nn.Module, failures: dict[str, str], *, data_cases: Optional[list[int]], target: str
+            ) -> tuple[list[Artifact], dict[str, dict[str, Any]]]:
+    """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
+    A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
+    def check(some: list[Artifact]) -> dict[str, dict[str, Any]]:
+        return verify_artifacts(some, reference, cases, dirpath, float_model=float_model, target=target,
+                                data_cases=data_cases)
+
+    try:
+        return artifacts, check(artifacts)
+    except QuantizationError as error:
+        if len(artifacts) == 1:
+            _discard(artifacts[0], error, dirpath, failures)
+            return [], {}
+    verified, verification = [], {}
+    for artifact in artifacts:
+        try:
+            verification.update(check([artifact]))
+            verified.append(artifact)
+        except QuantizationError as error:
+            _discard(artifact, error, dirpath, failures)
+    return verified, verification
+
+
+def _drop_slow(artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
+               ) -> list[Artifact]:
+    for artifact in artifacts:
+        if artifact.format in slow:
+            runtimes.pop(artifact.format)
+            (dirpath / artifact.path).unlink(missing_ok=True)
+    return [artifact for artifact in artifacts if artifact.format not in slow]
+
+
+def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
+    (Path(dirpath) / artifact.path).unlink(missing_ok=True)
+    failures[artifact.format] = f"{artifact.path} failed verification and was deleted: {error}"
+
+
+def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
+    times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
+    return (f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
+            f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
+            f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
+            "time a larger batch, or try another approach or format.")
+
+
+class InferenceModel(nn.Module):
+    """The deployed model: same inputs as the float model's forward, no autograd.
+
+    Calls go to the fastest verified file's runtime (``runtime``: its format, e.g. an ONNX Runtime session for
+    ``"onnx"``) when there is one, else to the converted reference model.
+    """
+
+    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]],
+                 runtime: Optional[str], approach: str, output_template: Any = None) -> None:
+        super().__init__()
+        self.reference = reference
+        self._lowered = lowered
+        # files return the tensors of forward's output (a ModelOutput's fields, say): calls get its structure back
+        self._output_template = output_template
+        self.runtime = runtime if lowered is not None else None
+        self._signature = inspect.signature(forward)
+        self.approach = approach
+
+    @property
+    def is_lowered(self) -> bool:
+        """True when calls run an exported file (AOTInductor, ONNX Runtime, ...), not the eager reference."""
+        return self._lowered is not None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with torch.no_grad():
+            if self._lowered is None:
+                return self.reference(*bound.args, **bound.kwargs)
+            return _like(self._output_template, self._lowered(*bound.args, **bound.kwargs))
+
+
+def _like(template: Any, output: Any) -> Any:
+    """``output`` (a file's tensors) in the structure of ``template`` (forward's own output on the example):
+    its tensor leaves replaced, in order, by the file's tensors."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    if template is None or isinstance(template, torch.Tensor):
+        return output
+    leaves, spec = tree_flatten(template)
+    tensors = iter([output] if isinstance(output, torch.Tensor) else list(output))
+    return tree_unflatten([next(tensors) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)

@@ -1,0 +1,80 @@
+"""The Lightning-free pipeline: deploy() quantizes, exports, verifies, times and writes a manifest load() accepts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, produced_formats
+from torch import nn
+
+from lightning_quant import deploy, load
+from lightning_quant.quantization import DynamicQuantConfig, QuantizationError, StaticQuantConfig
+
+# A process that never imports Lightning: static int8 of a plain nn.Module, digits as calibration data.
+WITHOUT_LIGHTNING = """
+import json, sys, torch
+from sklearn.datasets import load_digits
+from lightning_quant import deploy, load
+from lightning_quant.quantization import StaticQuantConfig
+images = torch.tensor(load_digits().images, dtype=torch.float32).unsqueeze(1) / 16
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                            torch.nn.Linear(16 * 64, 10)).eval()
+deployment = deploy(model, StaticQuantConfig(), images[:4], calibration_data=list(images[:256].split(32)),
+                    dirpath=sys.argv[1], formats=["onnx", "torch_export"])
+fast = load(sys.argv[1], "torch_export")
+expected = model(images[:7])
+print(json.dumps({
+    "lightning": any(name == "lightning" or name.startswith("lightning.") for name in sys.modules),
+    "error": float((fast(images[:7]) - expected).abs().max() / expected.abs().max()),
+    "deployed_shape": list(deployment.model(images[:7]).shape),
+}))
+"""
+
+
+def test_deploy_without_lightning_writes_files_and_a_manifest_that_load_accepts(tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_LIGHTNING, str(tmp_path)], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lightning"] is False
+    assert result["error"] < 0.1 and result["deployed_shape"] == [7, 10]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["approach"] == "static" and manifest["model"] == "Sequential"
+    assert produced_formats(manifest) == {"onnx", "torch_export"}
+    assert manifest["input"]["dynamic_batch"] is True
+    assert manifest["latency_ms"]["input_shape"] == [32, 1, 8, 8]  # timed on a calibration batch, not the example
+    assert manifest["metrics"]["note"].startswith("no evaluation data")
+
+
+def test_deploy_the_float_model_for_inference(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    deployment = deploy(model, None, torch.rand(4, 1, 8, 8), dirpath=tmp_path, formats=["torch_export"])
+    assert deployment.manifest["approach"] == "float" and deployment.manifest["quantized_ops"] == {}
+    x = torch.rand(6, 1, 8, 8)
+    torch.testing.assert_close(load(tmp_path)(x), model(x))
+
+
+def test_deploy_names_what_is_wrong_with_its_arguments(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    with pytest.raises(TypeError, match="StaticQuantConfig, a DynamicQuantConfig or None"):
+        deploy(model, "static", torch.rand(4, 1, 8, 8), dirpath=tmp_path)
+    with pytest.raises(ValueError, match="batch size 1, which export treats as a constant"):
+        deploy(model, DynamicQuantConfig(), torch.rand(1, 1, 8, 8), dirpath=tmp_path)
+    with pytest.raises(ValueError, match="static int8 needs calibration_data"):
+        deploy(model, StaticQuantConfig(), torch.rand(4, 1, 8, 8), dirpath=tmp_path)
+    assert not (tmp_path / "manifest.json").exists()  # refused before anything was tried
+
+
+def test_a_failed_quantization_writes_a_failed_manifest_and_the_full_report(tmp_path):
+    nothing_to_quantize = nn.Sequential(nn.Flatten(), nn.ReLU()).eval()
+    with pytest.raises(QuantizationError, match="deploy failed on Sequential.*produced no quantized op") as caught:
+        deploy(nothing_to_quantize, DynamicQuantConfig(), torch.rand(4, 1, 8, 8), dirpath=tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and manifest["approach"] == "dynamic"
+    assert manifest == caught.value.manifest
+    assert "produced no quantized op" in (tmp_path / "errors.log").read_text()
