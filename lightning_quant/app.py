@@ -18,6 +18,10 @@ from lightning_quant.quantization import QuantizationError
 log = logging.getLogger(__name__)
 
 
+def _drop_lightning_tips(record: logging.LogRecord) -> bool:
+    return "Tip: For seamless" not in record.getMessage()
+
+
 def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     """One callback per named entry; an entry set to null (``callbacks.ptq=null``) is skipped."""
     callbacks = []
@@ -36,6 +40,9 @@ def train(cfg: DictConfig) -> float | None:
     # torch 2.13 deprecates pytree's LeafSpec, which Lightning and torch's own copying still use: a note about
     # their code on every run, never about the user's model or data
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # Lightning's adverts for its cloud services ("Tip: ... try installing litlogger"): this app's loggers are set
+    # in conf/logger, and the tips say nothing about the user's model or data
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_lightning_tips)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)

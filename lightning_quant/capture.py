@@ -20,6 +20,7 @@ import collections
 import contextlib
 import copy
 import inspect
+import io
 import linecache
 import logging
 import os
@@ -79,8 +80,11 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
     branches: Optional[dict[Site, list[bool]]] = None
     while True:
         used: collections.Counter[Site] = collections.Counter()
+        # torch.export prints the partial FX graph of a failed attempt to stderr (hundreds of lines on a
+        # transformer), also for the attempts the fallbacks below recover from: kept for the error's report
+        printed = io.StringIO()
         try:
-            with _branches_as_recorded(branches, used), _quiet_shape_log():
+            with _branches_as_recorded(branches, used), _quiet_shape_log(), contextlib.redirect_stderr(printed):
                 program = torch.export.export(
                     model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False
                 )
@@ -94,7 +98,8 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
                 notes.append(f"the batch size is fixed to {inputs.batch_size()} (the example's): the model's code "
                              f"pins it ({_pinning_reason(err)})")
                 continue
-            raise _capture_error(model, err) from err
+            raise _capture_error(model, err, printed.getvalue()) from err
+        sys.stderr.write(printed.getvalue())  # what a successful capture printed (warnings) still shows
         notes[:0] = [_branch_note(site, branches) for site in sorted(used) if branches and site in branches]
         return Capture(program, tuple(dict.fromkeys(notes)), dynamic_batch=shapes is not None)
 
@@ -251,8 +256,10 @@ def _pinning_reason(err: BaseException) -> str:
     return next((line for line in lines if "specialized" in line or "Not all values" in line), lines[0] if lines else "")
 
 
-def _capture_error(model: Any, err: BaseException) -> CaptureError:
+def _capture_error(model: Any, err: BaseException, printed: str = "") -> CaptureError:
     report = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    if printed:
+        report += f"\ntorch.export printed:\n{printed}"
     cause = first_lines(err, 1)
     blocking = _blocking_line(err)
     if _data_dependent(err):

@@ -306,7 +306,11 @@ def test_train_script_with_ptq(tmp_path):
     assert manifest["approach"] == "static"
     assert manifest["float_checkpoint"] == "../checkpoints/last.ckpt"  # the app's ModelCheckpoint(save_last=True)
     assert produced_formats(manifest) == {"aoti", "onnx"}
-    assert "int8 (static)" in result.stdout + result.stderr
+    console = result.stdout + result.stderr
+    assert "int8 (static)" in console
+    # nothing that is not about the user's model or data: no dependency deprecations, adverts or checkpoint notes
+    for noise in ("FutureWarning", "DeprecationWarning", "Tip: For seamless", "weights_only", "Failed to load"):
+        assert noise not in console, noise
 
 
 @pytest.mark.slow

@@ -369,7 +369,7 @@ class QuantizationCallback(Callback, ABC):
         temporary = path.with_name(path.name + ".tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(temporary)
+        trainer.save_checkpoint(temporary, weights_only=False)  # a full checkpoint: fit can resume from it
         if trainer.is_global_zero:
             os.replace(temporary, path)
         return str(path)
