@@ -182,7 +182,7 @@ def test_default_run_records_cpu_target_speed_and_the_recommended_file(tmp_path)
     for artifact in manifest["artifacts"]:
         assert artifact["speedup_vs_float"] == pytest.approx(latency["float"] / artifact["latency_ms"])
         assert artifact["faster_than_float"] == (artifact["speedup_vs_float"] > 1)
-        assert latency["spread_ms"][artifact["format"]][0] <= artifact["latency_ms"] <= latency["spread_ms"][artifact["format"]][2]
+        assert 0 < artifact["latency_ms"] <= latency["spread_ms"][artifact["format"]][0]  # the fastest call, at most p25
     fastest = min(manifest["artifacts"], key=lambda a: a["latency_ms"])
     assert manifest["recommended"] == (fastest["format"] if fastest["faster_than_float"] else None)
     assert callback.quantized_model.runtime == fastest["format"] and latency["quantized"] == fastest["latency_ms"]
@@ -209,11 +209,11 @@ def test_a_file_slower_than_float_is_never_recommended():
 
 
 def test_a_file_clearly_slower_than_float_fails_its_format_and_one_as_fast_ships():
-    model = nn.Linear(4, 4).eval()
-    x = torch.zeros(2, 4)
+    model = nn.Linear(1024, 1024).eval()  # about a millisecond a call: microsecond calls jitter by more than 10%
+    x = torch.rand(64, 1024)
 
     def slow(inputs):
-        time.sleep(0.002)  # ~100x the float model's time
+        time.sleep(0.01)  # several times the float model's time
         return model(inputs)
 
     speed = measure_speed(model, model, {"onnx": slow, "aoti": model, "torch_export": slow}, x, repeats=15)
@@ -221,6 +221,7 @@ def test_a_file_clearly_slower_than_float_fails_its_format_and_one_as_fast_ships
     assert set(slow_files) == {"onnx"} and "slower than the float model it would replace" in slow_files["onnx"]
     assert set(kept["speedup_vs_float"]) == {"aoti", "torch_export"}  # as fast as float: ships; exempt: kept
     assert kept["fastest"] == "aoti" and kept["latency_ms"]["quantized"] == kept["latency_ms"]["aoti"]
+
 
 def test_a_target_this_cpu_lacks_is_refused_before_training(tmp_path):
     lacking = next(name for name, target in TARGETS.items() if missing_flags(target))  # amx on the CPUs we meet
