@@ -39,7 +39,7 @@ def test_disk_full_in_one_format_keeps_the_others_the_checkpoint_and_a_manifest(
     disk_full_for("model_program", monkeypatch)  # the "torch_export" file
     callback = DynamicQuantization(formats=["onnx", "torch_export"])
     trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, **FAST)
-    model = DigitsClassifier(MLPNet())
+    model = DigitsClassifier(MLPNet(hidden=1024))  # wide: the int8 ONNX file beats float, so it is kept
     with pytest.raises(QuantizationError) as error:
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     message = str(error.value)
