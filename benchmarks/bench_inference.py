@@ -20,21 +20,21 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch import nn
 
 from lightning_quant import AutoMixedPrecision
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
+from lightning_quant.deprecated import legacy_api
 from lightning_quant.export import export, load_artifact
 from lightning_quant.memory_format import to_channels_last
 from lightning_quant.quantization import DynamicQuantConfig, quantize
-from lightning_quant.deprecated import legacy_api
 from lightning_quant.quantization.transformer_fastpath import (
     FUSED_ATTENTION,
     FUSED_ENCODER_LAYER,

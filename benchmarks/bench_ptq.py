@@ -192,7 +192,7 @@ def report(static: dict, dynamic: dict, digits: dict, repeats: int, epochs: int)
         f"| float parameters (torch.save) | {static['float_bytes']} | 1.00 |",
         *(f"| {k} | {v} | {v / static['float_bytes']:.2f} |" for k, v in static["sizes"].items()),
         "",
-        f"Compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in static["compile_s"].items()),
+        "Compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in static["compile_s"].items()),
         "",
         "## Dynamic int8, MLP 1024-1024-1024-10, batch 128",
         "| variant | median ms | vs float eager | min ms | vs float eager (min) |",

@@ -35,8 +35,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -343,7 +344,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
         *verdicts(results, small),
         "",
-        f"## Speed-up over float eager (ratios first), accuracy, size, export time",
+        "## Speed-up over float eager (ratios first), accuracy, size, export time",
         "",
         f"| model | variant | who | x float eager, batch {small} | x float eager, batch {large} | test acc % | "
         f"file KiB | export s | ms batch {small} | samples/s batch {large} |",

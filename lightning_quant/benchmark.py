@@ -6,7 +6,8 @@ import io
 import os
 import statistics
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn

@@ -10,7 +10,8 @@ argument, a tuple/list is several positional arguments, a dict is keyword argume
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -97,7 +98,7 @@ def build_manifest(
         "approach": approach,
         "backend": backend,
         "model": model,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
         "cpu": cpu_info(),
@@ -153,7 +154,7 @@ def failed_manifest(
         "approach": approach,
         "backend": backend,
         "model": model,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "cpu": cpu_info(),
         "artifacts": [],

@@ -16,8 +16,8 @@ from lightning_quant.cli import main
 from lightning_quant.demo import MLPNet
 from lightning_quant.export import OrtDynamicQuantization, export, load_artifact, verify_artifacts
 from lightning_quant.manifest import build_manifest, write_manifest
-from lightning_quant.target import resolve_target
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, count_quantized_ops, quantize
+from lightning_quant.target import resolve_target
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR, compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
-
-from conftest import CONF_DIR, compose_train
 
 GROUPS = ["data", "model", "trainer", "callbacks", "experiment", "hparams_search"]
 

@@ -57,7 +57,11 @@ def run(out: Path) -> None:
     import torch
 
     from lightning_quant import (
-        AutoMixedPrecision, ChannelsLast, DynamicQuantization, OptimizeForInference, PostTrainingQuantization,
+        AutoMixedPrecision,
+        ChannelsLast,
+        DynamicQuantization,
+        OptimizeForInference,
+        PostTrainingQuantization,
     )
     from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, MLPNet
 

@@ -7,8 +7,8 @@ import json
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from conftest import produced_formats
+from torch import nn
 
 from lightning_quant import DynamicQuantization, load
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, TransformerNet

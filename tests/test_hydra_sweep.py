@@ -9,7 +9,6 @@ import sys
 
 import matplotlib.image
 import pytest
-
 from conftest import ROOT
 
 from lightning_quant.app import objective

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from conftest import produced_formats
+from torch import nn
 
-from lightning_quant import AutoMixedPrecision, ChannelsLast, OptimizeForInference
+from lightning_quant import ChannelsLast, OptimizeForInference
 from lightning_quant.app import train
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 from lightning_quant.export import load_artifact

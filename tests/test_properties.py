@@ -273,7 +273,7 @@ def test_keep_float_that_is_not_a_list_of_names_is_a_type_error_with_an_example(
 def test_any_list_of_names_is_accepted_as_keep_float(make, keep_float):
     # which names exist is checked at setup, against the module
     made = make(keep_float=keep_float)
-    assert list(getattr(made, "keep_float")) == keep_float
+    assert list(made.keep_float) == keep_float
 
 
 @CHEAP

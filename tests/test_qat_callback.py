@@ -14,11 +14,10 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, produced_formats
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from conftest import ROOT, produced_formats
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule

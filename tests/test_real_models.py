@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from conftest import produced_formats
+from torch.utils.data import DataLoader
 
 from lightning_quant import (
     ChannelsLast,

@@ -11,7 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import DynamicQuantization, OptimizeForInference, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant import (
+    DynamicQuantization,
+    OptimizeForInference,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, MLPNet
 from lightning_quant.quantization import QuantizationError
 

@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from lightning_quant.quantization import (
-    DynamicQuantConfig, MetricBudget, StaticQuantConfig, count_quantized_ops, fallback_search, layer_sensitivity,
-    quantizable_layers, quantize, save_sensitivity,
+    DynamicQuantConfig,
+    MetricBudget,
+    StaticQuantConfig,
+    count_quantized_ops,
+    fallback_search,
+    layer_sensitivity,
+    quantizable_layers,
+    quantize,
+    save_sensitivity,
 )
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import prepare_qat

@@ -81,7 +81,7 @@ class AutoMixedPrecision(Callback):
         self.step_seconds: dict[str, list[float]] = {}
         self._plugin: MixedPrecision | None = None
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         plugin = trainer.precision_plugin
@@ -104,7 +104,7 @@ class AutoMixedPrecision(Callback):
                 "manual optimization would also step the optimizer: pass measure_steps=0, or dtype='bf16'/'fp16'."
             )
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.precision is None:  # not restored from a checkpoint
             decision = self._choose(trainer, pl_module)
             # every process must train in the same format: rank 0's measurement decides
@@ -117,7 +117,7 @@ class AutoMixedPrecision(Callback):
             trainer.strategy.precision_plugin = self._plugin
         rank_zero_info(f"AutoMixedPrecision: training with precision={self.precision!r} because {self.reason}.")
 
-    def _choose(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[str, str, dict]:
+    def _choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, str, dict]:
         if self.dtype != "auto":
             return _DTYPES[self.dtype], f"dtype={self.dtype!r} was requested", {}
         candidate, why = preferred_mixed_precision(trainer.strategy.root_device)
@@ -141,7 +141,7 @@ class AutoMixedPrecision(Callback):
         return faster, reason, seconds
 
     def _time_steps(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plugins: dict[str, Precision]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plugins: dict[str, Precision]
     ) -> dict[str, list[float]]:
         device = trainer.strategy.root_device
         seconds: dict[str, list[float]] = {name: [] for name in plugins}
@@ -176,7 +176,7 @@ class AutoMixedPrecision(Callback):
         self.step_seconds = state_dict["step_seconds"]
 
 
-def _training_batch(trainer: "pl.Trainer") -> Any:
+def _training_batch(trainer: pl.Trainer) -> Any:
     # A fresh loader from the user's hook (or the loader passed to fit), so the loader training uses is
     # untouched; CombinedLoader unpacks collections of loaders the way the fit loop does.
     loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), mode="max_size_cycle")
@@ -185,7 +185,7 @@ def _training_batch(trainer: "pl.Trainer") -> Any:
 
 
 def _time_forward_backward(
-    pl_module: "pl.LightningModule", batch: Any, plugin: Precision, device: torch.device
+    pl_module: pl.LightningModule, batch: Any, plugin: Precision, device: torch.device
 ) -> float:
     _synchronize(device)
     start = time.perf_counter()
@@ -209,7 +209,7 @@ def _drop_log(*args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def _leaves_no_trace(pl_module: "pl.LightningModule", device: torch.device) -> Iterator[None]:
+def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Iterator[None]:
     """Passes run inside change nothing: no optimizer step, and buffers (BatchNorm statistics), torchmetrics
     states, gradients and random state are put back; ``self.log`` calls are dropped."""
     buffers = {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers()}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -12,8 +13,8 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import OrtStaticQuantization
-from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.target import DEFAULT_TARGET
 

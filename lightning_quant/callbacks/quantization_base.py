@@ -46,8 +46,9 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer

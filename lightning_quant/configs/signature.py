@@ -171,8 +171,8 @@ def _config_type(hint: Any) -> Any:
     if origin in (list, tuple, abc.Sequence):
         items = [arg for arg in args if arg is not Ellipsis]
         item = _config_type(items[0]) if len(set(items)) == 1 else Any
-        return typing.List[item]
+        return list[item]
     if origin in (dict, abc.Mapping):
         key, value = args if args else (Any, Any)
-        return typing.Dict[key if key in _KEY_TYPES else Any, _config_type(value)]
+        return dict[key if key in _KEY_TYPES else Any, _config_type(value)]
     return Any

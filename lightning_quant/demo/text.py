@@ -7,8 +7,8 @@ validation score is measured on text the model never saw.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch

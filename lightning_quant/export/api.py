@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_quant.capture import CaptureError
+from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
 from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.errors import QuantizationError
-from lightning_quant.errors import first_lines, write_report
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)

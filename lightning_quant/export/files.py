@@ -6,9 +6,9 @@ import errno
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # errno values that mean "no room for this file": a full disk, a file-size limit (ulimit -f), a quota
 NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})

@@ -16,16 +16,17 @@ import logging
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_path
 from lightning_quant.capture import capture
+from lightning_quant.export.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
 

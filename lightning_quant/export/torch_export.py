@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.capture import capture
+from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".pt2"

@@ -11,16 +11,17 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_quant.inputs import ModelInputs
 from lightning_quant.errors import QuantizationError
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 

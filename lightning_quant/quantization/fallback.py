@@ -10,7 +10,7 @@ them float. Fake-quant on their *outputs* stays, since it belongs to the next (q
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.fx import GraphModule, Node
 

@@ -57,6 +57,8 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune
 
+from lightning_quant.capture import NOTES_KEY
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization._torchao import (
     FakeQuantize,
     FakeQuantizeBase,
@@ -76,8 +78,6 @@ from lightning_quant.quantization._torchao import (
     prepare_qat_pt2e,
 )
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
-from lightning_quant.inputs import ModelInputs
-from lightning_quant.capture import NOTES_KEY
 from lightning_quant.quantization.quantize import capture_for_quantization, single_input_channel_convs
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 

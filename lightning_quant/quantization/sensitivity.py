@@ -39,15 +39,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from lightning_quant.quantization._legacy import _kept
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization._legacy import _kept
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 _BUDGET_FIELDS = ("metric", "max_drop", "relative", "higher_is_better", "max_evaluations", "max_float_fraction")
@@ -107,7 +108,7 @@ class MetricBudget:
                              f"quantizable layers that may go back to float), got {fraction!r}")
 
     @classmethod
-    def from_value(cls, value: Union["MetricBudget", Mapping[str, Any], None]) -> Optional["MetricBudget"]:
+    def from_value(cls, value: Union[MetricBudget, Mapping[str, Any], None]) -> Optional[MetricBudget]:
         """A budget from itself, ``None``, or a mapping such as ``{"metric": "val/acc", "max_drop": 0.01}``
         (what a Hydra config holds)."""
         if value is None or isinstance(value, MetricBudget):
