@@ -96,7 +96,9 @@ class ModelInputs(NamedTuple):
             leaves, _ = tree_flatten(value)
             for j, leaf in enumerate(t for t in leaves if isinstance(t, torch.Tensor)):
                 label = name if len(leaves) == 1 else f"{name}[{j}]"
-                described.append({"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")})
+                described.append(
+                    {"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")}
+                )
         first = described[0] if described else {"shape": [], "dtype": None}
         return {"shape": first["shape"], "dtype": first["dtype"], "tensors": described}
 
@@ -125,8 +127,10 @@ def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_b
     if not inputs.tensors():
         raise ValueError("example_input holds no tensor; pass the tensors forward takes")
     if dynamic_batch and inputs.batch_size() == 1:
-        raise ValueError("example_input has batch size 1, which export treats as a constant: use a batch of "
-                         "2 or more, or dynamic_batch=False")
+        raise ValueError(
+            "example_input has batch size 1, which export treats as a constant: use a batch of "
+            "2 or more, or dynamic_batch=False"
+        )
     return inputs.to("cpu")
 
 

@@ -155,14 +155,20 @@ def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     }
     manifests = sorted(job_dir.rglob("manifest.json"))
     if status.get("status") == "failed" or (metrics is None and not manifests):
-        error = base["error"] or ("the job left neither a manifest.json (the quantization callbacks write one) nor a "
-                                  "metrics.json (it was stopped, or never got to write them)")
+        error = base["error"] or (
+            "the job left neither a manifest.json (the quantization callbacks write one) nor a "
+            "metrics.json (it was stopped, or never got to write them)"
+        )
         return [{**dict.fromkeys(COLUMNS), **base, "status": "failed", "error": error}]
     if not manifests:
-        return [{**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}]
+        return [
+            {**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}
+        ]
     # the manifests are what the callbacks wrote, in any app; metrics.json (our train.py's) only fills gaps
-    return [{**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics or {}, base["model"])}
-            for path in manifests]
+    return [
+        {**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics or {}, base["model"])}
+        for path in manifests
+    ]
 
 
 def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
@@ -249,7 +255,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             {True: "yes", False: "", None: ""}[row.get("pareto")],
             f"`{row['overrides']}`" if row.get("overrides") else "",
         ]
-        lines.append("| " + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append(
+            "| "
+            + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -292,7 +302,9 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
             axes.scatter([], [], color="0.3", marker=marker, label=f"model {model}")
     if any(r.get("acc_int8") is not None for r, _ in placed):
         axes.scatter([], [], facecolors="none", edgecolors="0.3", label="its float model\n(arrow: to int8)")
-    latencies = [p[0] for _, p in placed] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
+    latencies = [p[0] for _, p in placed] + [
+        r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))
+    ]
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
         axes.set_xscale("log")
     failed = [str(r["job"]) for r in rows if r["status"] != "ok"]

@@ -14,9 +14,7 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "override", [f"{group}={option}" for group in GROUPS for option in group_options(group)]
-)
+@pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in group_options(group)])
 def test_every_config_composes(override):
     cfg = compose_train([override])
     assert cfg.model._target_ == "lightning_quant.demo.DigitsClassifier"

@@ -163,7 +163,9 @@ def test_schema_matches_the_signature(name):
     schema = schema_of(name)
     target = OmegaConf.structured(schema)._target_
     parameters = inspect.signature(_locate_or_none(target).__init__).parameters
-    accepted = {p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    accepted = {
+        p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     assert {f.name for f in dataclasses.fields(schema)} - {"_target_"} <= accepted
 
 
@@ -286,7 +288,13 @@ def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
     repo = ConfigStore.instance().repo
     leaked = [f"{group}/{name}" for group in ("model", "data", "trainer") for name in repo.get(group, {})]
     assert leaked == [] and "train_schema.yaml" not in repo
-    assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "resnet.yaml", "transformer.yaml"}
+    assert set(repo["lightning_quant"]["app"]["model"]) == {
+        "convnet.yaml",
+        "mlp.yaml",
+        "lstm.yaml",
+        "resnet.yaml",
+        "transformer.yaml",
+    }
 
 
 # The README's recipe for an app whose users switch approach from the command line: one file per approach in a
@@ -304,11 +312,14 @@ SWITCHABLE_APP = {
 }
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ([], "PostTrainingQuantization"),
-    (["quant=dynamic"], "DynamicQuantization"),
-    (["quant=dynamic", "callbacks.quant.target=native"], "DynamicQuantization"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], "PostTrainingQuantization"),
+        (["quant=dynamic"], "DynamicQuantization"),
+        (["quant=dynamic", "callbacks.quant.target=native"], "DynamicQuantization"),
+    ],
+)
 def test_an_app_switches_approach_from_the_command_line(tmp_path, overrides, expected):
     for name, text in SWITCHABLE_APP.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

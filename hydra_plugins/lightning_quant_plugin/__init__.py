@@ -73,7 +73,9 @@ class ImportOnFirstUse(ConfigSource):
         if store is None:
             raise ConfigLoadError(f"{config_path} is not served by {self.full_path()}")
         node = store.load(self._normalize_file_name(config_path))
-        return ConfigResult(config=node.node, path=self.full_path(), provider=self.provider, header={"package": node.package})
+        return ConfigResult(
+            config=node.node, path=self.full_path(), provider=self.provider, header={"package": node.package}
+        )
 
     def is_group(self, config_path: str) -> bool:
         store = self._store(config_path)
@@ -81,7 +83,10 @@ class ImportOnFirstUse(ConfigSource):
 
     def is_config(self, config_path: str) -> bool:
         store = self._store(config_path)
-        return store is not None and store.get_type(self._normalize_file_name(config_path.rstrip("/"))) == ObjectType.CONFIG
+        return (
+            store is not None
+            and store.get_type(self._normalize_file_name(config_path.rstrip("/"))) == ObjectType.CONFIG
+        )
 
     def list(self, config_path: str, results_filter: Optional[ObjectType]) -> builtins.list[str]:
         store = self._store(config_path)

@@ -184,9 +184,7 @@ def _training_batch(trainer: pl.Trainer) -> Any:
     return trainer.strategy.batch_to_device(batch)
 
 
-def _time_forward_backward(
-    pl_module: pl.LightningModule, batch: Any, plugin: Precision, device: torch.device
-) -> float:
+def _time_forward_backward(pl_module: pl.LightningModule, batch: Any, plugin: Precision, device: torch.device) -> float:
     _synchronize(device)
     start = time.perf_counter()
     with plugin.train_step_context():

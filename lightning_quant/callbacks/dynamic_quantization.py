@@ -66,8 +66,9 @@ class DynamicQuantization(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
         self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=target)
         self._formats_given = formats is not None
         self._recurrent_layers: list[str] = []
@@ -77,7 +78,8 @@ class DynamicQuantization(QuantizationCallback):
         if stage != "fit" or not self.config.recurrent:
             return
         self._recurrent_layers = [
-            name for name, module in pl_module.named_modules()
+            name
+            for name, module in pl_module.named_modules()
             if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
         ]
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
@@ -100,7 +102,8 @@ class DynamicQuantization(QuantizationCallback):
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
         types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
         return [
-            name for name in quantizable_layers(pl_module, types, self.keep_float)
+            name
+            for name in quantizable_layers(pl_module, types, self.keep_float)
             # attention's output projection: never int8 (see quantize._dynamic_linear_filter)
             if not isinstance(pl_module.get_submodule(name), NonDynamicallyQuantizableLinear)
         ]
@@ -117,11 +120,15 @@ class DynamicQuantization(QuantizationCallback):
         return {"torchscript": legacy}
 
     def manifest_details(self) -> dict[str, Any]:
-        notes = ["Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
-                 "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."]
+        notes = [
+            "Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
+            "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."
+        ]
         if "torchscript" in self.formats:
-            notes.append("'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
-                         "tensors); its numerics differ slightly, so it is verified against the float model.")
+            notes.append(
+                "'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
+                "tensors); its numerics differ slightly, so it is verified against the float model."
+            )
         if self._recurrent_layers:
             notes.append(RECURRENT_NOTE)
         elif not self.config.recurrent:

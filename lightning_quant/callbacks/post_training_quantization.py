@@ -72,13 +72,22 @@ class PostTrainingQuantization(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
-        if isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int) or num_calibration_batches < 1:
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
+        if (
+            isinstance(num_calibration_batches, bool)
+            or not isinstance(num_calibration_batches, int)
+            or num_calibration_batches < 1
+        ):
             raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
         if calibration_dataloader not in _DATALOADERS:
-            raise ValueError(f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}")
-        self.config = StaticQuantConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target)
+            raise ValueError(
+                f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}"
+            )
+        self.config = StaticQuantConfig(
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+        )
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader
         self._calibration: list[ModelInputs] = []

@@ -90,8 +90,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
         if not _is_epoch(start_epoch):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -99,7 +100,9 @@ class QuantizationAwareTraining(QuantizationCallback):
                 raise ValueError(
                     f"{name} must be None (never) or an integer >= start_epoch ({start_epoch}), got {epoch!r}"
                 )
-        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target)
+        self.config = QATConfig(
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+        )
         stages = (observer_enabled_stages,) if isinstance(observer_enabled_stages, str) else observer_enabled_stages
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
@@ -171,7 +174,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._enter_stage(trainer, "predict")
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._leave_stage(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

@@ -147,8 +147,10 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
             )
         if not formats:
-            raise ValueError(f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
-                             f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})")
+            raise ValueError(
+                f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
+                f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})"
+            )
         if len(set(formats)) != len(formats):
             raise ValueError(f"formats lists a format twice: {formats}")
         check_keep_float(keep_float)
@@ -198,9 +200,12 @@ class QuantizationCallback(Callback, ABC):
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
         self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
-        check_runs_here(self.target, f"{type(self).__name__}(target={self.target!r})",
-                        "Its files are verified by running them here: train on such a CPU, or choose "
-                        "target='avx2' (runs on any x86-64 CPU with AVX2).")
+        check_runs_here(
+            self.target,
+            f"{type(self).__name__}(target={self.target!r})",
+            "Its files are verified by running them here: train on such a CPU, or choose "
+            "target='avx2' (runs on any x86-64 CPU with AVX2).",
+        )
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
         self._resolve_example_inputs(pl_module)
@@ -209,8 +214,10 @@ class QuantizationCallback(Callback, ABC):
         missing = [name for name in self.keep_float if name not in names]
         if missing:
             options = ", ".join(n for n in names if n) or "(none)"
-            raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
-                             f"Its modules are: {options}")
+            raise ValueError(
+                f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
+                f"Its modules are: {options}"
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.budget is not None and not self._dataloaders(trainer, "val"):
@@ -258,13 +265,19 @@ class QuantizationCallback(Callback, ABC):
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]
         int8 = [c for c in others if c.approach != "float"] if self.approach != "float" else []
-        same_dir = [c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == Path(self.dirpath).resolve()]
+        same_dir = [
+            c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == Path(self.dirpath).resolve()
+        ]
         if int8 or same_dir:
             names = [type(c).__name__ for c in [self, *others]]
             raise ValueError(
                 f"Conflicting quantization callbacks on one Trainer: {names}. "
-                + ("Two int8 callbacks would quantize the same model twice (QAT's fake-quant model calibrated "
-                   "again, or two sets of int8 files): keep one. " if int8 else "")
+                + (
+                    "Two int8 callbacks would quantize the same model twice (QAT's fake-quant model calibrated "
+                    "again, or two sets of int8 files): keep one. "
+                    if int8
+                    else ""
+                )
                 + (f"They write into the same dirpath {self.dirpath}: give each its own dirpath." if same_dir else "")
             )
 
@@ -364,7 +377,11 @@ class QuantizationCallback(Callback, ABC):
         last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
         # reused only if it holds the weights being quantized: a "last" checkpoint written at an earlier step
         # (ModelCheckpoint saves last only when it saves at all, e.g. when the monitored metric improved) does not
-        if last and os.path.isfile(last) and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step:
+        if (
+            last
+            and os.path.isfile(last)
+            and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step
+        ):
             return str(last)
         path = Path(self.dirpath) / "float.ckpt"
         temporary = path.with_name(path.name + ".tmp")
@@ -375,7 +392,9 @@ class QuantizationCallback(Callback, ABC):
             os.replace(temporary, path)
         return str(path)
 
-    def _quantize_export_and_report(self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]) -> None:
+    def _quantize_export_and_report(
+        self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]
+    ) -> None:
         """Convert (within the accuracy budget, if any), then hand the converted model to the shared pipeline
         (:func:`lightning_quant.pipeline.ship`): export, verify, time, evaluate, ``manifest.json``. A format that
         fails is recorded in the manifest (``failures``) and reported after the others are written; a failed
@@ -407,16 +426,36 @@ class QuantizationCallback(Callback, ABC):
                         self.model_inputs(trainer, "train", limit=1), None
                     )
                 except Exception as err:
-                    raise failure(err, owner=owner, dirpath=dirpath, approach=self.approach, backend=self.backend,
-                                  model_name=model_name, float_checkpoint=float_checkpoint) from err
+                    raise failure(
+                        err,
+                        owner=owner,
+                        dirpath=dirpath,
+                        approach=self.approach,
+                        backend=self.backend,
+                        model_name=model_name,
+                        float_checkpoint=float_checkpoint,
+                    ) from err
                 finally:
                     self.keep_float = user_keep_float
                 deployment = ship(
-                    reference, float_model, inputs, dirpath, self.formats, approach=self.approach,
-                    backend=self.backend, owner=owner, timing_inputs=timing_inputs, dynamic_batch=self.dynamic_batch,
-                    target=self.target, onnx_quantization=onnx, models=models, keep_float=keep_float,
+                    reference,
+                    float_model,
+                    inputs,
+                    dirpath,
+                    self.formats,
+                    approach=self.approach,
+                    backend=self.backend,
+                    owner=owner,
+                    timing_inputs=timing_inputs,
+                    dynamic_batch=self.dynamic_batch,
+                    target=self.target,
+                    onnx_quantization=onnx,
+                    models=models,
+                    keep_float=keep_float,
                     evaluate=lambda model: self._evaluate(trainer, pl_module, float_model, model, float_metrics),
-                    accuracy_budget=budget_report, details=details, float_checkpoint=float_checkpoint,
+                    accuracy_budget=budget_report,
+                    details=details,
+                    float_checkpoint=float_checkpoint,
                     started=started,
                 )
         except DeploymentError as err:
@@ -445,8 +484,10 @@ class QuantizationCallback(Callback, ABC):
         budget, user_keep_float = self.budget, list(self.keep_float)
         loaders, limits = self._validation_batches(trainer)
         if not loaders:
-            raise ValueError(f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
-                             "has no validation dataloader (or limit_val_batches=0)")
+            raise ValueError(
+                f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
+                "has no validation dataloader (or limit_val_batches=0)"
+            )
         float_metrics: dict[str, float] = {}
 
         def evaluate(model: nn.Module) -> float:
@@ -465,7 +506,11 @@ class QuantizationCallback(Callback, ABC):
             return self.convert(trainer, pl_module)
 
         result = fallback_search(
-            float_model, quantize_with, evaluate, budget, self.quantizable_layers(pl_module),
+            float_model,
+            quantize_with,
+            evaluate,
+            budget,
+            self.quantizable_layers(pl_module),
             inputs=list(self.model_inputs(trainer, "val", limit=4)),
         )
         self.budget_float_layers = [layer["name"] for layer in result.float_layers]
@@ -473,13 +518,21 @@ class QuantizationCallback(Callback, ABC):
         report = result.report(budget)
         report["sensitivity"] = None
         if result.sensitivity:
-            save_sensitivity(result.sensitivity, dirpath, title=f"{type(pl_module).__name__}, {self.approach} int8: "
-                             "relative output error with one layer quantized (most sensitive on top)")
+            save_sensitivity(
+                result.sensitivity,
+                dirpath,
+                title=f"{type(pl_module).__name__}, {self.approach} int8: "
+                "relative output error with one layer quantized (most sensitive on top)",
+            )
             report["sensitivity"] = "sensitivity.csv"
         return result.model, report, float_metrics
 
     def _evaluate(
-        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, quantized: nn.Module,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        float_model: nn.Module,
+        quantized: nn.Module,
         float_metrics: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
         loaders, limits = self._validation_batches(trainer)
@@ -501,20 +554,24 @@ class QuantizationCallback(Callback, ABC):
 
 
 def _unknown_metric(owner: str, metric: str, logged: Sequence[str]) -> str:
-    return (f"{owner}(max_metric_drop=...) watches {metric!r}, which the LightningModule does not log in "
-            f"validation_step. It logs: {list(logged) or '(nothing)'}. Use one of those names, or log {metric!r} "
-            "with self.log in validation_step.")
+    return (
+        f"{owner}(max_metric_drop=...) watches {metric!r}, which the LightningModule does not log in "
+        f"validation_step. It logs: {list(logged) or '(nothing)'}. Use one of those names, or log {metric!r} "
+        "with self.log in validation_step."
+    )
 
 
 def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path) -> str:
     unit = f"{report['max_drop']:.4g}" + (" (relative)" if report["relative"] else "")
     layers = [layer["name"] for layer in report["float_layers"]]
-    return (f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
-            f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
-            f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
-            f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
-            f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
-            "keep_float the layers you know are fragile, or try QuantizationAwareTraining.")
+    return (
+        f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
+        f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
+        f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
+        f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
+        f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
+        "keep_float the layers you know are fragile, or try QuantizationAwareTraining."
+    )
 
 
 def evaluate_validation(

@@ -78,9 +78,7 @@ def config_from_signature(
         raise ValueError(f"{unknown} are not parameters of {target_path}; it takes {sorted(parameters)}")
     parameters = {name: p for name, p in parameters.items() if name not in exclude}
 
-    fields: list[tuple[str, Any, dataclasses.Field]] = [
-        ("_target_", str, dataclasses.field(default=target_path))
-    ]
+    fields: list[tuple[str, Any, dataclasses.Field]] = [("_target_", str, dataclasses.field(default=target_path))]
     for parameter in parameters.values():
         default = defaults.get(parameter.name, parameter.default)
         field = _field(hints.get(parameter.name, Any), default)

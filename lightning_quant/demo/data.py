@@ -12,9 +12,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn is a declared dependency
-        raise ImportError(
-            "The digits dataset needs the package 'scikit-learn': pip install scikit-learn"
-        ) from err
+        raise ImportError("The digits dataset needs the package 'scikit-learn': pip install scikit-learn") from err
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)

@@ -42,8 +42,12 @@ def export_aoti(
         torch._inductor.aoti_compile_and_package(
             captured.program, package_path=str(temporary), inductor_configs=configs
         )
-    return {"how": "torch.export -> torch._inductor.aoti_compile_and_package", "inductor_configs": configs,
-            "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)", **captured.details()}
+    return {
+        "how": "torch.export -> torch._inductor.aoti_compile_and_package",
+        "inductor_configs": configs,
+        "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)",
+        **captured.details(),
+    }
 
 
 def load_aoti(path: Path) -> Any:

@@ -97,7 +97,11 @@ def export(
         raise ValueError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
-    inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
+    inputs = (
+        example_inputs
+        if isinstance(example_inputs, ModelInputs)
+        else ModelInputs.from_value(example_inputs).bind(model.forward)
+    )
     models = dict(models or {})
     target = resolve_target(target)
     model, output_names = tensor_outputs(model, inputs)
@@ -165,8 +169,10 @@ def tensor_outputs(model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, Op
         return model, None
     names = _tensor_fields(output)
     if not names:
-        raise TypeError(f"{type(model).__name__}.forward returns {type(output).__name__}, which holds no tensor field "
-                        "to export: return tensors (or a ModelOutput/dataclass/dict of them)")
+        raise TypeError(
+            f"{type(model).__name__}.forward returns {type(output).__name__}, which holds no tensor field "
+            "to export: return tensors (or a ModelOutput/dataclass/dict of them)"
+        )
     return _TensorOutputs(model, names), names
 
 

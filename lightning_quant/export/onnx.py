@@ -82,8 +82,11 @@ def export_onnx(
     if quantization is None:
         with _quiet(), atomic_path(path) as temporary:
             captured = _torch_onnx_export(model, inputs, temporary, dynamic_batch)
-        return {"how": "torch.onnx.export(dynamo=True) of the quantized model as is",
-                "load": "onnxruntime.InferenceSession(path)", **captured}
+        return {
+            "how": "torch.onnx.export(dynamo=True) of the quantized model as is",
+            "load": "onnxruntime.InferenceSession(path)",
+            **captured,
+        }
     if float_model is None:
         raise ValueError("ONNX Runtime quantization needs the float model (float_model=...)")
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -119,12 +122,19 @@ def export_onnx(
                     extra_options={**options, "MatMulConstBOnly": True},
                     reduce_range=reduce_range,
                 )
-                how = (f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
-                       f" {bits}-bit int8 weights, uint8 activations, {method} calibration on "
-                       f"{len(batches)} batches)")
+                how = (
+                    f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
+                    f" {bits}-bit int8 weights, uint8 activations, {method} calibration on "
+                    f"{len(batches)} batches)"
+                )
             else:
-                quantize_dynamic(str(prepared_path), str(temporary), weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=excluded, reduce_range=reduce_range)
+                quantize_dynamic(
+                    str(prepared_path),
+                    str(temporary),
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    reduce_range=reduce_range,
+                )
                 how = f"float ONNX -> onnxruntime quantize_dynamic ({bits}-bit int8 weights, dynamic activations)"
     return {"how": how, "nodes_kept_float": len(excluded), "load": "onnxruntime.InferenceSession(path)", **captured}
 
@@ -196,11 +206,40 @@ def same_batch_size(batches: Sequence[ModelInputs]) -> list[ModelInputs]:
 # ONNX ops that compute elementwise or only move data. ONNX Runtime's QDQ quantizer quantizes such an op's
 # output whenever it quantizes the op, so one that feeds a float layer would still hand it int8 input
 # (measured: relative error 0.40 when the float layer's input came from a Mul).
-_ELEMENTWISE_OPS = frozenset({
-    "Abs", "Add", "Cast", "Clip", "Div", "Elu", "Erf", "Exp", "Flatten", "Gelu", "HardSigmoid", "HardSwish",
-    "Identity", "LeakyRelu", "Max", "Min", "Mul", "Neg", "Pow", "Relu", "Reshape", "Sigmoid", "Softplus", "Sqrt",
-    "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
-})
+_ELEMENTWISE_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Cast",
+        "Clip",
+        "Div",
+        "Elu",
+        "Erf",
+        "Exp",
+        "Flatten",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "LeakyRelu",
+        "Max",
+        "Min",
+        "Mul",
+        "Neg",
+        "Pow",
+        "Relu",
+        "Reshape",
+        "Sigmoid",
+        "Softplus",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    }
+)
 
 
 def nodes_in_modules(path: Path, module_names: Sequence[str]) -> list[str]:
@@ -276,7 +315,7 @@ class OnnxRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs and set(kwargs) <= set(self.input_names[len(args):]):  # keywords by name, in any order
+        if kwargs and set(kwargs) <= set(self.input_names[len(args) :]):  # keywords by name, in any order
             named = dict(zip(self.input_names, args), **kwargs)
             args, kwargs = tuple(named[name] for name in self.input_names if name in named), {}
         outputs = self.session.run(None, onnx_feed(self.input_names, ModelInputs(args, kwargs)))

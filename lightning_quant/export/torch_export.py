@@ -25,8 +25,11 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
     buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
     torch.export.save(captured.program, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    return {"how": "torch.export -> torch.export.save (unlowered program)",
-            "load": "torch.export.load(path).module()(*args, **kwargs)", **captured.details()}
+    return {
+        "how": "torch.export -> torch.export.save (unlowered program)",
+        "load": "torch.export.load(path).module()(*args, **kwargs)",
+        **captured.details(),
+    }
 
 
 def load_program(path: Path) -> Any:

@@ -420,9 +420,7 @@ class QATGraph:
         return [getattr(self.graph, name) for name in self._fake_quant_names]
 
     def _fake_quant_state(self) -> dict[str, torch.Tensor]:
-        return {
-            k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names
-        }
+        return {k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names}
 
     def _graph_holds_live_tensors(self) -> bool:
         """Whether the graph's attributes still are the model's tensors (export shares them), so that the
@@ -572,10 +570,7 @@ def _drop_repeated_fake_quant(graph: GraphModule) -> None:
             continue
         module = id(graph.get_submodule(node.target))
         source = node.args[0]
-        if (
-            _is_call(source, *_VALUE_SELECTING)
-            and source.args[0] in called.get(module, ())
-        ):
+        if _is_call(source, *_VALUE_SELECTING) and source.args[0] in called.get(module, ()):
             node.replace_all_uses_with(source)
             graph.graph.erase_node(node)
         else:
@@ -609,8 +604,12 @@ def _unfuse_float_conv_batchnorm(graph: GraphModule) -> None:
 
 
 _SCALING = {
-    torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sqrt.default,
-    torch.ops.aten.reshape.default, torch.ops.aten.zeros_like.default,
+    torch.ops.aten.mul.Tensor,
+    torch.ops.aten.div.Tensor,
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.sqrt.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.zeros_like.default,
 }
 
 
@@ -710,7 +709,9 @@ def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
     x, conv_bias = bn.args[0], None
     if _is_call(x, aten.add.Tensor) and _is_call(x.args[1], aten.reshape.default) and _is_attr(x.args[1].args[0]):
         x, conv_bias = x.args[0], x.args[1].args[0]
-    if not (_is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)):
+    if not (
+        _is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)
+    ):
         return None
     conv, scale = x.args[0], x.args[1].args[0]
     weight_input, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None

@@ -120,7 +120,8 @@ def single_input_channel_convs(model: nn.Module) -> list[str]:
     the next one, so keeping it float costs little.
     """
     return [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.modules.conv._ConvNd) and module.in_channels == 1
     ]
 
