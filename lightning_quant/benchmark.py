@@ -179,6 +179,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def _get_attr(module: nn.Module, target: str) -> Any:
+    found: Any = module
     for part in target.split("."):
-        module = getattr(module, part, None)
-    return module
+        found = getattr(found, part, None)
+    return found

@@ -159,7 +159,7 @@ def _branch_values(model: Any, inputs: ModelInputs) -> dict[Site, list[bool]]:
         values[_caller()].append(value)
         return value
 
-    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign]
+    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign,assignment]
     try:
         with torch.no_grad():
             inputs(model)
@@ -208,7 +208,7 @@ def _branches_as_recorded(
             used[site] += 1
             return recorded[index]
 
-    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign]
+    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

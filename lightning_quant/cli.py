@@ -251,7 +251,9 @@ def cmd_time(args: argparse.Namespace) -> int:
     _threads(args.threads)
     model = load(path, args.format)
     inputs = timing_inputs([path], args.batch_size, args.input_shape)
-    result = summary(interleaved_times({"a": model}, inputs, args.runs, args.warmup, not args.no_progress)["a"])
+    result: dict[str, Any] = dict(
+        summary(interleaved_times({"a": model}, inputs, args.runs, args.warmup, not args.no_progress)["a"])
+    )
     batch = inputs.batch_size()
     result.update(
         artifact=str(path),

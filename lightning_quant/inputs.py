@@ -91,7 +91,7 @@ class ModelInputs(NamedTuple):
 
     def describe(self) -> dict[str, Any]:
         """``shape`` and ``dtype`` of the first tensor, and every tensor by argument name, for the manifest."""
-        described = []
+        described: list[dict[str, Any]] = []
         for name, value in [*((f"args[{i}]", a) for i, a in enumerate(self.args)), *self.kwargs.items()]:
             leaves, _ = tree_flatten(value)
             for j, leaf in enumerate(t for t in leaves if isinstance(t, torch.Tensor)):
@@ -99,7 +99,7 @@ class ModelInputs(NamedTuple):
                 described.append(
                     {"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")}
                 )
-        first = described[0] if described else {"shape": [], "dtype": None}
+        first: dict[str, Any] = described[0] if described else {"shape": [], "dtype": None}
         return {"shape": first["shape"], "dtype": first["dtype"], "tensors": described}
 
     def __call__(self, model: Callable[..., Any]) -> Any:

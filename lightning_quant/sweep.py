@@ -144,7 +144,7 @@ def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     hydra_dir = job_dir / ".hydra"
     overrides = status.get("overrides") or _read_yaml(hydra_dir / "overrides.yaml") or []
     choices = _choices(_read_yaml(hydra_dir / "hydra.yaml"))
-    base = {
+    base: dict[str, Any] = {
         "job": job_dir.name,
         "model": choices.get("model") or _target_name(_read_yaml(hydra_dir / "config.yaml"), "model"),
         "callbacks": choices.get("callbacks"),
@@ -199,9 +199,12 @@ def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any], model: str
 
 def deployed_point(row: Mapping[str, Any]) -> tuple[float, float] | None:
     """(latency ms, accuracy) of what a row ships: the int8 model if there is one, else the float model."""
-    for latency, acc in (("latency_int8_ms", "acc_int8"), ("latency_float_ms", "acc_float")):
-        if _is_number(row.get(latency)) and _is_number(row.get(acc)):
-            return float(row[latency]), float(row[acc])
+    return _point(row, "latency_int8_ms", "acc_int8") or _point(row, "latency_float_ms", "acc_float")
+
+
+def _point(row: Mapping[str, Any], latency: str, accuracy: str) -> tuple[float, float] | None:
+    if _is_number(row.get(latency)) and _is_number(row.get(accuracy)):
+        return float(row[latency]), float(row[accuracy])
     return None
 
 
@@ -277,15 +280,15 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    placed = [(row, deployed_point(row)) for row in rows if deployed_point(row) is not None]
+    placed = [(row, point) for row in rows if (point := deployed_point(row)) is not None]
     colors = {a: f"C{i % 10}" for i, a in enumerate(sorted({str(r["approach"]) for r, _ in placed}))}
     markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(sorted({str(r.get("model")) for r, _ in placed}))}
     figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
     axes = figure.subplots()
     for i, (row, point) in enumerate(placed):
         color, marker = colors[str(row["approach"])], markers[str(row.get("model"))]
-        float_point = (row.get("latency_float_ms"), row.get("acc_float"))
-        if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
+        float_point = _point(row, "latency_float_ms", "acc_float")
+        if row.get("acc_int8") is not None and float_point is not None:
             arrow = {"arrowstyle": "->", "color": color, "lw": 0.8, "alpha": 0.6}
             axes.annotate("", xy=point, xytext=float_point, arrowprops=arrow)
             axes.scatter(*float_point, s=30, marker=marker, facecolors="none", edgecolors=color, zorder=2)

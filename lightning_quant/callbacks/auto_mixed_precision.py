@@ -19,7 +19,7 @@ from torchmetrics import Metric
 
 from lightning_quant.precision import BF16_MIXED, FLOAT32, FP16_MIXED, preferred_mixed_precision
 
-_DTYPES = {"auto": None, "bf16": BF16_MIXED, "fp16": FP16_MIXED}
+_DTYPES: dict[str, Any] = {"auto": None, "bf16": BF16_MIXED, "fp16": FP16_MIXED}
 
 
 class AutoMixedPrecision(Callback):
@@ -113,7 +113,7 @@ class AutoMixedPrecision(Callback):
             # Replacing the plugin after strategy.setup is equivalent to passing it to the Trainer:
             # MixedPrecision.convert_module and .connect are the base no-ops, and the fp16 scaler state is
             # restored from a checkpoint after on_fit_start.
-            self._plugin = MixedPrecision(self.precision, device=trainer.strategy.root_device.type)
+            self._plugin = MixedPrecision(self.precision, device=trainer.strategy.root_device.type)  # type: ignore[arg-type]  # one of its two names
             trainer.strategy.precision_plugin = self._plugin
         rank_zero_info(f"AutoMixedPrecision: training with precision={self.precision!r} because {self.reason}.")
 
@@ -127,12 +127,12 @@ class AutoMixedPrecision(Callback):
             return candidate, f"{why} (not measured: measure_steps=0)", {}
         plugins = {
             FLOAT32: trainer.precision_plugin,
-            candidate: MixedPrecision(candidate, device=trainer.strategy.root_device.type),
+            candidate: MixedPrecision(candidate, device=trainer.strategy.root_device.type),  # type: ignore[arg-type]  # one of its two names
         }
         seconds = self._time_steps(trainer, pl_module, plugins)
         # the fastest step of each: load from other processes only ever adds time
         fastest = {name: min(times) for name, times in seconds.items()}
-        faster = min(fastest, key=fastest.get)
+        faster = min(fastest, key=fastest.__getitem__)
         timings = ", ".join(f"{name} {step * 1e3:.2f} ms" for name, step in fastest.items())
         reason = (
             f"{why}, and per forward/backward step of training_step on a training batch (fastest of "
@@ -219,7 +219,7 @@ def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Ite
     ]
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        pl_module.log = pl_module.log_dict = _drop_log
+        pl_module.log = pl_module.log_dict = _drop_log  # type: ignore[method-assign]
         try:
             yield
         finally:

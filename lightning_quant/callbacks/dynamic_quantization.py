@@ -13,6 +13,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import FORMATS, OrtDynamicQuantization
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
@@ -95,29 +96,36 @@ class DynamicQuantization(QuantizationCallback):
             "on x86 CPUs anyway)."
         )
 
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
-        config = replace(self.config, keep_float=tuple(self.keep_float))
-        return quantize(self.cpu_copy(pl_module), config, self.example_inputs)
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
+        config = replace(self.config, keep_float=tuple(keep_float))
+        return quantize(self.cpu_copy(pl_module), config, inputs)
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
         return [
             name
-            for name in quantizable_layers(pl_module, types, self.keep_float)
+            for name in quantizable_layers(pl_module, self._layer_types(), self.keep_float)
             # attention's output projection: never int8 (see quantize._dynamic_linear_filter)
             if not isinstance(pl_module.get_submodule(name), NonDynamicallyQuantizableLinear)
         ]
 
-    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> OrtDynamicQuantization:
-        return OrtDynamicQuantization(keep_float=tuple(self.keep_float))
+    def onnx_quantization(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> OrtDynamicQuantization:
+        return OrtDynamicQuantization(keep_float=tuple(keep_float))
 
-    def artifact_models(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, nn.Module]:
+    def artifact_models(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> dict[str, nn.Module]:
         if "torchscript" not in self.formats:
             return {}
         legacy = self.cpu_copy(pl_module)
-        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
-        legacy_quantize_dynamic(legacy, types, tuple(self.keep_float))
+        legacy_quantize_dynamic(legacy, self._layer_types(), tuple(keep_float))
         return {"torchscript": legacy}
+
+    def _layer_types(self) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
 
     def manifest_details(self) -> dict[str, Any]:
         notes = [

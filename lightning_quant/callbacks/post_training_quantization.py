@@ -112,7 +112,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self._calibration = []  # read again for this fit's model, once: every convert of it calibrates alike
         super().on_fit_end(trainer, pl_module)
 
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
         if not self._calibration:
             self._calibration = list(
                 self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches)
@@ -120,8 +122,8 @@ class PostTrainingQuantization(QuantizationCallback):
             if len(self._calibration) < self.num_calibration_batches:
                 rank_zero_warn(self._short_calibration_note())
         self._kept_float_automatically = single_input_channel_convs(pl_module)
-        config = replace(self.config, keep_float=tuple(self.keep_float))
-        return quantize(self.cpu_copy(pl_module), config, self.example_inputs, self._calibration)
+        config = replace(self.config, keep_float=tuple(keep_float))
+        return quantize(self.cpu_copy(pl_module), config, inputs, self._calibration)
 
     def _short_calibration_note(self) -> str:
         samples = sum(inputs.batch_size() or 0 for inputs in self._calibration)
@@ -136,12 +138,14 @@ class PostTrainingQuantization(QuantizationCallback):
         automatic = set(single_input_channel_convs(pl_module))
         return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
-    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OrtStaticQuantization]:
+    def onnx_quantization(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> Optional[OrtStaticQuantization]:
         return OrtStaticQuantization(
             calibration_inputs=self._calibration,
             per_channel=self.config.per_channel,
             observer=self.config.observer,
-            keep_float=tuple(self.keep_float),
+            keep_float=tuple(keep_float),
         )
 
     def manifest_details(self) -> dict[str, Any]:

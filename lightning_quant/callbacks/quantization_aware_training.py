@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
@@ -215,10 +216,14 @@ class QuantizationAwareTraining(QuantizationCallback):
         self._apply_restored(pl_module)
 
     # ------------------------------------------------------------------ QuantizationCallback
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
+        if self.qat is None:  # on_fit_end refuses this case first, with the fix
+            raise QuantizationError("QuantizationAwareTraining: no fake-quant model to convert")
         # keep_float at prepare time has no fake-quant at all; names added since (the accuracy budget's) are
         # bypassed in a copy of the trained graph
-        added = [name for name in self.keep_float if name not in self.config.keep_float]
+        added = [name for name in keep_float if name not in self.config.keep_float]
         return convert_keeping_float(self.qat, added)
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
@@ -258,7 +263,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         )
 
     def _prepare(self, pl_module: LightningModule) -> QATGraph:
-        inputs = self.example_inputs if self.example_inputs is not None else self._resolve_example_inputs(pl_module)
+        inputs = self._resolve_example_inputs(pl_module)
         qat = prepare_qat(pl_module, inputs, self.config)
         qat.observers_enabled = False  # until a batch of a stage in observer_enabled_stages starts
         return qat

@@ -56,7 +56,7 @@ class BertClassifier(L.LightningModule):
         super().__init__()
         import transformers  # a test dependency, imported only by the model that needs it
 
-        config = transformers.BertConfig(
+        config = transformers.BertConfig(  # type: ignore[call-arg]  # num_labels: a PretrainedConfig keyword
             vocab_size=TOKENS,
             hidden_size=hidden_size,
             num_hidden_layers=layers,

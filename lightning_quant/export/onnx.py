@@ -32,7 +32,7 @@ from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".onnx"
 # PyTorch observer name -> ONNX Runtime calibration method and its options
-_CALIBRATION = {
+_CALIBRATION: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
     "moving_average": ("MinMax", {"CalibMovingAverage": True}),
     "histogram": ("Percentile", {"CalibPercentile": 99.999}),
@@ -144,6 +144,7 @@ def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynami
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
         program = torch.onnx.export(captured.program, dynamo=True, verbose=False, report=False)
+    assert program is not None  # dynamo=True always returns the program
     program.save(str(path))
     return captured.details()
 

@@ -266,14 +266,15 @@ def onnx_int8_weight_range(path: Path) -> Optional[tuple[int, int]]:
     import onnx
     from onnx import numpy_helper
 
-    low = high = None
+    low: Optional[int] = None
+    high: Optional[int] = None
     for tensor in onnx.load(str(path)).graph.initializer:
         if tensor.data_type == onnx.TensorProto.INT8:
             values = numpy_helper.to_array(tensor)
             if values.size:
                 low = int(values.min()) if low is None else min(low, int(values.min()))
                 high = int(values.max()) if high is None else max(high, int(values.max()))
-    return None if low is None else (low, high)
+    return None if low is None or high is None else (low, high)
 
 
 def _fits(weight_range: tuple[int, int], target: CpuTarget) -> bool:

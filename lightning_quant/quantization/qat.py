@@ -333,7 +333,8 @@ class QATGraph:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return
-        minmax, others = [], []
+        minmax: list[Any] = []
+        others: list[Any] = []
         for fake_quant in self._fake_quantizers():
             observer = getattr(fake_quant, "activation_post_process", None)
             is_minmax = isinstance(observer, (MinMaxObserver, PerChannelMinMaxObserver))
@@ -624,12 +625,12 @@ def _set_batchnorm_training(graph: GraphModule, training: bool) -> None:
 
 def _running_var_users(graph: GraphModule) -> list[tuple[Node, str]]:
     """(batch_norm node, running_var name) for every batch_norm with running statistics."""
-    found = []
+    found: list[tuple[Node, str]] = []
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target == _BATCH_NORM:
             running_var = node.args[4]
             if isinstance(running_var, Node) and running_var.op == "get_attr":
-                found.append((node, running_var.target))
+                found.append((node, str(running_var.target)))
     return found
 
 
@@ -731,7 +732,7 @@ def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
         return None
     if weight_scale.args[0] is not scale:
         return None
-    return conv, weight, scaled_weight, conv_bias
+    return conv, weight, scaled_weight, conv_bias  # type: ignore[return-value]  # Nodes, as matched above
 
 
 _CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)

@@ -62,6 +62,7 @@ def quantize(
     """
     inputs = ModelInputs.from_value(example_inputs).bind(model.forward)
     name = type(model).__name__
+    quantized: nn.Module
     if isinstance(config, StaticQuantConfig):
         if calibration_data is None:
             raise ValueError("static quantization needs calibration_data: an iterable of real input batches")

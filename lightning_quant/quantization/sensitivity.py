@@ -325,17 +325,17 @@ def fallback_search(
     reference = measure(float_model)
     model = quantize_with([])
     before = measure(model)
-    best = (model, before, [])
+    best: tuple[Any, float, list[dict[str, Any]]] = (model, before, [])
     steps = [{"float_layers": 0, "value": before}]
     if budget.allows(reference, before):
         return FallbackResult(model, reference, before, before, True, evaluations, [], "within budget", steps)
     if ranking is None:
         ranking = layer_sensitivity(float_model, quantize_with, layers, inputs) if layers else []
-    ranking = [row for row in ranking if row.get("relative_error") is not None]
+    ranked = [dict(row) for row in ranking if row.get("relative_error") is not None]
     limit = min(budget.max_float_layers(len(layers)), max(len(layers) - 1, 0))  # one layer at least stays int8
     returned: list[dict[str, Any]] = []
     stopped = "every ranked layer is float"
-    for row in ranking:
+    for row in ranked:
         if len(returned) >= limit:
             stopped = (
                 f"max_float_fraction={budget.max_float_fraction} of {len(layers)} quantizable layers "
@@ -350,7 +350,7 @@ def fallback_search(
             {
                 "name": row["layer"],
                 "reason": (
-                    f"sensitivity rank {row['rank']} of {len(ranking)}: quantized alone, its relative output "
+                    f"sensitivity rank {row['rank']} of {len(ranked)}: quantized alone, its relative output "
                     f"error is {row['relative_error']:.3g} (SQNR {row['sqnr_db']:.1f} dB)"
                 ),
             }
@@ -372,10 +372,10 @@ def fallback_search(
                 list(returned),
                 "within budget",
                 steps,
-                list(ranking),
+                ranked,
             )
     model, after, kept = best
-    return FallbackResult(model, reference, before, after, False, evaluations, kept, stopped, steps, list(ranking))
+    return FallbackResult(model, reference, before, after, False, evaluations, kept, stopped, steps, ranked)
 
 
 def _better(value: float, best: float, budget: MetricBudget) -> bool:
