@@ -20,21 +20,21 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
-
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from torch import nn
 
 from lightning_quant import AutoMixedPrecision
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
+from lightning_quant.deprecated import legacy_api
 from lightning_quant.export import export, load_artifact
 from lightning_quant.memory_format import to_channels_last
 from lightning_quant.quantization import DynamicQuantConfig, quantize
-from lightning_quant.deprecated import legacy_api
 from lightning_quant.quantization.transformer_fastpath import (
     FUSED_ATTENTION,
     FUSED_ENCODER_LAYER,
@@ -116,8 +116,15 @@ class AlternatingPrecision(L.Callback):
 
 
 def quiet_trainer(**kwargs: Any) -> L.Trainer:
-    return L.Trainer(max_epochs=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        max_epochs=-1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
 
 
 def bench_mixed_precision(steps: int, decisions: int) -> tuple[list[list[str]], float, str]:
@@ -147,8 +154,13 @@ def bench_mixed_precision(steps: int, decisions: int) -> tuple[list[list[str]], 
     counts = ", ".join(f"{p} x{picks.count(p)}" for p in sorted(set(picks)))
     rows = [[f"precision={name!r}", f"{ms:.2f}", f"{ms / best:.2f}"] for name, ms in per_step.items()]
     rows.append([f"AutoMixedPrecision(auto): picked {counts}", f"{auto_ms:.2f}", f"{auto_ms / best:.2f}"])
-    rows.append(["(one fit of 1 step with AutoMixedPrecision, incl. its measurement, s)",
-                 f"{statistics.median(decision_seconds):.2f}", ""])
+    rows.append(
+        [
+            "(one fit of 1 step with AutoMixedPrecision, incl. its measurement, s)",
+            f"{statistics.median(decision_seconds):.2f}",
+            "",
+        ]
+    )
     return rows, auto_ms / best, counts
 
 
@@ -183,12 +195,20 @@ def bench_transformer(rounds: int) -> list[list[str]]:
         ms = interleaved_ms({name: (lambda m=m: m(x)) for name, m in variants.items()}, rounds)
         for name, m in variants.items():
             operators = inference_operators(m, x)
-            fused = [op for op in (FUSED_ENCODER_LAYER, FUSED_ATTENTION, "aten.scaled_dot_product_attention")
-                     if op in operators]
-            rows.append([
-                f"{layers}x{d_model} (ff {ff}), batch {batch}x{seq}", name, f"{ms[name]:.2f}",
-                f"{ms['float'] / ms[name]:.2f}x", ", ".join(fused) or "none",
-            ])
+            fused = [
+                op
+                for op in (FUSED_ENCODER_LAYER, FUSED_ATTENTION, "aten.scaled_dot_product_attention")
+                if op in operators
+            ]
+            rows.append(
+                [
+                    f"{layers}x{d_model} (ff {ff}), batch {batch}x{seq}",
+                    name,
+                    f"{ms[name]:.2f}",
+                    f"{ms['float'] / ms[name]:.2f}x",
+                    ", ".join(fused) or "none",
+                ]
+            )
     return rows
 
 
@@ -221,7 +241,7 @@ def main() -> None:
 
     report = f"""# Inference and training-speed benchmark (issue 5)
 
-`python benchmarks/bench_inference.py{' --quick' if args.quick else ''}` on {cpu_info()['model']} (ISA flags {cpu_info()['flags']}),
+`python benchmarks/bench_inference.py{" --quick" if args.quick else ""}` on {cpu_info()["model"]} (ISA flags {cpu_info()["flags"]}),
 torch {torch.__version__}, {torch.get_num_threads()} threads, {load} ({os.cpu_count()} cores). Fastest of
 {rounds} interleaved rounds; the machine is shared, so absolute times drift: read the ratios.
 
@@ -229,9 +249,9 @@ torch {torch.__version__}, {torch.get_num_threads()} threads, {load} ({os.cpu_co
 
 | target | measured | |
 |---|---|---|
-| channels-last conv net float inference vs contiguous >= 1.3x | {conv['channels_last']:.2f}x | {verdict(conv['channels_last'], 1.3)} |
+| channels-last conv net float inference vs contiguous >= 1.3x | {conv["channels_last"]:.2f}x | {verdict(conv["channels_last"], 1.3)} |
 | AutoMixedPrecision(auto) per step / better of float32 and bf16-mixed <= 1.05 | {amp_ratio:.2f} (picked {amp_chosen}) | {verdict(amp_ratio, 1.05, higher_is_better=False)} |
-| float AOTInductor artifact vs float eager (conv net) >= 2x | {conv['aoti']:.2f}x | {verdict(conv['aoti'], 2.0)} |
+| float AOTInductor artifact vs float eager (conv net) >= 2x | {conv["aoti"]:.2f}x | {verdict(conv["aoti"], 2.0)} |
 
 ## Conv net float inference (ConvNet 3->32 channels, 4 blocks, batch 16x3x32x32)
 

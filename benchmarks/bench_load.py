@@ -26,8 +26,13 @@ AGREE = 0.2  # issue 17: quiet and loaded speed-ups within 20% of each other
 
 
 def train(out: Path, overrides: list[str]) -> dict[str, Any]:
-    subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={out}", *overrides], check=True,
-                   capture_output=True, text=True, cwd=ROOT)
+    subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={out}", *overrides],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return json.loads((out / "quantized" / "manifest.json").read_text())
 
 
@@ -36,7 +41,7 @@ def speedups(manifest: dict[str, Any]) -> dict[str, float]:
 
 
 def main() -> None:
-    overrides = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    overrides = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         quiet = train(Path(scratch) / "quiet", overrides)
@@ -47,20 +52,30 @@ def main() -> None:
         finally:
             load.kill()
     cpu = cpu_info()
-    lines = ["# Speed-ups on a quiet and a loaded machine (benchmarks/bench_load.py)", "",
-             f"CPU: {cpu['vendor']} {cpu['model']}, ISA flags {cpu['flags']}. Job: `python train.py "
-             f"{' '.join(overrides)}`; loaded = another process running a one-thread matmul loop throughout.", "",
-             "| file | quiet speed-up | loaded speed-up | loaded / quiet | within 20% |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Speed-ups on a quiet and a loaded machine (benchmarks/bench_load.py)",
+        "",
+        f"CPU: {cpu['vendor']} {cpu['model']}, ISA flags {cpu['flags']}. Job: `python train.py "
+        f"{' '.join(overrides)}`; loaded = another process running a one-thread matmul loop throughout.",
+        "",
+        "| file | quiet speed-up | loaded speed-up | loaded / quiet | within 20% |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, manifest in (("quiet", quiet), ("loaded", loaded)):
         timing = manifest["latency_ms"]
-        lines.insert(-2, f"{name}: load average {timing['load_average'][0]:.2f} -> {timing['load_average'][1]:.2f}; "
-                         f"float eager {timing['float']:.3f} ms (fastest call; p25-p75 {timing['spread_ms']['float'][0]:.3f}-"
-                         f"{timing['spread_ms']['float'][2]:.3f}); recommended {manifest['recommended']}  ")
+        lines.insert(
+            -2,
+            f"{name}: load average {timing['load_average'][0]:.2f} -> {timing['load_average'][1]:.2f}; "
+            f"float eager {timing['float']:.3f} ms (fastest call; p25-p75 {timing['spread_ms']['float'][0]:.3f}-"
+            f"{timing['spread_ms']['float'][2]:.3f}); recommended {manifest['recommended']}  ",
+        )
     quiet_speed, loaded_speed = speedups(quiet), speedups(loaded)
     for fmt in quiet_speed.keys() & loaded_speed.keys():
         ratio = loaded_speed[fmt] / quiet_speed[fmt]
-        lines.append(f"| {fmt} | {quiet_speed[fmt]:.2f}x | {loaded_speed[fmt]:.2f}x | {ratio:.2f} | "
-                     f"{'yes' if abs(ratio - 1) <= AGREE else 'NO'} |")
+        lines.append(
+            f"| {fmt} | {quiet_speed[fmt]:.2f}x | {loaded_speed[fmt]:.2f}x | {ratio:.2f} | "
+            f"{'yes' if abs(ratio - 1) <= AGREE else 'NO'} |"
+        )
     lines += ["", f"Run took {time.perf_counter() - started:.0f} s."]
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

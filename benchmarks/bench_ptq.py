@@ -63,7 +63,9 @@ class LinearHeavy(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        self.layers = nn.Sequential(
+            nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -96,7 +98,11 @@ def bench_static(scratch: Path, repeats: int) -> dict[str, Any]:
     started = time.perf_counter()
     int8 = quantize(model, StaticQuantConfig(), x, calibration)
     artifacts = export(
-        int8, x, ["aoti", "onnx"], scratch / "static", float_model=model,
+        int8,
+        x,
+        ["aoti", "onnx"],
+        scratch / "static",
+        float_model=model,
         onnx_quantization=OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration]),
     )
     int8_seconds = time.perf_counter() - started
@@ -111,8 +117,12 @@ def bench_static(scratch: Path, repeats: int) -> dict[str, Any]:
     times = timed(models, x, repeats)
     times["int8 ONNX Runtime (quantize_static QDQ)"] = onnx_alone(scratch / "static" / "model.onnx", x, repeats)
     sizes = {a.path: a.bytes for a in artifacts}
-    return {"times": times, "float_bytes": model_bytes(model), "sizes": sizes,
-            "compile_s": {"int8 (quantize + both exports)": int8_seconds, "float AOTInductor": float_aoti_seconds}}
+    return {
+        "times": times,
+        "float_bytes": model_bytes(model),
+        "sizes": sizes,
+        "compile_s": {"int8 (quantize + both exports)": int8_seconds, "float AOTInductor": float_aoti_seconds},
+    }
 
 
 def bench_dynamic(scratch: Path, repeats: int) -> dict[str, Any]:
@@ -120,8 +130,9 @@ def bench_dynamic(scratch: Path, repeats: int) -> dict[str, Any]:
     model = LinearHeavy().eval()
     x = torch.rand(128, 1024)
     int8 = quantize(model, DynamicQuantConfig(), x)
-    artifacts = export(int8, x, ["aoti", "onnx"], scratch / "dynamic", float_model=model,
-                       onnx_quantization=OrtDynamicQuantization())
+    artifacts = export(
+        int8, x, ["aoti", "onnx"], scratch / "dynamic", float_model=model, onnx_quantization=OrtDynamicQuantization()
+    )
     models = {
         "float eager": model,
         "int8 torchao eager": int8,
@@ -144,16 +155,29 @@ def test_accuracy(model: Any, datamodule: DigitsDataModule) -> float:
 def bench_digits(scratch: Path, epochs: int) -> dict[str, Any]:
     results = {}
     for name, net, callback in [
-        ("static (ConvNet, PostTrainingQuantization)", ConvNet(),
-         PostTrainingQuantization(formats=["aoti", "onnx"], dirpath=scratch / "digits_static")),
-        ("dynamic (MLPNet, DynamicQuantization)", MLPNet(),
-         DynamicQuantization(formats=["aoti", "onnx"], dirpath=scratch / "digits_dynamic")),
+        (
+            "static (ConvNet, PostTrainingQuantization)",
+            ConvNet(),
+            PostTrainingQuantization(formats=["aoti", "onnx"], dirpath=scratch / "digits_static"),
+        ),
+        (
+            "dynamic (MLPNet, DynamicQuantization)",
+            MLPNet(),
+            DynamicQuantization(formats=["aoti", "onnx"], dirpath=scratch / "digits_dynamic"),
+        ),
     ]:
         L.seed_everything(0)
         datamodule = DigitsDataModule()
         module = DigitsClassifier(net)
-        trainer = L.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=scratch)
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            callbacks=[callback],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=scratch,
+        )
         trainer.fit(module, datamodule=datamodule)
         module.eval()
         results[name] = {
@@ -184,41 +208,53 @@ def report(static: dict, dynamic: dict, digits: dict, repeats: int, epochs: int)
         "## Static int8, 5-block conv net, input 16x3x64x64",
         "| variant | median ms | vs float eager | min ms | vs float eager (min) |",
         "| --- | --- | --- | --- | --- |",
-        *(f"| {k} | {v:.3f} | {st['float eager'] / v:.2f}x | {st_min[k]:.3f} | {st_min['float eager'] / st_min[k]:.2f}x |"
-          for k, v in st.items()),
+        *(
+            f"| {k} | {v:.3f} | {st['float eager'] / v:.2f}x | {st_min[k]:.3f} | {st_min['float eager'] / st_min[k]:.2f}x |"
+            for k, v in st.items()
+        ),
         "",
         "| file | bytes | / float parameter bytes |",
         "| --- | --- | --- |",
         f"| float parameters (torch.save) | {static['float_bytes']} | 1.00 |",
         *(f"| {k} | {v} | {v / static['float_bytes']:.2f} |" for k, v in static["sizes"].items()),
         "",
-        f"Compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in static["compile_s"].items()),
+        "Compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in static["compile_s"].items()),
         "",
         "## Dynamic int8, MLP 1024-1024-1024-10, batch 128",
         "| variant | median ms | vs float eager | min ms | vs float eager (min) |",
         "| --- | --- | --- | --- | --- |",
-        *(f"| {k} | {v:.3f} | {dy['float eager'] / v:.2f}x | {dy_min[k]:.3f} | {dy_min['float eager'] / dy_min[k]:.2f}x |"
-          for k, v in dy.items()),
+        *(
+            f"| {k} | {v:.3f} | {dy['float eager'] / v:.2f}x | {dy_min[k]:.3f} | {dy_min['float eager'] / dy_min[k]:.2f}x |"
+            for k, v in dy.items()
+        ),
         "",
         f"## Digits test accuracy ({epochs} epochs, 270 test images)",
         "| approach | float | int8 quantized_model | int8 ONNX | drop (points) |",
         "| --- | --- | --- | --- | --- |",
-        *(f"| {k} | {v['float']:.4f} | {v['int8 quantized_model']:.4f} | {v['int8 ONNX']:.4f} | "
-          f"{100 * (v['float'] - min(v['int8 quantized_model'], v['int8 ONNX'])):.2f} |" for k, v in digits.items()),
+        *(
+            f"| {k} | {v['float']:.4f} | {v['int8 quantized_model']:.4f} | {v['int8 ONNX']:.4f} | "
+            f"{100 * (v['float'] - min(v['int8 quantized_model'], v['int8 ONNX'])):.2f} |"
+            for k, v in digits.items()
+        ),
         "",
         "## Targets",
         "| target | measured | met |",
         "| --- | --- | --- |",
         _target("static int8 >= 3x faster than float eager", st["float eager"] / int8_static, 3.0),
-        _target("static int8 >= 2x faster than float AOTInductor (freezing)",
-                st["float AOTInductor (freezing)"] / int8_static, 2.0),
+        _target(
+            "static int8 >= 2x faster than float AOTInductor (freezing)",
+            st["float AOTInductor (freezing)"] / int8_static,
+            2.0,
+        ),
         f"| smallest static artifact <= 0.35 of float parameter bytes | {smallest / static['float_bytes']:.2f} | "
         f"{'yes' if smallest / static['float_bytes'] <= 0.35 else 'NO'} |",
         _target("dynamic int8 >= 2x faster than float eager", dy["float eager"] / best_dynamic, 2.0),
-        *(f"| digits accuracy drop <= 1 point, {k.split(' ')[0]} | "
-          f"{100 * (v['float'] - min(v['int8 quantized_model'], v['int8 ONNX'])):.2f} | "
-          f"{'yes' if v['float'] - min(v['int8 quantized_model'], v['int8 ONNX']) <= 0.01 else 'NO'} |"
-          for k, v in digits.items()),
+        *(
+            f"| digits accuracy drop <= 1 point, {k.split(' ')[0]} | "
+            f"{100 * (v['float'] - min(v['int8 quantized_model'], v['int8 ONNX'])):.2f} | "
+            f"{'yes' if v['float'] - min(v['int8 quantized_model'], v['int8 ONNX']) <= 0.01 else 'NO'} |"
+            for k, v in digits.items()
+        ),
     ]
     return "\n".join(rows) + "\n"
 

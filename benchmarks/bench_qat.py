@@ -26,8 +26,9 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -53,12 +54,21 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], datamodule: DigitsDa
     return 100.0 * correct / total
 
 
-def fit(callback: L.Callback, seed: int, epochs: int, scratch: Path) -> tuple[DigitsClassifier, DigitsDataModule, float]:
+def fit(
+    callback: L.Callback, seed: int, epochs: int, scratch: Path
+) -> tuple[DigitsClassifier, DigitsDataModule, float]:
     L.seed_everything(seed)
     datamodule = DigitsDataModule(seed=seed)
     module = DigitsClassifier(ConvNet())
-    trainer = L.Trainer(max_epochs=epochs, callbacks=[callback], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=scratch)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=scratch,
+    )
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     module.eval()
@@ -87,7 +97,9 @@ def bench_accuracy(scratch: Path, seeds: list[int], epochs: int, recipe: dict[st
         # harder for int8: one scale per weight tensor (per_channel=False) for both approaches
         ptq = PostTrainingQuantization(per_channel=False, formats=["aoti"], dirpath=scratch / f"ptq{seed}_pt")
         float_module, datamodule, _ = fit(ptq, seed, epochs, scratch)
-        qat = QuantizationAwareTraining(**recipe, per_channel=False, formats=["aoti"], dirpath=scratch / f"qat{seed}_pt")
+        qat = QuantizationAwareTraining(
+            **recipe, per_channel=False, formats=["aoti"], dirpath=scratch / f"qat{seed}_pt"
+        )
         fit(qat, seed, epochs, scratch)
         row["per-tensor weights"] = {
             "float": accuracy(float_module, datamodule),
@@ -99,8 +111,9 @@ def bench_accuracy(scratch: Path, seeds: list[int], epochs: int, recipe: dict[st
     return rows
 
 
-def onnx_requantized(qat: QuantizationAwareTraining, module: DigitsClassifier, datamodule: DigitsDataModule,
-                     dirpath: Path) -> dict[str, Any]:
+def onnx_requantized(
+    qat: QuantizationAwareTraining, module: DigitsClassifier, datamodule: DigitsDataModule, dirpath: Path
+) -> dict[str, Any]:
     """The alternative the callback does not ship: ONNX Runtime's quantize_static of the QAT-trained float
     weights (what static int8 ships), against the shipped file (the converted PT2E graph as is)."""
     float_module = copy.deepcopy(module)
@@ -108,18 +121,29 @@ def onnx_requantized(qat: QuantizationAwareTraining, module: DigitsClassifier, d
     reference = qat.quantized_model.reference
     calibration = [ModelInputs.from_value(x) for x, _ in itertools.islice(datamodule.train_dataloader(), 32)]
     x = next(iter(datamodule.test_dataloader()))[0]
-    export(reference, x[:4], ["onnx"], dirpath, float_model=float_module,
-           onnx_quantization=OrtStaticQuantization(calibration, observer=qat.config.observer))
+    export(
+        reference,
+        x[:4],
+        ["onnx"],
+        dirpath,
+        float_model=float_module,
+        onnx_quantization=OrtStaticQuantization(calibration, observer=qat.config.observer),
+    )
     requantized = load_artifact(dirpath / "model.onnx", "onnx")
     shipped = load_artifact(qat.dirpath / "model.onnx", "onnx")
     with torch.no_grad():
         expected = reference(x)
-    error = {name: float((runner(x) - expected).abs().max() / expected.abs().max())
-             for name, runner in (("shipped", shipped), ("requantized", requantized))}
+    error = {
+        name: float((runner(x) - expected).abs().max() / expected.abs().max())
+        for name, runner in (("shipped", shipped), ("requantized", requantized))
+    }
     return {
         "qat onnx requantized": accuracy(requantized, datamodule),
         "onnx relative error to the int8 reference: shipped / requantized": (error["shipped"], error["requantized"]),
-        "onnx ms (batch 64): shipped / requantized": (latency_ms(shipped, x, 10, 50), latency_ms(requantized, x, 10, 50)),
+        "onnx ms (batch 64): shipped / requantized": (
+            latency_ms(shipped, x, 10, 50),
+            latency_ms(requantized, x, 10, 50),
+        ),
     }
 
 
@@ -176,19 +200,34 @@ def bench_lightning_step_time(rounds: int, epochs: int = 2) -> dict[str, tuple[f
         for name, timer in timers.items():
             L.seed_everything(0)
             callbacks = [timer] + ([QuantizationAwareTraining(quantize_on_fit_end=False)] if name != "float" else [])
-            trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+            trainer = L.Trainer(
+                max_epochs=epochs,
+                callbacks=callbacks,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                limit_val_batches=0,
+            )
             trainer.fit(DigitsClassifier(ConvNet()), datamodule=DigitsDataModule(batch_size=64))
     return {name: _median_and_min(timer.times) for name, timer in timers.items()}
 
 
-def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], fit_step_ms: dict[str, tuple[float, float]],
-          args: argparse.Namespace, recipe: dict[str, int], load: tuple[tuple[float, ...], tuple[float, ...]]) -> str:
+def write(
+    rows: list[dict[str, Any]],
+    step_ms: dict[str, tuple[float, float]],
+    fit_step_ms: dict[str, tuple[float, float]],
+    args: argparse.Namespace,
+    recipe: dict[str, int],
+    load: tuple[tuple[float, ...], tuple[float, ...]],
+) -> str:
     columns = ["float", "static int8", "qat int8", "qat fake-quant", "static onnx", "qat onnx", "qat onnx requantized"]
     mean = {c: statistics.mean(r[c] for r in rows) for c in columns if all(isinstance(r[c], float) for r in rows)}
     gap_float = mean["float"] - mean["qat int8"]
     gap_static = mean["qat int8"] - mean["static int8"]
-    tensor_mean = {c: statistics.mean(r["per-tensor weights"][c] for r in rows) for c in ("float", "static int8", "qat int8")}
+    tensor_mean = {
+        c: statistics.mean(r["per-tensor weights"][c] for r in rows) for c in ("float", "static int8", "qat int8")
+    }
     tensor_gap = tensor_mean["qat int8"] - tensor_mean["static int8"]
     ratio, ratio_min = (step_ms["fake-quant (QAT)"][i] / step_ms["float"][i] for i in (0, 1))
     fit_ratio, fit_ratio_min = (fit_step_ms["fake-quant (QAT)"][i] / fit_step_ms["float"][i] for i in (0, 1))
@@ -234,7 +273,9 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
         "| seed | " + " | ".join(per_tensor) + " |",
         "| --- |" + " --- |" * len(per_tensor),
         *(f"| {r['seed']} | " + " | ".join(_cell(r["per-tensor weights"][c]) for c in per_tensor) + " |" for r in rows),
-        "| mean | " + " | ".join(_cell(statistics.mean(r["per-tensor weights"][c] for r in rows)) for c in per_tensor) + " |",
+        "| mean | "
+        + " | ".join(_cell(statistics.mean(r["per-tensor weights"][c] for r in rows)) for c in per_tensor)
+        + " |",
     ]
     lines += [
         "",
@@ -246,7 +287,8 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
         "## Other numbers",
         "",
         f"- Training step (batch 64, forward + backward + AdamW), median; min of {args.rounds} interleaved rounds: "
-        + ", ".join(f"{k} {_pair(v)} ms" for k, v in step_ms.items()) + f"; ratio {ratio:.2f}x; {ratio_min:.2f}x. "
+        + ", ".join(f"{k} {_pair(v)} ms" for k, v in step_ms.items())
+        + f"; ratio {ratio:.2f}x; {ratio_min:.2f}x. "
         "Where the fake-quant step's extra time goes (torch.profiler, self CPU time per step, measured once on "
         "this machine, load ~5): activation fake-quant kernels (`_fake_quantize_per_tensor_affine_cachemask_tensor_qparams`, "
         "8 calls, ~1.05 ms, plus ~0.3 ms of aminmax/qparams in the fused observer), the conv-BN simulation of "
@@ -265,8 +307,14 @@ def write(rows: list[dict[str, Any]], step_ms: dict[str, tuple[float, float]], f
         "- Fit seconds (epochs + fit-end conversion, export, verification): "
         + "; ".join(f"seed {r['seed']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in r["fit_s"].items()) for r in rows),
         "- QAT ONNX, shipped (PT2E graph as is) / requantized (ONNX Runtime QDQ): relative error to the int8 "
-        "reference " + ", ".join("{:.4f} / {:.4f}".format(*r["onnx relative error to the int8 reference: shipped / requantized"]) for r in rows)
-        + "; ms at batch 64 " + ", ".join("{:.2f} / {:.2f}".format(*r["onnx ms (batch 64): shipped / requantized"]) for r in rows) + ".",
+        "reference "
+        + ", ".join(
+            "{:.4f} / {:.4f}".format(*r["onnx relative error to the int8 reference: shipped / requantized"])
+            for r in rows
+        )
+        + "; ms at batch 64 "
+        + ", ".join("{:.2f} / {:.2f}".format(*r["onnx ms (batch 64): shipped / requantized"]) for r in rows)
+        + ".",
         f"- QAT manifest of seed {rows[0]['seed']}: latency ms {_latency(manifest)}, quantized ops "
         f"{manifest['quantized_ops']}, fake-quant modules {manifest['qat']['fake_quant_modules']}.",
         "",
@@ -281,7 +329,11 @@ def _median_and_min(seconds: list[float]) -> tuple[float, float]:
 
 
 def _cell(value: Any) -> str:
-    return f"{value:.2f}" if isinstance(value, float) and abs(value) >= 0.01 else (f"{value:.4f}" if isinstance(value, float) else str(value))
+    return (
+        f"{value:.2f}"
+        if isinstance(value, float) and abs(value) >= 0.01
+        else (f"{value:.4f}" if isinstance(value, float) else str(value))
+    )
 
 
 def _pair(value: tuple[float, float]) -> str:
@@ -310,7 +362,11 @@ def main() -> None:
     start = args.epochs // 2 if args.start is None else args.start
     # fake-quant for the second half (fine-tuning the float warm-up as the cosine schedule cools down); BN
     # statistics, then ranges, frozen for the last epochs
-    recipe = {"start_epoch": start, "freeze_bn_epoch": max(start, args.epochs - 3), "freeze_observer_epoch": max(start, args.epochs - 2)}
+    recipe = {
+        "start_epoch": start,
+        "freeze_bn_epoch": max(start, args.epochs - 3),
+        "freeze_observer_epoch": max(start, args.epochs - 2),
+    }
     warnings.filterwarnings("ignore")
     torch.set_num_threads(2)
     load_at_start = os.getloadavg()

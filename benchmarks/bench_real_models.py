@@ -20,8 +20,9 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -49,8 +50,10 @@ APPROACHES: dict[str, Callable[[Path], L.Callback]] = {
 
 
 def bert() -> tuple[L.LightningModule, dict[str, Any], str]:
-    loaders = {"train_dataloaders": DataLoader(Tokens(512, 0), batch_size=32, shuffle=True),
-               "val_dataloaders": DataLoader(Tokens(256, 1), batch_size=32)}
+    loaders = {
+        "train_dataloaders": DataLoader(Tokens(512, 0), batch_size=32, shuffle=True),
+        "val_dataloaders": DataLoader(Tokens(256, 1), batch_size=32),
+    }
     return BertClassifier(hidden_size=256, layers=2), loaders, "val/acc"
 
 
@@ -62,7 +65,9 @@ def demo_transformer() -> tuple[L.LightningModule, dict[str, Any], str]:
     return DemoTransformer(width=128, layers=2, block_size=64, max_bytes=200_000), {}, "val/loss"
 
 
-FAMILIES: dict[str, tuple[Callable[[], tuple[L.LightningModule, dict[str, Any], str]], list[Callable[[], L.Callback]]]] = {
+FAMILIES: dict[
+    str, tuple[Callable[[], tuple[L.LightningModule, dict[str, Any], str]], list[Callable[[], L.Callback]]]
+] = {
     "bert": (bert, []),
     "resnet": (resnet, [ChannelsLast]),
     "demo_transformer": (demo_transformer, []),
@@ -75,9 +80,16 @@ def run(family: str, approach: str, epochs: int, scratch: Path) -> dict[str, Any
     torch.manual_seed(0)
     module, data, metric = make_module()
     callback = APPROACHES[approach](scratch / f"{family}-{approach}")
-    trainer = L.Trainer(default_root_dir=scratch, callbacks=[*(make() for make in extras), callback], logger=False,
-                        max_epochs=epochs, limit_val_batches=8, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        default_root_dir=scratch,
+        callbacks=[*(make() for make in extras), callback],
+        logger=False,
+        max_epochs=epochs,
+        limit_val_batches=8,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     started = time.perf_counter()
     try:
         trainer.fit(module, **data)
@@ -87,19 +99,27 @@ def run(family: str, approach: str, epochs: int, scratch: Path) -> dict[str, Any
             return {"family": family, "approach": approach, "status": "failed", "error": f"{type(err).__name__}: {err}"}
     manifest = callback.manifest
     return {
-        "family": family, "approach": approach, "status": manifest["status"], "metric": metric,
-        "float": manifest["metrics"]["float"].get(metric), "shipped": manifest["metrics"]["quantized"].get(metric),
+        "family": family,
+        "approach": approach,
+        "status": manifest["status"],
+        "metric": metric,
+        "float": manifest["metrics"]["float"].get(metric),
+        "shipped": manifest["metrics"]["quantized"].get(metric),
         "files": {a["format"]: a["speedup_vs_float"] for a in manifest["artifacts"]},
-        "recommended": manifest["recommended"], "failures": manifest["failures"],
-        "load": manifest["latency_ms"]["load_average"], "float_ms": manifest["latency_ms"]["float"],
+        "recommended": manifest["recommended"],
+        "failures": manifest["failures"],
+        "load": manifest["latency_ms"]["load_average"],
+        "float_ms": manifest["latency_ms"]["float"],
         "seconds": time.perf_counter() - started,
     }
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["| model | callback | status | files (speed-up vs float eager) | recommended | metric: float -> "
-             "recommended file | float eager ms | load avg | fit + export s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | callback | status | files (speed-up vs float eager) | recommended | metric: float -> "
+        "recommended file | float eager ms | load avg | fit + export s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     notes = []
     for row in rows:
         if row["status"] == "failed":
@@ -107,13 +127,20 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             notes.append(f"- {row['family']} / {row['approach']}: {' '.join(row['error'].split())[:1200]}")
             continue
         files = ", ".join(f"{fmt} {speedup:.2f}x" if speedup else fmt for fmt, speedup in row["files"].items())
-        metric = (f"{row['metric']} {row['float']:.4f} -> {row['shipped']:.4f}"
-                  if row["float"] is not None and row["shipped"] is not None else "")
-        lines.append(f"| {row['family']} | {row['approach']} | {row['status']} | {files} | {row['recommended']} | "
-                     f"{metric} | {row['float_ms']:.2f} | {row['load'][0]:.2f}-{row['load'][1]:.2f} | "
-                     f"{row['seconds']:.0f} |")
-        notes += [f"- {row['family']} / {row['approach']}, {fmt} not shipped: {' '.join(line.strip() for line in why.splitlines()[:3])[:400]}"
-                  for fmt, why in row["failures"].items()]
+        metric = (
+            f"{row['metric']} {row['float']:.4f} -> {row['shipped']:.4f}"
+            if row["float"] is not None and row["shipped"] is not None
+            else ""
+        )
+        lines.append(
+            f"| {row['family']} | {row['approach']} | {row['status']} | {files} | {row['recommended']} | "
+            f"{metric} | {row['float_ms']:.2f} | {row['load'][0]:.2f}-{row['load'][1]:.2f} | "
+            f"{row['seconds']:.0f} |"
+        )
+        notes += [
+            f"- {row['family']} / {row['approach']}, {fmt} not shipped: {' '.join(line.strip() for line in why.splitlines()[:3])[:400]}"
+            for fmt, why in row["failures"].items()
+        ]
     return [*lines, "", *(["Formats that did not ship, and why:", "", *notes, ""] if notes else [])]
 
 
@@ -128,17 +155,25 @@ def main() -> None:
     cpu = cpu_info()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        rows = [run(family, approach, 1 if args.quick else 3, Path(scratch))
-                for family in args.families for approach in args.approaches]
-    lines = ["# Models users bring: every approach, one table (benchmarks/bench_real_models.py)", "",
-             f"CPU: {cpu['vendor']} {cpu['model']}, ISA flags {cpu['flags']}; {torch.get_num_threads()} threads; "
-             f"torch {torch.__version__}. {'1 epoch' if args.quick else '3 epochs'} each; the resnet runs with "
-             "ChannelsLast. Speed-ups: fastest of interleaved rounds on a validation batch (bert 32x16 tokens, "
-             "resnet 32x1x8x8, demo_transformer 8x64 bytes), timed by the callback; metric: the validation "
-             "metric (up to 8 batches) of the float model and of the recommended file (`quantized_model`). "
-             "`torch_export` is the portable program users lower themselves, not a runtime: the slow-file rule "
-             "(a file under 0.9x float is deleted) does not apply to it.", "",
-             *table(rows), f"Run took {time.perf_counter() - started:.0f} s."]
+        rows = [
+            run(family, approach, 1 if args.quick else 3, Path(scratch))
+            for family in args.families
+            for approach in args.approaches
+        ]
+    lines = [
+        "# Models users bring: every approach, one table (benchmarks/bench_real_models.py)",
+        "",
+        f"CPU: {cpu['vendor']} {cpu['model']}, ISA flags {cpu['flags']}; {torch.get_num_threads()} threads; "
+        f"torch {torch.__version__}. {'1 epoch' if args.quick else '3 epochs'} each; the resnet runs with "
+        "ChannelsLast. Speed-ups: fastest of interleaved rounds on a validation batch (bert 32x16 tokens, "
+        "resnet 32x1x8x8, demo_transformer 8x64 bytes), timed by the callback; metric: the validation "
+        "metric (up to 8 batches) of the float model and of the recommended file (`quantized_model`). "
+        "`torch_export` is the portable program users lower themselves, not a runtime: the slow-file rule "
+        "(a file under 0.9x float is deleted) does not apply to it.",
+        "",
+        *table(rows),
+        f"Run took {time.perf_counter() - started:.0f} s.",
+    ]
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

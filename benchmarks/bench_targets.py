@@ -46,7 +46,9 @@ class WideMLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10))
+        self.layers = nn.Sequential(
+            nn.Linear(1024, 2048), nn.ReLU(), nn.Linear(2048, 1024), nn.ReLU(), nn.Linear(1024, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -61,8 +63,14 @@ def float_files(model: nn.Module, x: torch.Tensor, target: str, out: Path) -> di
     return {f"float {a.format}": load_artifact(out / a.path, a.format) for a in artifacts}
 
 
-def case(name: str, model: nn.Module, x: torch.Tensor, int8_files: dict[str, dict[str, Any]], floats: dict[str, Any],
-         repeats: int) -> list[str]:
+def case(
+    name: str,
+    model: nn.Module,
+    x: torch.Tensor,
+    int8_files: dict[str, dict[str, Any]],
+    floats: dict[str, Any],
+    repeats: int,
+) -> list[str]:
     """Time float eager, the float files and every target's int8 files interleaved; one markdown table."""
     models = {"float eager": model, **floats}
     for target, files in int8_files.items():
@@ -75,12 +83,20 @@ def case(name: str, model: nn.Module, x: torch.Tensor, int8_files: dict[str, dic
     load_after = os.getloadavg()[0]
     eager = spread["float eager"][1]
     best_float = min(v[1] for k, v in spread.items() if k.startswith("float"))
-    lines = [f"## {name}", "", f"load average {load_before:.2f} -> {load_after:.2f}; median of {repeats} interleaved "
-             "rounds (p25-p75 in brackets)", "",
-             "| variant | median ms | vs float eager | vs best float | rel. error vs float |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        f"## {name}",
+        "",
+        f"load average {load_before:.2f} -> {load_after:.2f}; median of {repeats} interleaved "
+        "rounds (p25-p75 in brackets)",
+        "",
+        "| variant | median ms | vs float eager | vs best float | rel. error vs float |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for label, (low, median, high) in spread.items():
-        lines.append(f"| {label} | {median:.3f} [{low:.3f}-{high:.3f}] | {eager / median:.2f}x | "
-                     f"{best_float / median:.2f}x | {errors[label]:.4f} |")
+        lines.append(
+            f"| {label} | {median:.3f} [{low:.3f}-{high:.3f}] | {eager / median:.2f}x | "
+            f"{best_float / median:.2f}x | {errors[label]:.4f} |"
+        )
     return [*lines, ""]
 
 
@@ -97,8 +113,9 @@ def static_conv(targets: list[str], repeats: int, scratch: Path) -> list[str]:
         artifacts = export(int8, x, ["aoti", "onnx"], out, float_model=model, onnx_quantization=recipe, target=target)
         files[target] = {a.format: load_artifact(out / a.path, a.format) for a in artifacts}
     floats = float_files(model, x, targets[0], scratch / "conv-float")
-    return case("Static int8, 5-block conv net, 16x3x64x64 (synthetic data: timing only)", model, x, files, floats,
-                repeats)
+    return case(
+        "Static int8, 5-block conv net, 16x3x64x64 (synthetic data: timing only)", model, x, files, floats, repeats
+    )
 
 
 def dynamic_mlp(targets: list[str], repeats: int, scratch: Path) -> list[str]:
@@ -109,12 +126,14 @@ def dynamic_mlp(targets: list[str], repeats: int, scratch: Path) -> list[str]:
     for target in targets:
         int8 = quantize(model, DynamicQuantConfig(target=target), x)
         out = scratch / f"mlp-{target}"
-        artifacts = export(int8, x, ["aoti", "onnx"], out, float_model=model,
-                           onnx_quantization=OrtDynamicQuantization(), target=target)
+        artifacts = export(
+            int8, x, ["aoti", "onnx"], out, float_model=model, onnx_quantization=OrtDynamicQuantization(), target=target
+        )
         files[target] = {a.format: load_artifact(out / a.path, a.format) for a in artifacts}
     floats = float_files(model, x, targets[0], scratch / "mlp-float")
-    return case("Dynamic int8, MLP 1024-2048-1024-10, batch 64 (synthetic data: timing only)", model, x, files, floats,
-                repeats)
+    return case(
+        "Dynamic int8, MLP 1024-2048-1024-10, batch 64 (synthetic data: timing only)", model, x, files, floats, repeats
+    )
 
 
 def digits_accuracy(targets: list[str], epochs: int) -> list[str]:
@@ -131,22 +150,31 @@ def digits_accuracy(targets: list[str], epochs: int) -> list[str]:
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(epochs):
         for start in range(0, len(train), 64):
-            index = train[start:start + 64]
+            index = train[start : start + 64]
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
             optimizer.step()
     model.eval()
-    calibration = [images[train[i:i + 64]] for i in range(0, 64 * 16, 64)]
+    calibration = [images[train[i : i + 64]] for i in range(0, 64 * 16, 64)]
     with torch.no_grad():
         rows = [("float", (model(images[test]).argmax(1) == labels[test]).float().mean().item(), 0.0)]
         expected = model(images[test])
         for target in targets:
             int8 = quantize(model, StaticQuantConfig(target=target), calibration[0], calibration)
             out = int8(images[test])
-            rows.append((f"static int8 ({target})", (out.argmax(1) == labels[test]).float().mean().item(),
-                         relative_error(out, expected)))
-    lines = [f"## Digits test accuracy, ConvNet, {epochs} epochs, {len(test)} test images", "",
-             "| model | accuracy | rel. error of logits vs float |", "| --- | --- | --- |"]
+            rows.append(
+                (
+                    f"static int8 ({target})",
+                    (out.argmax(1) == labels[test]).float().mean().item(),
+                    relative_error(out, expected),
+                )
+            )
+    lines = [
+        f"## Digits test accuracy, ConvNet, {epochs} epochs, {len(test)} test images",
+        "",
+        "| model | accuracy | rel. error of logits vs float |",
+        "| --- | --- | --- |",
+    ]
     lines += [f"| {name} | {accuracy:.4f} | {error:.4f} |" for name, accuracy, error in rows]
     return [*lines, ""]
 
@@ -164,12 +192,15 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
         lines = [
-            "# Deployment targets: what the portable default costs (benchmarks/bench_targets.py)", "",
+            "# Deployment targets: what the portable default costs (benchmarks/bench_targets.py)",
+            "",
             f"CPU: {cpu['vendor']} {cpu['model']}, ISA flags {cpu['flags']}; {torch.get_num_threads()} threads; "
-            f"torch {torch.__version__}. Targets built: {targets}.", "",
+            f"torch {torch.__version__}. Targets built: {targets}.",
+            "",
             "Files for `avx2` hold 7-bit weights and AVX2 code (they run correctly on any AVX2 CPU); files for the "
             "native target hold 8-bit weights and this CPU's ISA. All variants of a table are timed interleaved in "
-            "one process on the same input.", "",
+            "one process on the same input.",
+            "",
             *static_conv(targets, repeats, Path(scratch)),
             *dynamic_mlp(targets, repeats, Path(scratch)),
             *digits_accuracy(targets, epochs=3 if args.quick else 10),

@@ -35,8 +35,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -55,7 +56,12 @@ from lightning_quant.quantization._legacy import RECURRENT_TYPES, legacy_api, le
 from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers  # noqa: E402
 
 HERE = Path(__file__).parent
-MODELS: dict[str, Callable[[], nn.Module]] = {"conv": ConvNet, "mlp": MLPNet, "lstm": LSTMNet, "transformer": TransformerNet}
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "conv": ConvNet,
+    "mlp": MLPNet,
+    "lstm": LSTMNet,
+    "transformer": TransformerNet,
+}
 # approaches run per model: static needs Conv/Linear (PT2E does not quantize nn.LSTM / the fused encoder);
 # dynamic needs Linear/LSTM; QAT (training with fake-quant) on the conv net, the model it is made for
 APPROACHES = {"conv": ["static", "qat"], "mlp": ["static", "dynamic"], "lstm": ["dynamic"], "transformer": ["dynamic"]}
@@ -65,13 +71,21 @@ NO_AOTI = {"lstm"}
 
 
 # ------------------------------------------------------------------------------------------- building
-def train(name: str, epochs: int, scratch: Path, callback: Optional[L.Callback] = None) -> tuple[nn.Module, DigitsDataModule]:
+def train(
+    name: str, epochs: int, scratch: Path, callback: Optional[L.Callback] = None
+) -> tuple[nn.Module, DigitsDataModule]:
     L.seed_everything(0)
     datamodule = DigitsDataModule()
     module = DigitsClassifier(MODELS[name]())
-    trainer = L.Trainer(max_epochs=epochs, callbacks=[callback] if callback else [], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=scratch)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback] if callback else [],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=scratch,
+    )
     trainer.fit(module, datamodule=datamodule)
     return module.net.eval() if callback is None else module.eval(), datamodule
 
@@ -91,7 +105,9 @@ def legacy_int8(net: nn.Module, approach: str, calibration: list[torch.Tensor]) 
     """The deprecated ``torch.ao.quantization`` eager int8 a user might still reach for."""
     with legacy_api("torch.ao.quantization (benchmark peer)"):
         if approach == "dynamic":
-            quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(net), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
+            quantized = torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(net), {nn.Linear, nn.LSTM}, dtype=torch.qint8
+            )
             route_quantized_encoder_layers(quantized)  # else the encoder fast path reads .weight and crashes
             return quantized
         model = Stubbed(copy.deepcopy(net)).eval()
@@ -141,33 +157,80 @@ def variants_for(
 
     def add(label: str, approach: str, kind: str, build: Callable[[], Any], path: Optional[Path] = None) -> None:
         model, seconds, error = timed_build(build)
-        variants.append(dict(label=label, approach=approach, kind=kind, model=model, path=path, seconds=seconds, error=error))
+        variants.append(
+            dict(label=label, approach=approach, kind=kind, model=model, path=path, seconds=seconds, error=error)
+        )
 
-    add("float AOTInductor (freezing)", "float", "peer",
-        lambda: _file(export_aoti(net, ModelInputs.from_value(example), out / "float_aoti.pt2"), out / "float_aoti.pt2", "aoti"),
-        out / "float_aoti.pt2")
-    add(f"float torch.compile (freezing, {len(shapes)} batch sizes)", "float", "peer",
-        lambda: compiled_with_freezing(net, list(shapes.values())))
+    add(
+        "float AOTInductor (freezing)",
+        "float",
+        "peer",
+        lambda: _file(
+            export_aoti(net, ModelInputs.from_value(example), out / "float_aoti.pt2"), out / "float_aoti.pt2", "aoti"
+        ),
+        out / "float_aoti.pt2",
+    )
+    add(
+        f"float torch.compile (freezing, {len(shapes)} batch sizes)",
+        "float",
+        "peer",
+        lambda: compiled_with_freezing(net, list(shapes.values())),
+    )
     for approach in APPROACHES[name]:
         folder = out / approach
         if approach == "qat":
-            add("int8 qat -> AOTInductor (ours)", "qat", "ours", lambda: qat(name, epochs, scratch, folder), folder / "model_aoti.pt2")
-            add("int8 qat -> ONNX Runtime (ours)", "qat", "ours", lambda: load_artifact(folder / "model.onnx", "onnx"), folder / "model.onnx")
+            add(
+                "int8 qat -> AOTInductor (ours)",
+                "qat",
+                "ours",
+                lambda: qat(name, epochs, scratch, folder),
+                folder / "model_aoti.pt2",
+            )
+            add(
+                "int8 qat -> ONNX Runtime (ours)",
+                "qat",
+                "ours",
+                lambda: load_artifact(folder / "model.onnx", "onnx"),
+                folder / "model.onnx",
+            )
             variants[-1]["seconds"] = variants[-2]["seconds"]  # one fit-end conversion wrote both files
             continue
         config = StaticQuantConfig() if approach == "static" else DynamicQuantConfig()
-        ort = OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration]) if approach == "static" else OrtDynamicQuantization()
+        ort = (
+            OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration])
+            if approach == "static"
+            else OrtDynamicQuantization()
+        )
         if name in NO_AOTI:  # what DynamicQuantization ships for a recurrent model instead of "aoti"
-            add(f"int8 {approach} -> TorchScript, legacy LSTM kernel (ours)", approach, "ours",
-                lambda: _exported(legacy_copy(net), example, "torchscript", folder), folder / "model.ts")
+            add(
+                f"int8 {approach} -> TorchScript, legacy LSTM kernel (ours)",
+                approach,
+                "ours",
+                lambda: _exported(legacy_copy(net), example, "torchscript", folder),
+                folder / "model.ts",
+            )
         else:
-            add(f"int8 {approach} -> AOTInductor (ours)", approach, "ours",
+            add(
+                f"int8 {approach} -> AOTInductor (ours)",
+                approach,
+                "ours",
                 lambda: _exported(quantize(net, config, example, calibration), example, "aoti", folder),
-                folder / "model_aoti.pt2")
+                folder / "model_aoti.pt2",
+            )
         # our "onnx" file IS ONNX Runtime's own quantize_static/quantize_dynamic of the float ONNX: the peer
-        add(f"int8 {approach} -> ONNX Runtime quantize_{approach} (ours = ORT peer)", approach, "ours",
-            lambda: _exported(net, example, "onnx", folder, float_model=net, onnx_quantization=ort), folder / "model.onnx")
-        add(f"legacy torch.ao eager int8 ({approach})", approach, "peer", lambda: legacy_int8(net, approach, calibration))
+        add(
+            f"int8 {approach} -> ONNX Runtime quantize_{approach} (ours = ORT peer)",
+            approach,
+            "ours",
+            lambda: _exported(net, example, "onnx", folder, float_model=net, onnx_quantization=ort),
+            folder / "model.onnx",
+        )
+        add(
+            f"legacy torch.ao eager int8 ({approach})",
+            approach,
+            "peer",
+            lambda: legacy_int8(net, approach, calibration),
+        )
     return variants, datamodule
 
 
@@ -195,8 +258,13 @@ def _file(_details: Any, path: Path, format: str) -> Any:
 
 def qat(name: str, epochs: int, scratch: Path, folder: Path) -> Any:
     start = max(1, epochs // 2)
-    callback = QuantizationAwareTraining(start_epoch=start, freeze_bn_epoch=max(start, epochs - 2),
-                                         freeze_observer_epoch=max(start, epochs - 1), formats=["aoti", "onnx"], dirpath=folder)
+    callback = QuantizationAwareTraining(
+        start_epoch=start,
+        freeze_bn_epoch=max(start, epochs - 2),
+        freeze_observer_epoch=max(start, epochs - 1),
+        formats=["aoti", "onnx"],
+        dirpath=folder,
+    )
     train(name, epochs, scratch, callback)
     return load_artifact(folder / "model_aoti.pt2", "aoti")
 
@@ -213,8 +281,9 @@ def measure(variants: list[dict[str, Any]], datamodule: DigitsDataModule, batch_
         times = compare_latency_ms(torch_side, x, warmup=10, repeats=repeats, statistic=median_and_min)
         for v in runnable:
             if _is_onnx(v):  # alone, after the torch variants
-                times[v["label"]] = compare_latency_ms({"ort": v["model"]}, x, warmup=10, repeats=repeats,
-                                                       statistic=median_and_min)["ort"]
+                times[v["label"]] = compare_latency_ms(
+                    {"ort": v["model"]}, x, warmup=10, repeats=repeats, statistic=median_and_min
+                )["ort"]
             median, minimum = times[v["label"]]
             v.setdefault("latency_ms", {})[batch] = median
             v.setdefault("min_ms", {})[batch] = minimum
@@ -238,8 +307,15 @@ def machine() -> dict[str, Any]:
     from lightning_quant.target import cpu_info
 
     cpu = cpu_info()
-    return {"cpu": cpu["model"], "isa_flags": cpu["flags"], "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": list(os.getloadavg())}
+    return {
+        "cpu": cpu["model"],
+        "isa_flags": cpu["flags"],
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()),
+    }
 
 
 def rows_for(results: dict[str, Any], batch: int) -> list[dict[str, Any]]:
@@ -261,14 +337,18 @@ def verdicts(results: dict[str, Any], batch: int) -> list[str]:
             if v["kind"] != "ours":
                 continue
             ms = v.get("latency_ms", {}).get(str(batch))
-            relevant = [p for p in peers if p["approach"] in ("float", v["approach"] if v["approach"] != "qat" else "static")]
+            relevant = [
+                p for p in peers if p["approach"] in ("float", v["approach"] if v["approach"] != "qat" else "static")
+            ]
             best = min(relevant, key=lambda p: p["latency_ms"][str(batch)], default=None)
             if ms is None:
                 lines.append(f"| {name} | {v['label']} | failed: {v.get('error')} | NO (a bug: report it) |")
             elif best is not None:
                 ratio = best["latency_ms"][str(batch)] / ms
-                lines.append(f"| {name} | {v['label']} | {ratio:.2f}x vs {best['label']} | "
-                             f"{'yes' if ratio >= 1 else 'NO (see notes)'} |")
+                lines.append(
+                    f"| {name} | {v['label']} | {ratio:.2f}x vs {best['label']} | "
+                    f"{'yes' if ratio >= 1 else 'NO (see notes)'} |"
+                )
     return lines
 
 
@@ -289,10 +369,10 @@ NOTES = [
     "**LSTMNet has no AOTInductor file, by design.** torchao has no int8 LSTM, and `torch.export` cannot capture "
     "the legacy `torch.ao` int8 LSTM (its packed weights are TorchScript objects: `CellParamsBase ... does not "
     "have a field with name '__obj_flatten__'`), so `DynamicQuantization` refuses `\"aoti\"` for a recurrent "
-    "model and ships `\"onnx\"` + `\"torchscript\"`, as this run does. The fast LSTM artifact is the ONNX file "
+    'model and ships `"onnx"` + `"torchscript"`, as this run does. The fast LSTM artifact is the ONNX file '
     "(ONNX Runtime's own `quantize_dynamic`). The TorchScript file runs the legacy int8 LSTM kernel, which is no "
     "faster than float on x86 CPUs (it saves weight memory; a NO for it is that, not a bug). "
-    "`DynamicQuantization(recurrent=False)` keeps the LSTM float and allows `\"aoti\"` for the int8 Linears.",
+    '`DynamicQuantization(recurrent=False)` keeps the LSTM float and allows `"aoti"` for the int8 Linears.',
     "TransformerNet dynamic int8: every Linear is int8 except attention's input and output projections "
     "(`nn.MultiheadAttention` passes their weights to `F.linear` itself, which `torch.export` cannot run on "
     "torchao's int8 tensors; PyTorch's own `quantize_dynamic` leaves `out_proj`, a `NonDynamicallyQuantizableLinear`, "
@@ -333,8 +413,11 @@ def markdown(results: dict[str, Any]) -> str:
         + (f"; the whole run took {results['seconds'] / 60:.0f} min." if "seconds" in results else "."),
     ]
     if results["quick"]:
-        lines += ["", "**Quick run on a loaded machine**: few epochs and calls. Treat ratios as indicative only; "
-                  "run `python benchmarks/run.py` for the full numbers."]
+        lines += [
+            "",
+            "**Quick run on a loaded machine**: few epochs and calls. Treat ratios as indicative only; "
+            "run `python benchmarks/run.py` for the full numbers.",
+        ]
     lines += [
         "",
         f"## Targets: each shipped int8 artifact vs the best peer for its model and approach (batch {small})",
@@ -343,7 +426,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- |",
         *verdicts(results, small),
         "",
-        f"## Speed-up over float eager (ratios first), accuracy, size, export time",
+        "## Speed-up over float eager (ratios first), accuracy, size, export time",
         "",
         f"| model | variant | who | x float eager, batch {small} | x float eager, batch {large} | test acc % | "
         f"file KiB | export s | ms batch {small} | samples/s batch {large} |",
@@ -414,8 +497,15 @@ def main() -> None:
     epochs, repeats = (3, 20) if args.quick else (15, 100)
     started = time.perf_counter()
     warnings.filterwarnings("ignore")
-    results: dict[str, Any] = {"quick": args.quick, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-                               "epochs": epochs, "repeats": repeats, "batch_sizes": args.batch_sizes, "models": {}}
+    results: dict[str, Any] = {
+        "quick": args.quick,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "epochs": epochs,
+        "repeats": repeats,
+        "batch_sizes": args.batch_sizes,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
             print(f"== {name}", flush=True)

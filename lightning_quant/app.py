@@ -29,7 +29,7 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
         if cfg is None:
             continue
         if "_target_" not in cfg:
-            raise ValueError(f"callbacks.{name} has no _target_: every callback entry names the class to build")
+            raise ValueError(f"callbacks.{name!s} has no _target_: every callback entry names the class to build")
         callbacks.append(instantiate(cfg))
     return callbacks
 
@@ -57,10 +57,10 @@ def train(cfg: DictConfig) -> float | None:
             failure = err
             log.error("Quantization failed after training (the float checkpoint is kept):\n%s", err)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    for callback in trainer.callbacks:
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]  # set by Lightning's callback connector
         metrics.update(manifest_numbers(getattr(callback, "manifest", None)))
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         ckpt_path = best if best else (None if cfg.train else cfg.ckpt_path)
         for results in trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path):
             metrics.update({k: float(v) for k, v in results.items()})

@@ -6,7 +6,8 @@ import io
 import os
 import statistics
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
@@ -131,9 +132,11 @@ def without_slower_files(speed: dict[str, Any], exempt: Sequence[str] = ()) -> t
     """
     ratios, spread = speed["speedup_vs_float"], speed["spread_ms"]
     slow = {
-        name: (f"ran {1 / ratio:.2g}x slower than the float model it would replace ({speed['latency_ms'][name]:.3g} "
-               f"vs {speed['latency_ms']['float']:.3g} ms, fastest of interleaved rounds, load average "
-               f"{speed['load_average'][0]}): a file slower than float fails its format and was deleted")
+        name: (
+            f"ran {1 / ratio:.2g}x slower than the float model it would replace ({speed['latency_ms'][name]:.3g} "
+            f"vs {speed['latency_ms']['float']:.3g} ms, fastest of interleaved rounds, load average "
+            f"{speed['load_average'][0]}): a file slower than float fails its format and was deleted"
+        )
         for name, ratio in ratios.items()
         if ratio < SLOWER_THAN_FLOAT and name not in exempt
     }
@@ -176,6 +179,7 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def _get_attr(module: nn.Module, target: str) -> Any:
+    found: Any = module
     for part in target.split("."):
-        module = getattr(module, part, None)
-    return module
+        found = getattr(found, part, None)
+    return found

@@ -26,9 +26,10 @@ import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 from torch.export import Dim
@@ -85,9 +86,7 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
         printed = io.StringIO()
         try:
             with _branches_as_recorded(branches, used), _quiet_shape_log(), contextlib.redirect_stderr(printed):
-                program = torch.export.export(
-                    model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False
-                )
+                program = torch.export.export(model, inputs.args, inputs.kwargs, dynamic_shapes=shapes, strict=False)
         except Exception as err:
             if branches is None and _data_dependent(err):
                 branches = _record_branches(model, inputs)
@@ -95,8 +94,10 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
                     continue
             if shapes is not None and _batch_pinned(err):
                 shapes = None
-                notes.append(f"the batch size is fixed to {inputs.batch_size()} (the example's): the model's code "
-                             f"pins it ({_pinning_reason(err)})")
+                notes.append(
+                    f"the batch size is fixed to {inputs.batch_size()} (the example's): the model's code "
+                    f"pins it ({_pinning_reason(err)})"
+                )
                 continue
             raise _capture_error(model, err, printed.getvalue()) from err
         sys.stderr.write(printed.getvalue())  # what a successful capture printed (warnings) still shows
@@ -158,7 +159,7 @@ def _branch_values(model: Any, inputs: ModelInputs) -> dict[Site, list[bool]]:
         values[_caller()].append(value)
         return value
 
-    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign]
+    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign,assignment]
     try:
         with torch.no_grad():
             inputs(model)
@@ -175,13 +176,16 @@ def _variants(inputs: ModelInputs) -> list[ModelInputs]:
             if t.dtype != torch.bool and t.dim() > 0:
                 return t.flip(0) if sign > 0 else t.roll(1, dims=-1)
             return t
+
         return change
 
     return [inputs.map(shifted(1)), inputs.map(shifted(-1))]
 
 
 @contextlib.contextmanager
-def _branches_as_recorded(branches: Optional[dict[Site, list[bool]]], used: collections.Counter[Site]) -> Iterator[None]:
+def _branches_as_recorded(
+    branches: Optional[dict[Site, list[bool]]], used: collections.Counter[Site]
+) -> Iterator[None]:
     """While tracing, a ``bool(tensor)`` that depends on data takes the value recorded at its line (n-th call,
     n-th value) and adds a run-time check that the tensor agrees; ``used`` counts the lines resolved this way."""
     if not branches:
@@ -204,7 +208,7 @@ def _branches_as_recorded(branches: Optional[dict[Site, list[bool]]], used: coll
             used[site] += 1
             return recorded[index]
 
-    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign]
+    torch.Tensor.__bool__ = __bool__  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
@@ -231,8 +235,10 @@ def _caller() -> Site:
 
 def _branch_note(site: Site, branches: dict[Site, list[bool]]) -> str:
     values = sorted(set(branches[site]))
-    return (f"the branch at {_where(site)} depends on tensor values: it takes the value it took on the example "
-            f"({' / '.join(map(str, values))}), and the file checks this when it runs")
+    return (
+        f"the branch at {_where(site)} depends on tensor values: it takes the value it took on the example "
+        f"({' / '.join(map(str, values))}), and the file checks this when it runs"
+    )
 
 
 def _where(site: Site) -> str:
@@ -253,7 +259,9 @@ def _batch_pinned(err: BaseException) -> bool:
 
 def _pinning_reason(err: BaseException) -> str:
     lines = [line.strip(" -") for line in str(err).splitlines()]
-    return next((line for line in lines if "specialized" in line or "Not all values" in line), lines[0] if lines else "")
+    return next(
+        (line for line in lines if "specialized" in line or "Not all values" in line), lines[0] if lines else ""
+    )
 
 
 def _capture_error(model: Any, err: BaseException, printed: str = "") -> CaptureError:
@@ -263,8 +271,10 @@ def _capture_error(model: Any, err: BaseException, printed: str = "") -> Capture
     cause = first_lines(err, 1)
     blocking = _blocking_line(err)
     if _data_dependent(err):
-        fix = ("A branch on a tensor's value that changes with the input cannot be exported: compute both sides "
-               "with tensor ops (torch.where) or use torch.cond.")
+        fix = (
+            "A branch on a tensor's value that changes with the input cannot be exported: compute both sides "
+            "with tensor ops (torch.where) or use torch.cond."
+        )
     else:
         fix = "Rewrite that line with tensor ops torch.export supports, or leave this format out of `formats`."
     where = f" at {blocking}" if blocking else ""

@@ -17,8 +17,9 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -93,8 +94,11 @@ def describe_manifest(manifest: dict[str, Any], checked: Sequence[dict[str, Any]
         lines.append(
             f"  {artifact['status']:<15} {artifact['format']:<13} {artifact['path']}  {artifact['bytes'] / 1024:.1f} KiB"
             + (f", {speedup:.2f}x float" if speedup else "")
-            + (f", rel. error {error:.4g} <= {check.get('tolerance')} vs {check.get('compared_with', 'quantized')}"
-               if error is not None else "")
+            + (
+                f", rel. error {error:.4g} <= {check.get('tolerance')} vs {check.get('compared_with', 'quantized')}"
+                if error is not None
+                else ""
+            )
         )
     if not checked:
         lines.append("  (none)")
@@ -139,7 +143,9 @@ def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape:
         try:
             shape = [int(d) for d in input_shape.split(",")]
         except ValueError as err:
-            raise CliError(f"--input-shape must be comma-separated integers such as 64,1,8,8, got {input_shape!r}") from err
+            raise CliError(
+                f"--input-shape must be comma-separated integers such as 64,1,8,8, got {input_shape!r}"
+            ) from err
         if batch_size is not None:
             shape[0] = batch_size
         return ModelInputs((torch.rand(shape),), {})
@@ -185,8 +191,9 @@ def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
     return load_artifact(path, artifact_format(path, format))
 
 
-def interleaved_times(models: dict[str, Callable[..., Any]], inputs: Any, runs: int, warmup: int,
-                      progress: bool) -> dict[str, list[float]]:
+def interleaved_times(
+    models: dict[str, Callable[..., Any]], inputs: Any, runs: int, warmup: int, progress: bool
+) -> dict[str, list[float]]:
     """Milliseconds of every call of each model, in interleaved rounds (``compare_latency_ms``), with a bar."""
     from tqdm import tqdm
 
@@ -200,8 +207,9 @@ def interleaved_times(models: dict[str, Callable[..., Any]], inputs: Any, runs: 
             chunk = min(_CHUNK, runs - done)
             # alternate which model goes first, so neither always runs right after the other
             ordered = {name: models[name] for name in (order if (done // _CHUNK) % 2 == 0 else order[::-1])}
-            measured = compare_latency_ms(ordered, inputs, warmup=warmup if done == 0 else 0, repeats=chunk,
-                                          statistic=list)
+            measured = compare_latency_ms(
+                ordered, inputs, warmup=warmup if done == 0 else 0, repeats=chunk, statistic=list
+            )
             for name, values in measured.items():
                 times[name].extend(values)
             done += chunk
@@ -211,8 +219,12 @@ def interleaved_times(models: dict[str, Callable[..., Any]], inputs: Any, runs: 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {"median_ms": statistics.median(ordered), "min_ms": ordered[0],
-            "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "runs": len(ordered)}
+    return {
+        "median_ms": statistics.median(ordered),
+        "min_ms": ordered[0],
+        "p90_ms": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "runs": len(ordered),
+    }
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -226,8 +238,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(describe_manifest(manifest, checked))
     bad = [a["path"] for a in checked if a["status"] != "ok"]
     if bad:
-        print(f"\n{len(bad)} artifact(s) missing or changed since export: {bad}. Re-export them, or restore the "
-              "files the manifest describes.", file=sys.stderr)
+        print(
+            f"\n{len(bad)} artifact(s) missing or changed since export: {bad}. Re-export them, or restore the "
+            "files the manifest describes.",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 
@@ -236,16 +251,24 @@ def cmd_time(args: argparse.Namespace) -> int:
     _threads(args.threads)
     model = load(path, args.format)
     inputs = timing_inputs([path], args.batch_size, args.input_shape)
-    result = summary(interleaved_times({"a": model}, inputs, args.runs, args.warmup, not args.no_progress)["a"])
+    result: dict[str, Any] = dict(
+        summary(interleaved_times({"a": model}, inputs, args.runs, args.warmup, not args.no_progress)["a"])
+    )
     batch = inputs.batch_size()
-    result.update(artifact=str(path), batch_size=batch, threads=torch.get_num_threads(),
-                  throughput_per_s=(1000.0 * batch / result["median_ms"]) if batch else None)
+    result.update(
+        artifact=str(path),
+        batch_size=batch,
+        threads=torch.get_num_threads(),
+        throughput_per_s=(1000.0 * batch / result["median_ms"]) if batch else None,
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{path}: median {result['median_ms']:.3f} ms, min {result['min_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms "
-              f"over {result['runs']} runs (batch {batch}, {result['threads']} threads"
-              + (f", {result['throughput_per_s']:.0f} samples/s)" if batch else ")"))
+        print(
+            f"{path}: median {result['median_ms']:.3f} ms, min {result['min_ms']:.3f} ms, p90 {result['p90_ms']:.3f} ms "
+            f"over {result['runs']} runs (batch {batch}, {result['threads']} threads"
+            + (f", {result['throughput_per_s']:.0f} samples/s)" if batch else ")")
+        )
     return 0
 
 
@@ -258,9 +281,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     inputs = timing_inputs(paths, args.batch_size, args.input_shape)
     times = interleaved_times(models, inputs, args.runs, args.warmup, not args.no_progress)
     a, b = (summary(times[str(p)]) for p in paths)
-    result = {"a": {"artifact": str(paths[0]), **a}, "b": {"artifact": str(paths[1]), **b},
-              "b_speedup_over_a": a["median_ms"] / b["median_ms"], "batch_size": inputs.batch_size(),
-              "threads": torch.get_num_threads()}
+    result = {
+        "a": {"artifact": str(paths[0]), **a},
+        "b": {"artifact": str(paths[1]), **b},
+        "b_speedup_over_a": a["median_ms"] / b["median_ms"],
+        "batch_size": inputs.batch_size(),
+        "threads": torch.get_num_threads(),
+    }
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -268,8 +295,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"{label} {path}: median {stats['median_ms']:.3f} ms, min {stats['min_ms']:.3f} ms")
         ratio = result["b_speedup_over_a"]
         faster, factor = ("B", ratio) if ratio >= 1 else ("A", 1 / ratio)
-        print(f"{faster} is {factor:.2f}x faster (median of {args.runs} interleaved runs, batch {inputs.batch_size()}, "
-              f"{torch.get_num_threads()} threads)")
+        print(
+            f"{faster} is {factor:.2f}x faster (median of {args.runs} interleaved runs, batch {inputs.batch_size()}, "
+            f"{torch.get_num_threads()} threads)"
+        )
     return 0
 
 
@@ -290,7 +319,9 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from lightning_quant.export import FORMATS
 
-    parser = argparse.ArgumentParser(prog="lightning-quant", description="Inspect, time and compare lightning-quant artifacts.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-quant", description="Inspect, time and compare lightning-quant artifacts."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     inspect = commands.add_parser("inspect", help="show a manifest.json and check its files' sha256")
@@ -300,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def timing_options(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--batch-size", type=_positive, default=None, help="replace the manifest's batch dimension")
-        sub.add_argument("--input-shape", default=None, help="shape of one float input, e.g. 64,1,8,8 (no manifest needed)")
+        sub.add_argument(
+            "--input-shape", default=None, help="shape of one float input, e.g. 64,1,8,8 (no manifest needed)"
+        )
         sub.add_argument("--runs", type=_positive, default=100, help="timed calls (default 100)")
         sub.add_argument("--warmup", type=int, default=10, help="untimed calls first (default 10)")
         sub.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: torch's)")

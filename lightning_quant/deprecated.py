@@ -6,8 +6,8 @@ torch 2.13 warns on every call into them; we say it once, in our own words, and 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 _DEPRECATION_MESSAGES = (
     r"torch\.ao\.quantization is deprecated",

@@ -10,7 +10,8 @@ argument, a tuple/list is several positional arguments, a dict is keyword argume
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -90,13 +91,15 @@ class ModelInputs(NamedTuple):
 
     def describe(self) -> dict[str, Any]:
         """``shape`` and ``dtype`` of the first tensor, and every tensor by argument name, for the manifest."""
-        described = []
+        described: list[dict[str, Any]] = []
         for name, value in [*((f"args[{i}]", a) for i, a in enumerate(self.args)), *self.kwargs.items()]:
             leaves, _ = tree_flatten(value)
             for j, leaf in enumerate(t for t in leaves if isinstance(t, torch.Tensor)):
                 label = name if len(leaves) == 1 else f"{name}[{j}]"
-                described.append({"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")})
-        first = described[0] if described else {"shape": [], "dtype": None}
+                described.append(
+                    {"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")}
+                )
+        first: dict[str, Any] = described[0] if described else {"shape": [], "dtype": None}
         return {"shape": first["shape"], "dtype": first["dtype"], "tensors": described}
 
     def __call__(self, model: Callable[..., Any]) -> Any:
@@ -124,8 +127,10 @@ def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_b
     if not inputs.tensors():
         raise ValueError("example_input holds no tensor; pass the tensors forward takes")
     if dynamic_batch and inputs.batch_size() == 1:
-        raise ValueError("example_input has batch size 1, which export treats as a constant: use a batch of "
-                         "2 or more, or dynamic_batch=False")
+        raise ValueError(
+            "example_input has batch size 1, which export treats as a constant: use a batch of "
+            "2 or more, or dynamic_batch=False"
+        )
     return inputs.to("cpu")
 
 

@@ -59,8 +59,10 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
     check_format_version(manifest.get("format_version") if isinstance(manifest, dict) else None, str(manifest_path))
     artifacts = manifest.get("artifacts", [])
     if not artifacts:
-        raise ValueError(f"{manifest_path} lists no artifact (status {manifest.get('status')!r}): "
-                         f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}")
+        raise ValueError(
+            f"{manifest_path} lists no artifact (status {manifest.get('status')!r}): "
+            f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}"
+        )
     entry = _pick(artifacts, requested, format, manifest_path, manifest.get("failures", {}))
     file = manifest_path.parent / entry["path"]
     if not file.is_file():
@@ -90,14 +92,21 @@ def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
         )
 
 
-def _pick(artifacts: list[dict[str, Any]], filename: Optional[str], format: Optional[str], manifest_path: Path,
-          failures: dict[str, str]) -> dict[str, Any]:
+def _pick(
+    artifacts: list[dict[str, Any]],
+    filename: Optional[str],
+    format: Optional[str],
+    manifest_path: Path,
+    failures: dict[str, str],
+) -> dict[str, Any]:
     listed = {a["format"]: a for a in artifacts}
     if filename is not None:
         matches = [a for a in artifacts if a["path"] == filename and (format is None or a["format"] == format)]
         if not matches:
-            raise ValueError(f"{filename} is not an artifact listed in {manifest_path} (it lists "
-                             f"{[a['path'] for a in artifacts]}); refusing to load an unlisted file.")
+            raise ValueError(
+                f"{filename} is not an artifact listed in {manifest_path} (it lists "
+                f"{[a['path'] for a in artifacts]}); refusing to load an unlisted file."
+            )
         return matches[0]
     if format is None:
         return artifacts[0]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -97,19 +98,21 @@ def build_manifest(
         "approach": approach,
         "backend": backend,
         "model": model,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
         "cpu": cpu_info(),
         "target": target.to_dict(),
         "recommended": recommended,
         "recommended_rule": "the fastest verified file, if it is faster than the float model (eager) on this CPU; "
-                            "null: no file is",
+        "null: no file is",
         "input": described,
         "artifacts": entries,
         "tolerances": {
-            a.format: {"relative_error_max": verification.get(a.format, {}).get("tolerance", a.tolerance),
-                       "compared_with": a.compared_with}
+            a.format: {
+                "relative_error_max": verification.get(a.format, {}).get("tolerance", a.tolerance),
+                "compared_with": a.compared_with,
+            }
             for a in artifacts
         },
         "metrics": metrics,
@@ -138,8 +141,14 @@ def build_manifest(
 
 
 def failed_manifest(
-    *, approach: str, backend: str, model: str, error: str, float_checkpoint: Optional[str] = None,
-    dirpath: Optional[Path] = None, failures: Optional[dict[str, str]] = None,
+    *,
+    approach: str,
+    backend: str,
+    model: str,
+    error: str,
+    float_checkpoint: Optional[str] = None,
+    dirpath: Optional[Path] = None,
+    failures: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
     """The manifest of a run that produced no artifact: what failed, why, and where the float weights are."""
     checkpoint = float_checkpoint
@@ -153,7 +162,7 @@ def failed_manifest(
         "approach": approach,
         "backend": backend,
         "model": model,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
         "cpu": cpu_info(),
         "artifacts": [],
@@ -164,11 +173,15 @@ def failed_manifest(
 def check_format_version(version: Any, what: str) -> None:
     """Refuse a manifest or checkpoint state whose layout this lightning-quant does not know."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{what} has an unknown format_version {version!r}; this lightning-quant reads versions "
-                         f"1 to {FORMAT_VERSION}. It was not written by lightning-quant, or it is damaged.")
+        raise ValueError(
+            f"{what} has an unknown format_version {version!r}; this lightning-quant reads versions "
+            f"1 to {FORMAT_VERSION}. It was not written by lightning-quant, or it is damaged."
+        )
     if version > FORMAT_VERSION:
-        raise ValueError(f"{what} has format_version {version}, newer than this lightning-quant reads "
-                         f"({FORMAT_VERSION}): upgrade lightning-quant to read it.")
+        raise ValueError(
+            f"{what} has format_version {version}, newer than this lightning-quant reads "
+            f"({FORMAT_VERSION}): upgrade lightning-quant to read it."
+        )
 
 
 def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:
@@ -188,21 +201,32 @@ def format_table(manifest: dict[str, Any]) -> str:
     approach = manifest["approach"]
     for kind in ("float", "quantized"):
         values = metrics.get(kind, {})
-        rows.append([
-            kind if kind == "float" else ("optimized" if approach == "float" else f"int8 ({approach})"),
-            *(f"{values[n]:.4f}" if n in values else "-" for n in names),
-            f"{manifest['latency_ms'][kind]:.3f}",
-            "" if kind == "float" else f"{manifest['latency_ms']['float'] / manifest['latency_ms'][kind]:.2f}",
-            f"{manifest['size_bytes'][kind] / 1024:.1f}",
-        ])
+        rows.append(
+            [
+                kind if kind == "float" else ("optimized" if approach == "float" else f"int8 ({approach})"),
+                *(f"{values[n]:.4f}" if n in values else "-" for n in names),
+                f"{manifest['latency_ms'][kind]:.3f}",
+                "" if kind == "float" else f"{manifest['latency_ms']['float'] / manifest['latency_ms'][kind]:.2f}",
+                f"{manifest['size_bytes'][kind] / 1024:.1f}",
+            ]
+        )
     for artifact in manifest["artifacts"]:
         latency, speedup = artifact.get("latency_ms"), artifact.get("speedup_vs_float")
         mark = " (recommended)" if artifact["format"] == manifest.get("recommended") else ""
-        rows.append([artifact["path"] + mark, *("" for _ in names), f"{latency:.3f}" if latency is not None else "-",
-                     f"{speedup:.2f}" if speedup is not None else "-", f"{artifact['bytes'] / 1024:.1f}"])
+        rows.append(
+            [
+                artifact["path"] + mark,
+                *("" for _ in names),
+                f"{latency:.3f}" if latency is not None else "-",
+                f"{speedup:.2f}" if speedup is not None else "-",
+                f"{artifact['bytes'] / 1024:.1f}",
+            ]
+        )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     lines.insert(1, "-" * len(lines[0]))
     budget = manifest.get("accuracy_budget")
     if budget is not None:
@@ -238,13 +262,15 @@ def manifest_numbers(manifest: Optional[dict[str, Any]]) -> dict[str, float]:
                 flat[f"quantization/{kind}/{measure}"] = float(value)
     budget = manifest.get("accuracy_budget")
     if budget:
-        flat.update({
-            "quantization/budget/before": float(budget["before"]),
-            "quantization/budget/after": float(budget["after"]),
-            "quantization/budget/within_budget": float(budget["within_budget"]),
-            "quantization/budget/evaluations": float(budget["evaluations"]),
-            "quantization/budget/float_layers": float(len(budget["float_layers"])),
-        })
+        flat.update(
+            {
+                "quantization/budget/before": float(budget["before"]),
+                "quantization/budget/after": float(budget["after"]),
+                "quantization/budget/within_budget": float(budget["within_budget"]),
+                "quantization/budget/evaluations": float(budget["evaluations"]),
+                "quantization/budget/float_layers": float(len(budget["float_layers"])),
+            }
+        )
     for artifact in manifest.get("artifacts") or []:
         flat[f"quantization/{artifact['format']}/bytes"] = float(artifact["bytes"])
         if artifact.get("latency_ms") is not None:

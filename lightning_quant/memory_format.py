@@ -37,7 +37,7 @@ def to_channels_last(model: nn.Module) -> list[str]:
     convs = {name: module for name, module in model.named_modules() if isinstance(module, nn.Conv2d)}
     if not convs:
         return []
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # Module.to takes it; the stub omits it
     for conv in convs.values():
         if _channels_last_input not in conv._forward_pre_hooks.values():
             conv.register_forward_pre_hook(_channels_last_input)
@@ -64,4 +64,4 @@ def with_contiguous_weights(model: nn.Module) -> nn.Module:
     tensors = [*model.parameters(), *model.buffers()]
     if all(t.dim() != 4 or t.is_contiguous() for t in tensors):
         return model
-    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    return copy.deepcopy(model).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -59,8 +59,11 @@ NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: noth
 # config type -> (approach, backend, default formats); ``None`` is the float model itself, exported for inference
 _APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
     StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx")),
-    DynamicQuantConfig: ("dynamic", "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
-                         ("aoti", "onnx")),
+    DynamicQuantConfig: (
+        "dynamic",
+        "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
+        ("aoti", "onnx"),
+    ),
     type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
 }
 
@@ -118,12 +121,15 @@ def deploy(
             or some formats failed, after the others were written and verified.
     """
     if type(config) not in _APPROACHES:
-        raise TypeError(f"config must be a StaticQuantConfig, a DynamicQuantConfig or None (float), got "
-                        f"{type(config).__name__}")
+        raise TypeError(
+            f"config must be a StaticQuantConfig, a DynamicQuantConfig or None (float), got {type(config).__name__}"
+        )
     approach, backend, default_formats = _APPROACHES[type(config)]
     if isinstance(config, StaticQuantConfig) and calibration_data is None:
-        raise ValueError("static int8 needs calibration_data: a few dozen real input batches (the form "
-                         "example_inputs has) to measure activation ranges on")
+        raise ValueError(
+            "static int8 needs calibration_data: a few dozen real input batches (the form "
+            "example_inputs has) to measure activation ranges on"
+        )
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -134,18 +140,34 @@ def deploy(
         with torch.no_grad():
             reference = model if config is None else quantize(model, config, inputs, calibration)
     except Exception as err:
-        raise failure(err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend,
-                      model_name=type(model).__name__) from err
+        raise failure(
+            err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend, model_name=type(model).__name__
+        ) from err
     onnx: Optional[OnnxQuantization] = None
     if isinstance(config, StaticQuantConfig):
-        onnx = OrtStaticQuantization(calibration_inputs=calibration, per_channel=config.per_channel,
-                                     observer=config.observer, keep_float=tuple(config.keep_float))
+        onnx = OrtStaticQuantization(
+            calibration_inputs=calibration,
+            per_channel=config.per_channel,
+            observer=config.observer,
+            keep_float=tuple(config.keep_float),
+        )
     elif isinstance(config, DynamicQuantConfig):
         onnx = OrtDynamicQuantization(keep_float=tuple(config.keep_float))
     deployment = ship(
-        reference, float_model, inputs, dirpath, list(formats or default_formats), approach=approach, backend=backend,
-        timing_inputs=calibration[0] if calibration else None, dynamic_batch=dynamic_batch, target=target,
-        onnx_quantization=onnx, keep_float=getattr(config, "keep_float", ()), owner="deploy", started=started,
+        reference,
+        float_model,
+        inputs,
+        dirpath,
+        list(formats or default_formats),
+        approach=approach,
+        backend=backend,
+        timing_inputs=calibration[0] if calibration else None,
+        dynamic_batch=dynamic_batch,
+        target=target,
+        onnx_quantization=onnx,
+        keep_float=getattr(config, "keep_float", ()),
+        owner="deploy",
+        started=started,
     )
     raise_failures(deployment, owner="deploy", model_name=type(model).__name__)
     return deployment
@@ -194,26 +216,56 @@ def ship(
             )
         with torch.no_grad():
             try:
-                artifacts = export(reference, inputs, formats, dirpath, dynamic_batch=dynamic_batch,
-                                   float_model=float_model, onnx_quantization=onnx_quantization, models=models,
-                                   target=target)
+                artifacts = export(
+                    reference,
+                    inputs,
+                    formats,
+                    dirpath,
+                    dynamic_batch=dynamic_batch,
+                    float_model=float_model,
+                    onnx_quantization=onnx_quantization,
+                    models=models,
+                    target=target,
+                )
             except ExportError as err:
                 artifacts, failures = err.artifacts, dict(err.failures)
             real_batch = timing_inputs is not None
             timing_inputs = (timing_inputs or inputs).bind(float_model.forward)
-            artifacts, verification = _verify(artifacts, reference, [inputs, timing_inputs], dirpath, float_model,
-                                              failures, data_cases=[1] if real_batch else None, target=target)
+            artifacts, verification = _verify(
+                artifacts,
+                reference,
+                [inputs, timing_inputs],
+                dirpath,
+                float_model,
+                failures,
+                data_cases=[1] if real_batch else None,
+                target=target,
+            )
             runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
             speed, slow = without_slower_files(
                 measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
             )
             artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
-            model = InferenceModel(float_model.forward, reference, runtimes.get(speed["fastest"]), speed["fastest"],
-                                   approach, output_template=inputs(reference))
+            model = InferenceModel(
+                float_model.forward,
+                reference,
+                runtimes.get(speed["fastest"]),
+                speed["fastest"],
+                approach,
+                output_template=inputs(reference),
+            )
         metrics = NO_EVALUATION if evaluate is None else evaluate(model)
     except Exception as err:
-        raise failure(err, owner=owner, dirpath=dirpath, approach=approach, backend=backend, model_name=model_name,
-                      float_checkpoint=float_checkpoint, failures=failures) from err
+        raise failure(
+            err,
+            owner=owner,
+            dirpath=dirpath,
+            approach=approach,
+            backend=backend,
+            model_name=model_name,
+            float_checkpoint=float_checkpoint,
+            failures=failures,
+        ) from err
     manifest = build_manifest(
         approach=approach,
         backend=backend,
@@ -239,15 +291,20 @@ def ship(
     write_manifest(manifest, dirpath)
     manifest_path = dirpath / FILENAME
     if slow:
-        warnings.warn(f"{owner}: " + "; ".join(f"{name} {why}" for name, why in slow.items())
-                      + f". {manifest_path} records it under failures.", stacklevel=2)
+        warnings.warn(
+            f"{owner}: "
+            + "; ".join(f"{name} {why}" for name, why in slow.items())
+            + f". {manifest_path} records it under failures.",
+            stacklevel=2,
+        )
     if artifacts and manifest["recommended"] is None:
         warnings.warn(_slower_than_float_message(owner, manifest, manifest_path), stacklevel=2)
     return Deployment(manifest, model, dirpath, failures, slow)
 
 
-def raise_failures(deployment: Deployment, *, owner: str, model_name: str, float_checkpoint: Optional[str] = None
-                   ) -> None:
+def raise_failures(
+    deployment: Deployment, *, owner: str, model_name: str, float_checkpoint: Optional[str] = None
+) -> None:
     """Raise :class:`QuantizationError` listing the formats that failed, if any (the others are on disk)."""
     failures = deployment.failures
     if not failures:
@@ -263,8 +320,15 @@ def raise_failures(deployment: Deployment, *, owner: str, model_name: str, float
 
 
 def failure(
-    err: BaseException, *, owner: str, dirpath: Path, approach: str, backend: str, model_name: str,
-    float_checkpoint: Optional[str] = None, failures: Optional[dict[str, str]] = None,
+    err: BaseException,
+    *,
+    owner: str,
+    dirpath: Path,
+    approach: str,
+    backend: str,
+    model_name: str,
+    float_checkpoint: Optional[str] = None,
+    failures: Optional[dict[str, str]] = None,
 ) -> DeploymentError:
     """The error that ends a failed run, after ``errors.log`` (the full report) and a ``status: "failed"``
     manifest are written; a manifest that cannot be written (a full disk) is only mentioned."""
@@ -272,8 +336,15 @@ def failure(
     cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
     safe = f" The trained float model is safe: {float_checkpoint}" if float_checkpoint else ""
     message = f"{owner} failed on {model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
-    manifest = failed_manifest(approach=approach, backend=backend, model=model_name, error=message,
-                               float_checkpoint=float_checkpoint, dirpath=dirpath, failures=failures or {})
+    manifest = failed_manifest(
+        approach=approach,
+        backend=backend,
+        model=model_name,
+        error=message,
+        float_checkpoint=float_checkpoint,
+        dirpath=dirpath,
+        failures=failures or {},
+    )
     try:
         write_manifest(manifest, dirpath)
     except OSError as write_error:  # e.g. the disk is full: the error being raised says what failed
@@ -281,14 +352,24 @@ def failure(
     return DeploymentError(message, manifest)
 
 
-def _verify(artifacts: list[Artifact], reference: nn.Module, cases: list[ModelInputs], dirpath: Path,
-            float_model: nn.Module, failures: dict[str, str], *, data_cases: Optional[list[int]], target: str
-            ) -> tuple[list[Artifact], dict[str, dict[str, Any]]]:
+def _verify(
+    artifacts: list[Artifact],
+    reference: nn.Module,
+    cases: list[ModelInputs],
+    dirpath: Path,
+    float_model: nn.Module,
+    failures: dict[str, str],
+    *,
+    data_cases: Optional[list[int]],
+    target: str,
+) -> tuple[list[Artifact], dict[str, dict[str, Any]]]:
     """Verify every artifact in one fresh process; if that fails, one by one to tell which fail.
     A file that fails is deleted (nothing unverified stays under a final name) and recorded in ``failures``."""
+
     def check(some: list[Artifact]) -> dict[str, dict[str, Any]]:
-        return verify_artifacts(some, reference, cases, dirpath, float_model=float_model, target=target,
-                                data_cases=data_cases)
+        return verify_artifacts(
+            some, reference, cases, dirpath, float_model=float_model, target=target, data_cases=data_cases
+        )
 
     try:
         return artifacts, check(artifacts)
@@ -306,8 +387,9 @@ def _verify(artifacts: list[Artifact], reference: nn.Module, cases: list[ModelIn
     return verified, verification
 
 
-def _drop_slow(artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
-               ) -> list[Artifact]:
+def _drop_slow(
+    artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
+) -> list[Artifact]:
     for artifact in artifacts:
         if artifact.format in slow:
             runtimes.pop(artifact.format)
@@ -322,10 +404,12 @@ def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: 
 
 def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
     times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
-    return (f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
-            f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
-            f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
-            "time a larger batch, or try another approach or format.")
+    return (
+        f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
+        f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
+        f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
+        "time a larger batch, or try another approach or format."
+    )
 
 
 class InferenceModel(nn.Module):
@@ -335,8 +419,15 @@ class InferenceModel(nn.Module):
     ``"onnx"``) when there is one, else to the converted reference model.
     """
 
-    def __init__(self, forward: Callable[..., Any], reference: nn.Module, lowered: Optional[Callable[..., Any]],
-                 runtime: Optional[str], approach: str, output_template: Any = None) -> None:
+    def __init__(
+        self,
+        forward: Callable[..., Any],
+        reference: nn.Module,
+        lowered: Optional[Callable[..., Any]],
+        runtime: Optional[str],
+        approach: str,
+        output_template: Any = None,
+    ) -> None:
         super().__init__()
         self.reference = reference
         self._lowered = lowered

@@ -144,7 +144,7 @@ def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     hydra_dir = job_dir / ".hydra"
     overrides = status.get("overrides") or _read_yaml(hydra_dir / "overrides.yaml") or []
     choices = _choices(_read_yaml(hydra_dir / "hydra.yaml"))
-    base = {
+    base: dict[str, Any] = {
         "job": job_dir.name,
         "model": choices.get("model") or _target_name(_read_yaml(hydra_dir / "config.yaml"), "model"),
         "callbacks": choices.get("callbacks"),
@@ -155,14 +155,20 @@ def read_job(job_dir: Path, metric: str = "val/acc") -> list[dict[str, Any]]:
     }
     manifests = sorted(job_dir.rglob("manifest.json"))
     if status.get("status") == "failed" or (metrics is None and not manifests):
-        error = base["error"] or ("the job left neither a manifest.json (the quantization callbacks write one) nor a "
-                                  "metrics.json (it was stopped, or never got to write them)")
+        error = base["error"] or (
+            "the job left neither a manifest.json (the quantization callbacks write one) nor a "
+            "metrics.json (it was stopped, or never got to write them)"
+        )
         return [{**dict.fromkeys(COLUMNS), **base, "status": "failed", "error": error}]
     if not manifests:
-        return [{**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}]
+        return [
+            {**dict.fromkeys(COLUMNS), **base, "status": "ok", "approach": "float", "acc_float": metrics.get(metric)}
+        ]
     # the manifests are what the callbacks wrote, in any app; metrics.json (our train.py's) only fills gaps
-    return [{**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics or {}, base["model"])}
-            for path in manifests]
+    return [
+        {**dict.fromkeys(COLUMNS), **base, **manifest_row(path, metric, metrics or {}, base["model"])}
+        for path in manifests
+    ]
 
 
 def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any], model: str | None = None) -> dict[str, Any]:
@@ -193,9 +199,12 @@ def manifest_row(path: Path, metric: str, metrics: Mapping[str, Any], model: str
 
 def deployed_point(row: Mapping[str, Any]) -> tuple[float, float] | None:
     """(latency ms, accuracy) of what a row ships: the int8 model if there is one, else the float model."""
-    for latency, acc in (("latency_int8_ms", "acc_int8"), ("latency_float_ms", "acc_float")):
-        if _is_number(row.get(latency)) and _is_number(row.get(acc)):
-            return float(row[latency]), float(row[acc])
+    return _point(row, "latency_int8_ms", "acc_int8") or _point(row, "latency_float_ms", "acc_float")
+
+
+def _point(row: Mapping[str, Any], latency: str, accuracy: str) -> tuple[float, float] | None:
+    if _is_number(row.get(latency)) and _is_number(row.get(accuracy)):
+        return float(row[latency]), float(row[accuracy])
     return None
 
 
@@ -249,7 +258,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             {True: "yes", False: "", None: ""}[row.get("pareto")],
             f"`{row['overrides']}`" if row.get("overrides") else "",
         ]
-        lines.append("| " + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        lines.append(
+            "| "
+            + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -267,15 +280,15 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    placed = [(row, deployed_point(row)) for row in rows if deployed_point(row) is not None]
+    placed = [(row, point) for row in rows if (point := deployed_point(row)) is not None]
     colors = {a: f"C{i % 10}" for i, a in enumerate(sorted({str(r["approach"]) for r, _ in placed}))}
     markers = {m: _MARKERS[i % len(_MARKERS)] for i, m in enumerate(sorted({str(r.get("model")) for r, _ in placed}))}
     figure = Figure(figsize=(8, 5), dpi=120, layout="constrained")
     axes = figure.subplots()
     for i, (row, point) in enumerate(placed):
         color, marker = colors[str(row["approach"])], markers[str(row.get("model"))]
-        float_point = (row.get("latency_float_ms"), row.get("acc_float"))
-        if row.get("acc_int8") is not None and all(_is_number(v) for v in float_point):
+        float_point = _point(row, "latency_float_ms", "acc_float")
+        if row.get("acc_int8") is not None and float_point is not None:
             arrow = {"arrowstyle": "->", "color": color, "lw": 0.8, "alpha": 0.6}
             axes.annotate("", xy=point, xytext=float_point, arrowprops=arrow)
             axes.scatter(*float_point, s=30, marker=marker, facecolors="none", edgecolors=color, zorder=2)
@@ -292,7 +305,9 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
             axes.scatter([], [], color="0.3", marker=marker, label=f"model {model}")
     if any(r.get("acc_int8") is not None for r, _ in placed):
         axes.scatter([], [], facecolors="none", edgecolors="0.3", label="its float model\n(arrow: to int8)")
-    latencies = [p[0] for _, p in placed] + [r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))]
+    latencies = [p[0] for _, p in placed] + [
+        r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))
+    ]
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
         axes.set_xscale("log")
     failed = [str(r["job"]) for r in rows if r["status"] != "ok"]

@@ -29,8 +29,20 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 # the /proc/cpuinfo flags that decide which int8 kernels and vector code a CPU runs
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx_vnni",
-             "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512dq",
+    "avx512vl",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 
 
 @dataclass(frozen=True)
@@ -72,12 +84,20 @@ class CpuTarget:
 TARGETS: dict[str, CpuTarget] = {
     "avx2": CpuTarget("avx2", ("avx2", "fma"), 7, "x86-64-v3", 256, "AVX2"),
     "avx512_vnni": CpuTarget(
-        "avx512_vnni", ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"), 8,
-        "x86-64-v4", 512, "AVX512_CORE_VNNI",
+        "avx512_vnni",
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+        8,
+        "x86-64-v4",
+        512,
+        "AVX512_CORE_VNNI",
     ),
     "amx": CpuTarget(
-        "amx", ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
-        8, "sapphirerapids", 512, "AVX512_CORE_AMX",
+        "amx",
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
+        8,
+        "sapphirerapids",
+        512,
+        "AVX512_CORE_AMX",
     ),
 }
 TARGET_NAMES = (*TARGETS, "native")
@@ -103,8 +123,10 @@ def resolve_target(target: Union[str, CpuTarget]) -> CpuTarget:
     flags = set(cpu_info()["flags"])
     runnable = [t for t in TARGETS.values() if set(t.requires) <= flags]
     if not runnable:
-        raise ValueError(f"target='native': this CPU ({cpu_info()['model']}) has none of the x86 ISAs lightning-quant "
-                         f"builds int8 files for ({list(TARGETS)}); it needs at least AVX2 and FMA.")
+        raise ValueError(
+            f"target='native': this CPU ({cpu_info()['model']}) has none of the x86 ISAs lightning-quant "
+            f"builds int8 files for ({list(TARGETS)}); it needs at least AVX2 and FMA."
+        )
     return runnable[-1]
 
 

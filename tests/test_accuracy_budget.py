@@ -66,9 +66,12 @@ def fragile_loaders(model: FragileClassifier):
 
 def fit_fragile(callback, tmp_path, **trainer_kwargs):
     model = FragileClassifier()
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback],
-                        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
-                        **{**FAST, **trainer_kwargs})
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
+        **{**FAST, **trainer_kwargs},
+    )
     trainer.fit(model, *fragile_loaders(model))
     return json.loads((tmp_path / "quantized" / "manifest.json").read_text())
 
@@ -79,8 +82,9 @@ BUDGET = {"metric": "val/acc", "max_drop": 0.02}
 @pytest.fixture(scope="module")
 def static_run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("budget_static")
-    callback = PostTrainingQuantization(num_calibration_batches=4, observer="minmax", formats=["torch_export", "onnx"],
-                                        max_metric_drop=BUDGET)
+    callback = PostTrainingQuantization(
+        num_calibration_batches=4, observer="minmax", formats=["torch_export", "onnx"], max_metric_drop=BUDGET
+    )
     return callback, fit_fragile(callback, tmp_path), tmp_path
 
 
@@ -88,7 +92,12 @@ def test_static_fallback_keeps_exactly_the_fragile_layer_float(static_run):
     callback, manifest, tmp_path = static_run
     budget = manifest["accuracy_budget"]
     assert {k: budget[k] for k in ("metric", "max_drop", "relative", "max_evaluations", "max_float_fraction")} == {
-        "metric": "val/acc", "max_drop": 0.02, "relative": False, "max_evaluations": 10, "max_float_fraction": 0.25}
+        "metric": "val/acc",
+        "max_drop": 0.02,
+        "relative": False,
+        "max_evaluations": 10,
+        "max_float_fraction": 0.25,
+    }
     assert budget["float"] == 1.0
     assert budget["before"] < 0.98 <= budget["after"]  # fully int8 over budget, the exported model within
     assert budget["within_budget"] is True and budget["stopped"] == "within budget"
@@ -116,9 +125,12 @@ def test_static_fallback_keeps_exactly_the_fragile_layer_float(static_run):
 
 
 def test_unreachable_budget_still_exports_marked_over_budget(tmp_path):
-    callback = DynamicQuantization(formats=["torch_export"],
-                                   max_metric_drop=MetricBudget("val/acc", max_drop=0.01, max_float_fraction=0.0))
-    with pytest.warns(UserWarning, match=r"accuracy budget NOT met: val/acc went from 1 \(float\) to 0\.\d+ \(int8\)") as record:
+    callback = DynamicQuantization(
+        formats=["torch_export"], max_metric_drop=MetricBudget("val/acc", max_drop=0.01, max_float_fraction=0.0)
+    )
+    with pytest.warns(
+        UserWarning, match=r"accuracy budget NOT met: val/acc went from 1 \(float\) to 0\.\d+ \(int8\)"
+    ) as record:
         manifest = fit_fragile(callback, tmp_path)
     message = str(next(w.message for w in record if "NOT met" in str(w.message)))
     assert "max_drop=0.01" in message and "max_float_fraction=0.0 of 4 quantizable layers allows 0" in message
@@ -138,17 +150,25 @@ def test_qat_fallback_bypasses_fake_quant_of_the_fragile_layer(tmp_path):
     assert [layer["name"] for layer in budget["float_layers"]] == ["net.fragile"]
     assert budget["evaluations"] == 3
     assert manifest["quantized_ops"] == {"aten.linear (int8 weight)": 3}
-    assert manifest["artifacts"][0]["verification"]["relative_error"] <= manifest["artifacts"][0]["verification"]["tolerance"]
+    assert (
+        manifest["artifacts"][0]["verification"]["relative_error"]
+        <= manifest["artifacts"][0]["verification"]["tolerance"]
+    )
 
 
 def test_digits_fallback_costs_at_most_10_validation_passes(tmp_path):
     torch.manual_seed(0)
     # max_drop 0 on the loss: any int8 error counts, so the search runs through the layers
     budget = {"metric": "val/loss", "max_drop": 0.0, "higher_is_better": False, "max_float_fraction": 1.0}
-    callback = PostTrainingQuantization(num_calibration_batches=4, observer="minmax", formats=["torch_export"],
-                                        max_metric_drop=budget)
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False,
-                        **{**FAST, "max_epochs": 2, "limit_train_batches": 10, "limit_val_batches": 3})
+    callback = PostTrainingQuantization(
+        num_calibration_batches=4, observer="minmax", formats=["torch_export"], max_metric_drop=budget
+    )
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        **{**FAST, "max_epochs": 2, "limit_train_batches": 10, "limit_val_batches": 3},
+    )
     trainer.fit(DigitsClassifier(ConvNet(channels=8)), DigitsDataModule(batch_size=32))
     report = callback.manifest["accuracy_budget"]
     assert 2 <= report["evaluations"] <= 10
@@ -157,10 +177,13 @@ def test_digits_fallback_costs_at_most_10_validation_passes(tmp_path):
 
 
 def test_unknown_metric_fails_at_the_first_validation_naming_the_logged_ones(tmp_path):
-    callback = DynamicQuantization(formats=["torch_export"], max_metric_drop={"metric": "val/accuracy", "max_drop": 0.01})
+    callback = DynamicQuantization(
+        formats=["torch_export"], max_metric_drop={"metric": "val/accuracy", "max_drop": 0.01}
+    )
     model = FragileClassifier()
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False,
-                        **{**FAST, "num_sanity_val_steps": 1})
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, callbacks=[callback], logger=False, **{**FAST, "num_sanity_val_steps": 1}
+    )
     with pytest.raises(ValueError, match=r"watches 'val/accuracy'.* It logs: \['val/acc', 'val/loss'\]"):
         trainer.fit(model, *fragile_loaders(model))
     assert trainer.global_step == 0  # the sanity check caught it before any training step
@@ -174,13 +197,16 @@ def test_budget_without_validation_data_fails_before_training(tmp_path):
         trainer.fit(model, fragile_loaders(model)[0])
 
 
-@pytest.mark.parametrize("value, error", [
-    ({"metric": "val/acc", "max_drop": -1}, r"max_drop must be a finite number >= 0"),
-    ({"metric": "val/acc", "max_drop": "1%"}, r"max_drop must be a finite number >= 0"),
-    ({"metric": "val/acc", "max_drop": 2, "relative": True}, r"relative=True .* must be <= 1"),
-    ({"max_drop": 0.1}, r"needs \['metric'\]"),
-    (0.01, r"must be None, a MetricBudget or a mapping"),
-])
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ({"metric": "val/acc", "max_drop": -1}, r"max_drop must be a finite number >= 0"),
+        ({"metric": "val/acc", "max_drop": "1%"}, r"max_drop must be a finite number >= 0"),
+        ({"metric": "val/acc", "max_drop": 2, "relative": True}, r"relative=True .* must be <= 1"),
+        ({"max_drop": 0.1}, r"needs \['metric'\]"),
+        (0.01, r"must be None, a MetricBudget or a mapping"),
+    ],
+)
 def test_bad_max_metric_drop_fails_at_construction(value, error):
     with pytest.raises((ValueError, TypeError), match=error):
         PostTrainingQuantization(max_metric_drop=value)

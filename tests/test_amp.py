@@ -153,8 +153,14 @@ class ManualOptimization(AutocastProbe):
 
 
 def test_measuring_under_manual_optimization_is_refused(tmp_path):
-    trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, callbacks=[AutoMixedPrecision()], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=1,
+        callbacks=[AutoMixedPrecision()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
     with pytest.raises(MisconfigurationException, match="measure_steps=0"):
         trainer.fit(ManualOptimization(), datamodule=DigitsDataModule())
     assert trainer.global_step == 0
@@ -164,8 +170,9 @@ def test_hydra_composes_amp_channels_last_and_qat(fast_cfg, tmp_path):
     from lightning_quant import ChannelsLast, QuantizationAwareTraining
     from lightning_quant.app import instantiate_callbacks, train
 
-    cfg = fast_cfg("callbacks=[amp,channels_last,qat]", "callbacks.amp.measure_steps=1",
-                   "callbacks.qat.quantize_on_fit_end=false")
+    cfg = fast_cfg(
+        "callbacks=[amp,channels_last,qat]", "callbacks.amp.measure_steps=1", "callbacks.qat.quantize_on_fit_end=false"
+    )
     callbacks = instantiate_callbacks(cfg.callbacks)
     assert [type(c) for c in callbacks] == [AutoMixedPrecision, ChannelsLast, QuantizationAwareTraining]
     assert 0.0 <= train(cfg) <= 1.0  # AMP chose, ChannelsLast converted, QAT fake-quantized: and it trained

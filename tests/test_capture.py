@@ -45,8 +45,11 @@ class BranchOnData(nn.Module):
 
 
 def test_a_branch_that_goes_both_ways_on_the_data_fails_naming_its_line():
-    with pytest.raises(CaptureError, match=r"BranchOnData.forward: the branch at tests/test_capture.py:\d+ "
-                                           r"`if x.sum\(\) > 0:` depends on the input's values"):
+    with pytest.raises(
+        CaptureError,
+        match=r"BranchOnData.forward: the branch at tests/test_capture.py:\d+ "
+        r"`if x.sum\(\) > 0:` depends on the input's values",
+    ):
         capture(BranchOnData(), ModelInputs.from_value(torch.ones(4, 3)))
 
 

@@ -16,14 +16,19 @@ from lightning_quant.cli import main
 from lightning_quant.demo import MLPNet
 from lightning_quant.export import OrtDynamicQuantization, export, load_artifact, verify_artifacts
 from lightning_quant.manifest import build_manifest, write_manifest
-from lightning_quant.target import resolve_target
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, count_quantized_ops, quantize
+from lightning_quant.target import resolve_target
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     """The command as a user runs it (a fresh process: ~15 s of imports on this machine, so used sparingly)."""
-    return subprocess.run([sys.executable, "-m", "lightning_quant.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_quant.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture
@@ -47,16 +52,29 @@ def exported(tmp_path_factory) -> Path:
     x = torch.rand(4, 1, 8, 8)
     int8 = quantize(model, DynamicQuantConfig(), x)
     inputs = ModelInputs.from_value(x)
-    artifacts = export(int8, inputs, ["onnx", "torch_export"], dirpath, float_model=model,
-                       onnx_quantization=OrtDynamicQuantization())
-    checks = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(torch.rand(16, 1, 8, 8))], dirpath,
-                              float_model=model)
+    artifacts = export(
+        int8, inputs, ["onnx", "torch_export"], dirpath, float_model=model, onnx_quantization=OrtDynamicQuantization()
+    )
+    checks = verify_artifacts(
+        artifacts, int8, [inputs, ModelInputs.from_value(torch.rand(16, 1, 8, 8))], dirpath, float_model=model
+    )
     manifest = build_manifest(
-        approach="dynamic", backend="x86", model="MLPNet", example_inputs=inputs, dynamic_batch=True,
-        artifacts=artifacts, verification=checks, metrics={"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
-        speed=measure_speed(model, int8, {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}, inputs),
-        latency_input=inputs, target=resolve_target("avx2"), size_bytes={"float": model_bytes(model), "quantized": model_bytes(int8)},
-        quantized_ops=count_quantized_ops(int8), dirpath=dirpath,
+        approach="dynamic",
+        backend="x86",
+        model="MLPNet",
+        example_inputs=inputs,
+        dynamic_batch=True,
+        artifacts=artifacts,
+        verification=checks,
+        metrics={"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
+        speed=measure_speed(
+            model, int8, {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}, inputs
+        ),
+        latency_input=inputs,
+        target=resolve_target("avx2"),
+        size_bytes={"float": model_bytes(model), "quantized": model_bytes(int8)},
+        quantized_ops=count_quantized_ops(int8),
+        dirpath=dirpath,
     )
     write_manifest(manifest, dirpath)
     return dirpath
@@ -107,14 +125,24 @@ def test_time_shows_a_progress_bar(exported):
 
 
 def test_compare_two_artifacts_interleaved(exported, cli):
-    status, out, err = cli("compare", str(exported / "model_program.pt2"), str(exported / "model.onnx"),
-                           "--runs", "20", "--batch-size", "8", "--json", "--no-progress")
+    status, out, err = cli(
+        "compare",
+        str(exported / "model_program.pt2"),
+        str(exported / "model.onnx"),
+        "--runs",
+        "20",
+        "--batch-size",
+        "8",
+        "--json",
+        "--no-progress",
+    )
     assert status == 0, err
     result = json.loads(out)
     assert result["a"]["runs"] == result["b"]["runs"] == 20
     assert result["b_speedup_over_a"] == pytest.approx(result["a"]["median_ms"] / result["b"]["median_ms"])
-    status, out, _ = cli("compare", str(exported / "model_program.pt2"), str(exported / "model.onnx"), "--runs", "10",
-                         "--no-progress")
+    status, out, _ = cli(
+        "compare", str(exported / "model_program.pt2"), str(exported / "model.onnx"), "--runs", "10", "--no-progress"
+    )
     assert status == 0 and "x faster" in out
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR, compose_train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
-
-from conftest import CONF_DIR, compose_train
 
 GROUPS = ["data", "model", "trainer", "callbacks", "experiment", "hparams_search"]
 
@@ -15,9 +14,7 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize(
-    "override", [f"{group}={option}" for group in GROUPS for option in group_options(group)]
-)
+@pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in group_options(group)])
 def test_every_config_composes(override):
     cfg = compose_train([override])
     assert cfg.model._target_ == "lightning_quant.demo.DigitsClassifier"

@@ -30,4 +30,6 @@ def test_onnx_runtime_and_torch_export_noise_is_dropped_and_the_same_loggers_sti
     logging.warning("a real warning at the root logger")
     serde.warning("a real torch.export warning")
     assert [record.getMessage() for record in caplog.records] == [
-        "a real warning at the root logger", "a real torch.export warning"]
+        "a real warning at the root logger",
+        "a real torch.export warning",
+    ]

@@ -36,7 +36,8 @@ def watch_writes(root: Path) -> list[str]:
         if event == "open":
             path, mode, flags = args
             writing = (mode is not None and any(c in str(mode) for c in "wax+")) or (
-                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+                mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            )
             if not writing:
                 return
         elif event in ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate"):
@@ -57,14 +58,29 @@ def run(out: Path) -> None:
     import torch
 
     from lightning_quant import (
-        AutoMixedPrecision, ChannelsLast, DynamicQuantization, OptimizeForInference, PostTrainingQuantization,
+        AutoMixedPrecision,
+        ChannelsLast,
+        DynamicQuantization,
+        OptimizeForInference,
+        PostTrainingQuantization,
     )
     from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, MLPNet
 
     def trainer(callbacks):
-        return L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_epochs=1, limit_train_batches=3,
-                         limit_val_batches=2, num_sanity_val_steps=0, callbacks=callbacks, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+        return L.Trainer(
+            strategy="ddp",
+            accelerator="cpu",
+            devices=2,
+            max_epochs=1,
+            limit_train_batches=3,
+            limit_val_batches=2,
+            num_sanity_val_steps=0,
+            callbacks=callbacks,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=out,
+        )
 
     L.seed_everything(0)
     amp = AutoMixedPrecision(measure_steps=2)
@@ -83,10 +99,14 @@ def run(out: Path) -> None:
         "global_rank": second.global_rank,
         "world_size": second.world_size,
         "precision": amp.precision,
-        "channels_last": all(m.weight.is_contiguous(memory_format=torch.channels_last)
-                             for m in conv.modules() if isinstance(m, torch.nn.Conv2d)),
-        "manifests": {name: cb.manifest is not None for name, cb in
-                      (("ptq", ptq), ("float", optimize), ("dynamic", dynamic))},
+        "channels_last": all(
+            m.weight.is_contiguous(memory_format=torch.channels_last)
+            for m in conv.modules()
+            if isinstance(m, torch.nn.Conv2d)
+        ),
+        "manifests": {
+            name: cb.manifest is not None for name, cb in (("ptq", ptq), ("float", optimize), ("dynamic", dynamic))
+        },
         "left_first_fit": left_first_fit,
         "left_second_fit": time.time(),
         "writes": list(writes),
@@ -107,8 +127,9 @@ def test_every_callback_under_ddp_writes_once_from_rank_zero(tmp_path):
     assert rank1["writes"] == []
     for name in ("ptq", "float", "dynamic"):  # the hook does see the writes: rank 0's moved every file into place
         for filename in ("model.onnx", "model_program.pt2", "manifest.json"):
-            assert any(e.startswith("os.rename") and e.endswith(f"-{filename}") and f"/{name}/" in e
-                       for e in rank0["writes"]), (name, filename, rank0["writes"])
+            assert any(
+                e.startswith("os.rename") and e.endswith(f"-{filename}") and f"/{name}/" in e for e in rank0["writes"]
+            ), (name, filename, rank0["writes"])
 
     # both processes trained the same way: rank 0's AMP decision, channels-last weights
     assert rank0["precision"] == rank1["precision"] and rank0["precision"] in ("32-true", "bf16-mixed")
@@ -125,8 +146,18 @@ def test_every_callback_under_ddp_writes_once_from_rank_zero(tmp_path):
         for artifact in manifest["artifacts"]:
             assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
         files = sorted(p.name for p in directory.iterdir())
-        assert files == sorted(["manifest.json", "model.onnx", "model_program.pt2", *(
-            [Path(manifest["float_checkpoint"]).name] if not manifest["float_checkpoint"].startswith("..") else [])])
+        assert files == sorted(
+            [
+                "manifest.json",
+                "model.onnx",
+                "model_program.pt2",
+                *(
+                    [Path(manifest["float_checkpoint"]).name]
+                    if not manifest["float_checkpoint"].startswith("..")
+                    else []
+                ),
+            ]
+        )
 
     # rank 1 was held at fit end until rank 0 had written everything
     assert rank1["left_first_fit"] >= (tmp_path / "float" / "manifest.json").stat().st_mtime

@@ -52,9 +52,18 @@ def run(out: Path, case: str) -> None:
     quantization = DynamicQuantization(formats=["torch_export"], dirpath=out / "quantized", keep_float=keep_float)
     L.seed_everything(0)
     trainer = L.Trainer(
-        strategy=DDPStrategy(timeout=timedelta(seconds=10)), accelerator="cpu", devices=2, max_epochs=1,
-        limit_train_batches=3, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[Fail(), quantization],
-        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=out,
+        strategy=DDPStrategy(timeout=timedelta(seconds=10)),
+        accelerator="cpu",
+        devices=2,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        callbacks=[Fail(), quantization],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
     )
     try:
         trainer.fit(DigitsClassifier(MLPNet(hidden=32)), DigitsDataModule(batch_size=32))
@@ -82,15 +91,23 @@ def kill_session(session_id: int) -> list[int]:
     return running
 
 
-@pytest.mark.parametrize("case", [
-    "rank 1 raises in training",
-    "rank 0 quantization fails",
-    "rank 0 hangs at fit end",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "rank 1 raises in training",
+        "rank 0 quantization fails",
+        "rank 0 hangs at fit end",
+    ],
+)
 def test_a_failing_rank_ends_the_whole_run_with_a_nonzero_exit(tmp_path, case):
     started = time.monotonic()
-    process = subprocess.Popen([sys.executable, __file__, str(tmp_path), case], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, __file__, str(tmp_path), case],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         # communicate() returns once every process holding the pipes (rank 1 too) has exited
         _, stderr = process.communicate(timeout=BOUND_SECONDS)
@@ -107,8 +124,10 @@ def test_a_failing_rank_ends_the_whole_run_with_a_nonzero_exit(tmp_path, case):
         assert "DynamicQuantization failed on DigitsClassifier" in stderr and "produced no quantized op" in stderr
         manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
         assert manifest["status"] == "failed" and "keep_float" in manifest["error"]
-        assert json.loads((tmp_path / "rank1.json").read_text())["left_fit"] >= (
-            tmp_path / "quantized" / "manifest.json").stat().st_mtime
+        assert (
+            json.loads((tmp_path / "rank1.json").read_text())["left_fit"]
+            >= (tmp_path / "quantized" / "manifest.json").stat().st_mtime
+        )
     elif case == "rank 0 hangs at fit end":
         # rank 1's barrier timed out (15 s here), it exited, and Lightning's observer killed rank 0
         assert process.returncode == -signal.SIGKILL

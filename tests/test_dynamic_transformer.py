@@ -7,8 +7,8 @@ import json
 import lightning as L
 import pytest
 import torch
-from torch import nn
 from conftest import produced_formats
+from torch import nn
 
 from lightning_quant import DynamicQuantization, load
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, TransformerNet
@@ -59,8 +59,15 @@ def transformer_run(tmp_path_factory):
     L.seed_everything(0)
     callback = DynamicQuantization(formats=["aoti", "torchscript"])
     trainer = L.Trainer(
-        default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1, limit_train_batches=4,
-        limit_val_batches=2, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(DigitsClassifier(TransformerNet()), datamodule=DigitsDataModule(batch_size=32))
     folder = tmp_path / "quantized"

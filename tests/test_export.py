@@ -39,8 +39,9 @@ def test_static_int8_in_every_format_reloads_in_a_fresh_process_and_matches(stat
     model, int8, calibration = static_convnet
     inputs = ModelInputs.from_value(calibration[0][:4])
     onnx_recipe = OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration], observer="minmax")
-    artifacts = export(int8, inputs, ["aoti", "onnx", "torch_export"], tmp_path, float_model=model,
-                       onnx_quantization=onnx_recipe)
+    artifacts = export(
+        int8, inputs, ["aoti", "onnx", "torch_export"], tmp_path, float_model=model, onnx_quantization=onnx_recipe
+    )
     assert [a.format for a in artifacts] == ["aoti", "onnx", "torch_export"]
     for artifact in artifacts:
         path = tmp_path / artifact.path
@@ -49,8 +50,14 @@ def test_static_int8_in_every_format_reloads_in_a_fresh_process_and_matches(stat
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # atomic writes leave nothing behind
 
     # batch sizes 4 (the example) and 64: the batch dimension is dynamic
-    report = verify_artifacts(artifacts, int8, [inputs, ModelInputs.from_value(digits_like(1, 64)[0])], tmp_path,
-                              timing_inputs=inputs, float_model=model)
+    report = verify_artifacts(
+        artifacts,
+        int8,
+        [inputs, ModelInputs.from_value(digits_like(1, 64)[0])],
+        tmp_path,
+        timing_inputs=inputs,
+        float_model=model,
+    )
     assert set(report) == {"aoti", "onnx", "torch_export"}
     assert report["aoti"]["relative_error"] < 1e-3  # the lowered int8 kernels compute what the reference does
     for result in report.values():
@@ -104,7 +111,6 @@ def test_same_program_tolerance_follows_the_noise_floor_and_still_fails_wrong_we
         verify_artifacts(artifacts, int8, cases, tmp_path / "wrong")
 
 
-
 def test_dynamic_int8_has_a_noise_floor_too():
     """torchao's dynamic int8 quantizes each linear's input inside its weight's tensor subclass, where no quantize
     op shows: the noise goes on those inputs (an AOTInductor file of Lightning's demo Transformer differed from the
@@ -114,6 +120,7 @@ def test_dynamic_int8_has_a_noise_floor_too():
     x = torch.randn(8, 64)
     assert 0 < rounding_noise_floor(quantize(model, DynamicQuantConfig(), x), [ModelInputs.from_value(x)]) < 0.05
 
+
 def test_onnx_export_is_quiet_and_writes_no_system_temp_file(static_convnet, tmp_path, monkeypatch, capsys, caplog):
     model, int8, calibration = static_convnet
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-temp-dir"))  # any system temp use fails
@@ -122,11 +129,17 @@ def test_onnx_export_is_quiet_and_writes_no_system_temp_file(static_convnet, tmp
     recipe = OrtStaticQuantization([ModelInputs.from_value(b) for b in calibration], observer="histogram")
     with caplog.at_level(logging.INFO):
         export(int8, calibration[0][:4], ["onnx"], tmp_path / "out", float_model=model, onnx_quantization=recipe)
-    assert (tmp_path / "out" / "model.onnx").is_file() and [p.name for p in (tmp_path / "out").iterdir()] == ["model.onnx"]
+    assert (tmp_path / "out" / "model.onnx").is_file() and [p.name for p in (tmp_path / "out").iterdir()] == [
+        "model.onnx"
+    ]
     printed = capsys.readouterr()
     for noise in ("Collecting tensor data", "Finding optimal threshold", "Number of tensors", "histogram bins"):
         assert noise not in printed.out + printed.err
-    assert [r.name for r in caplog.records if r.name.startswith(("onnx_ir", "onnxscript", "onnxruntime")) or r.name == "root"] == []
+    assert [
+        r.name
+        for r in caplog.records
+        if r.name.startswith(("onnx_ir", "onnxscript", "onnxruntime")) or r.name == "root"
+    ] == []
     assert root.level == logging.INFO and logging.getLogger("onnxscript").level == logging.NOTSET  # restored
 
 
@@ -138,8 +151,15 @@ def test_dynamic_int8_exports_to_onnx_torch_export_and_legacy_torchscript(tmp_pa
     legacy = MLPNet().eval()
     legacy.load_state_dict(model.state_dict())
     legacy_quantize_dynamic(legacy, (nn.Linear,))
-    artifacts = export(int8, x, ["onnx", "torch_export", "torchscript"], tmp_path, float_model=model,
-                       onnx_quantization=OrtDynamicQuantization(), models={"torchscript": legacy})
+    artifacts = export(
+        int8,
+        x,
+        ["onnx", "torch_export", "torchscript"],
+        tmp_path,
+        float_model=model,
+        onnx_quantization=OrtDynamicQuantization(),
+        models={"torchscript": legacy},
+    )
     cases = [ModelInputs.from_value(x), ModelInputs.from_value(torch.rand(9, 1, 8, 8))]
     report = verify_artifacts(artifacts, int8, cases, tmp_path, float_model=model)
     assert report["torch_export"]["relative_error"] < 1e-4
@@ -152,13 +172,22 @@ def test_several_inputs_and_a_keyword_argument_in_every_format(tmp_path):
     torch.manual_seed(0)
     model = TwoInputs().eval()
     int8 = quantize(model, DynamicQuantConfig(), two_inputs(4))
-    artifacts = export(int8, two_inputs(4), ["onnx", "torch_export"], tmp_path, float_model=model,
-                       onnx_quantization=OrtDynamicQuantization())
-    verify_artifacts(artifacts, int8, [ModelInputs.from_value(two_inputs(6)).bind(model.forward)], tmp_path,
-                     float_model=model)
+    artifacts = export(
+        int8,
+        two_inputs(4),
+        ["onnx", "torch_export"],
+        tmp_path,
+        float_model=model,
+        onnx_quantization=OrtDynamicQuantization(),
+    )
+    verify_artifacts(
+        artifacts, int8, [ModelInputs.from_value(two_inputs(6)).bind(model.forward)], tmp_path, float_model=model
+    )
     batch = two_inputs(5)
     for artifact in artifacts:
-        out = load_artifact(tmp_path / artifact.path, artifact.format)(batch["image"], batch["side"], scale=batch["scale"])
+        out = load_artifact(tmp_path / artifact.path, artifact.format)(
+            batch["image"], batch["side"], scale=batch["scale"]
+        )
         assert out.shape == (5, 4)
 
 

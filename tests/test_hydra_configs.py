@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, Union
 
 import pytest
 import torch
+from conftest import CONF_DIR, compose_train
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -21,8 +22,6 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
-from conftest import CONF_DIR, compose_train
 
 from lightning_quant.configs import config_from_signature, snake_case
 from lightning_quant.configs.callbacks import CALLBACKS, GROUP
@@ -65,7 +64,7 @@ class Example:
         self,
         required: int,
         ratio: float = 0.5,
-        name: "str" = "x",
+        name: str = "x",
         flag: bool = True,
         mode: Mode = Mode.FAST,
         sizes: tuple[int, ...] = (1, 2),
@@ -93,8 +92,8 @@ def test_signature_maps_types_and_keeps_defaults():
         "name": str,
         "flag": bool,
         "mode": Mode,
-        "sizes": typing.List[int],
-        "table": Optional[typing.Dict[str, float]],
+        "sizes": list[int],
+        "table": Optional[dict[str, float]],
         "kind": str,  # a Literal of strings is a string (the class checks the value)
         "path": Optional[str],  # a path given as text
         "either": Any,  # OmegaConf 2.3 has no Union of several types
@@ -164,7 +163,9 @@ def test_schema_matches_the_signature(name):
     schema = schema_of(name)
     target = OmegaConf.structured(schema)._target_
     parameters = inspect.signature(_locate_or_none(target).__init__).parameters
-    accepted = {p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    accepted = {
+        p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     assert {f.name for f in dataclasses.fields(schema)} - {"_target_"} <= accepted
 
 
@@ -280,13 +281,20 @@ def test_missing_required_argument_fails_at_instantiation_naming_it():
 def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
     """A user's Hydra app that imports lightning_quant.configs must not see our schemas among its own
     model/data/trainer options (its --help would list them); ours live under lightning_quant/app."""
-    import lightning_quant.configs  # noqa: F401  (registers everything)
     from hydra.core.config_store import ConfigStore
+
+    import lightning_quant.configs  # noqa: F401  (registers everything)
 
     repo = ConfigStore.instance().repo
     leaked = [f"{group}/{name}" for group in ("model", "data", "trainer") for name in repo.get(group, {})]
     assert leaked == [] and "train_schema.yaml" not in repo
-    assert set(repo["lightning_quant"]["app"]["model"]) == {"convnet.yaml", "mlp.yaml", "lstm.yaml", "resnet.yaml", "transformer.yaml"}
+    assert set(repo["lightning_quant"]["app"]["model"]) == {
+        "convnet.yaml",
+        "mlp.yaml",
+        "lstm.yaml",
+        "resnet.yaml",
+        "transformer.yaml",
+    }
 
 
 # The README's recipe for an app whose users switch approach from the command line: one file per approach in a
@@ -304,11 +312,14 @@ SWITCHABLE_APP = {
 }
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ([], "PostTrainingQuantization"),
-    (["quant=dynamic"], "DynamicQuantization"),
-    (["quant=dynamic", "callbacks.quant.target=native"], "DynamicQuantization"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ([], "PostTrainingQuantization"),
+        (["quant=dynamic"], "DynamicQuantization"),
+        (["quant=dynamic", "callbacks.quant.target=native"], "DynamicQuantization"),
+    ],
+)
 def test_an_app_switches_approach_from_the_command_line(tmp_path, overrides, expected):
     for name, text in SWITCHABLE_APP.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ import sys
 
 import matplotlib.image
 import pytest
-
 from conftest import ROOT
 
 from lightning_quant.app import objective
@@ -68,7 +67,9 @@ def test_multirun_compares_approaches_and_shows_failed_jobs(approach_sweep):
         assert float(row["acc_int8"]) == metrics["quantization/quantized/val/acc"]  # train() read it too
         assert float(row["latency_float_ms"]) == manifest["latency_ms"]["float"] > 0
         assert float(row["latency_int8_ms"]) == manifest["latency_ms"]["quantized"] > 0
-        assert float(row["speedup"]) == pytest.approx(manifest["latency_ms"]["float"] / manifest["latency_ms"]["quantized"])
+        assert float(row["speedup"]) == pytest.approx(
+            manifest["latency_ms"]["float"] / manifest["latency_ms"]["quantized"]
+        )
         assert int(float(row["size_int8_bytes"])) == manifest["size_bytes"]["quantized"] > 0
         assert float(row["objective"]) == metrics["test/acc"]  # what train() returned
     assert "True" in [r["pareto"] for r in rows]
@@ -127,7 +128,9 @@ def test_a_job_of_any_app_is_read_from_its_manifest(tmp_path):
     (job / ".hydra" / "overrides.yaml").write_text("- lr=0.1\n")
     (job / "quantized").mkdir()
     manifest = {
-        "approach": "static", "model": "MyClassifier", "recommended": "onnx",
+        "approach": "static",
+        "model": "MyClassifier",
+        "recommended": "onnx",
         "metrics": {"float": {"val/acc": 0.9}, "quantized": {"val/acc": 0.89}},
         "latency_ms": {"float": 2.0, "quantized": 0.5, "aoti": 0.8, "onnx": 0.5},
         "size_bytes": {"float": 4000, "quantized": 1000, "smallest_artifact": 900},

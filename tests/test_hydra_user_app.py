@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
-APP = '''
+APP = """
 import json
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ def main(cfg):
 
 
 main()
-'''
+"""
 
 # The two lines a user adds to their primary config's defaults list:
 USER_CONFIG = """
@@ -111,7 +110,9 @@ def test_user_app_composes_and_instantiates_the_packaged_schema(installed, app_d
 
 
 def test_user_app_gets_hydras_error_for_a_wrong_type(installed, app_dir):
-    result = run_app(installed, app_dir, "my_app.py", "callbacks.stop.patience=many", f"hydra.run.dir={app_dir / 'bad'}")
+    result = run_app(
+        installed, app_dir, "my_app.py", "callbacks.stop.patience=many", f"hydra.run.dir={app_dir / 'bad'}"
+    )
     assert result.returncode != 0
     assert "Value 'many' of type 'str' could not be converted to Integer" in result.stderr
     assert "full_key: callbacks.stop.patience" in result.stderr
@@ -120,7 +121,9 @@ def test_user_app_gets_hydras_error_for_a_wrong_type(installed, app_dir):
 
 def test_user_sweep_writes_the_comparison(installed, app_dir):
     sweep_dir = app_dir / "sweep"
-    result = run_app(installed, app_dir, "my_app.py", "-m", "callbacks.stop.patience=1,2", f"hydra.sweep.dir={sweep_dir}")
+    result = run_app(
+        installed, app_dir, "my_app.py", "-m", "callbacks.stop.patience=1,2", f"hydra.sweep.dir={sweep_dir}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(sweep_dir / "comparison.csv") as f:
         rows = list(csv.DictReader(f))

@@ -19,9 +19,17 @@ from lightning_quant.manifest import FORMAT_VERSION
 def exported(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("load")
     callback = DynamicQuantization(formats=["onnx", "torch_export"])
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1,
-                        limit_train_batches=3, limit_val_batches=2, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     # wide enough that ONNX Runtime's int8 file beats float on AVX2 and VNNI CPUs, so it is kept
     trainer.fit(DigitsClassifier(MLPNet(hidden=1024)), datamodule=DigitsDataModule(batch_size=32))
     return callback, tmp_path / "quantized"
@@ -50,11 +58,14 @@ def test_a_changed_file_is_refused(exported, tmp_path):
     assert load(out, format="torch_export") is not None  # the untouched file still loads
 
 
-@pytest.mark.parametrize(("version", "message"), [
-    (FORMAT_VERSION + 1, "newer than this lightning-quant reads.*upgrade lightning-quant"),
-    ("1", "unknown format_version '1'"),
-    (None, "unknown format_version None"),
-])
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (FORMAT_VERSION + 1, "newer than this lightning-quant reads.*upgrade lightning-quant"),
+        ("1", "unknown format_version '1'"),
+        (None, "unknown format_version None"),
+    ],
+)
 def test_a_manifest_of_an_unknown_or_newer_version_is_refused(exported, tmp_path, version, message):
     out = copy_of(exported, tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -9,10 +9,10 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from conftest import produced_formats
+from torch import nn
 
-from lightning_quant import AutoMixedPrecision, ChannelsLast, OptimizeForInference
+from lightning_quant import ChannelsLast, OptimizeForInference
 from lightning_quant.app import train
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 from lightning_quant.export import load_artifact
@@ -79,13 +79,13 @@ def test_bfloat16_export_takes_and_returns_float32(tmp_path):
     L.seed_everything(0)
     module = DigitsClassifier(ConvNet(channels=16))
     callback = OptimizeForInference(dtype="bfloat16", formats=["torch_export"], dirpath=tmp_path / "bf16")
-    make_trainer(tmp_path, [callback], limit_train_batches=None).fit(
-        module, datamodule=DigitsDataModule()
-    )
+    make_trainer(tmp_path, [callback], limit_train_batches=None).fit(module, datamodule=DigitsDataModule())
     assert callback.manifest["dtype"] == "bfloat16"
     program = torch.export.load(tmp_path / "bf16" / callback.manifest["artifacts"][0]["path"])
-    assert any(node.meta.get("val") is not None and getattr(node.meta["val"], "dtype", None) == torch.bfloat16
-               for node in program.graph.nodes)  # it really computes in bf16
+    assert any(
+        node.meta.get("val") is not None and getattr(node.meta["val"], "dtype", None) == torch.bfloat16
+        for node in program.graph.nodes
+    )  # it really computes in bf16
     x = torch.rand(5, 1, 8, 8)
     out = program.module()(x)
     assert out.dtype == torch.float32
@@ -135,8 +135,9 @@ def test_hand_written_attention_is_pointed_at(tmp_path):
 
 
 def test_hydra_composes_amp_channels_last_and_optimize(fast_cfg, tmp_path):
-    cfg = fast_cfg("callbacks=[amp,channels_last,optimize]", "callbacks.optimize.formats=[onnx]",
-                   "callbacks.amp.measure_steps=1")
+    cfg = fast_cfg(
+        "callbacks=[amp,channels_last,optimize]", "callbacks.optimize.formats=[onnx]", "callbacks.amp.measure_steps=1"
+    )
     assert list(cfg.callbacks) == ["amp", "channels_last", "optimize"]
     train(cfg)
     assert "test/acc" in json.loads((tmp_path / "metrics.json").read_text())

@@ -37,8 +37,9 @@ print(json.dumps({
 
 
 def test_deploy_without_lightning_writes_files_and_a_manifest_that_load_accepts(tmp_path):
-    done = subprocess.run([sys.executable, "-c", WITHOUT_LIGHTNING, str(tmp_path)], capture_output=True, text=True,
-                          cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_LIGHTNING, str(tmp_path)], capture_output=True, text=True, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["lightning"] is False

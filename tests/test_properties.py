@@ -37,8 +37,9 @@ from lightning_quant.quantization import (
 # database=None: no .hypothesis/ directory in the repo. Properties over models (numerics) are derandomized,
 # so the suite is reproducible; the argument checks explore new values on every run.
 CHEAP = settings(max_examples=60, deadline=None, database=None)
-MODELS = settings(max_examples=12, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=[HealthCheck.too_slow])
+MODELS = settings(
+    max_examples=12, deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 CALLBACKS = [PostTrainingQuantization, DynamicQuantization, QuantizationAwareTraining, OptimizeForInference]
 CALLBACKS_WITH_OBSERVER = [PostTrainingQuantization, QuantizationAwareTraining]
@@ -61,7 +62,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     layers=st.integers(1, 3),
     seed=st.integers(0, 2**16),
 )
-def test_dynamic_int8_mlp_of_any_shape_matches_float_and_quantizes_every_linear(batch, in_features, hidden, layers, seed):
+def test_dynamic_int8_mlp_of_any_shape_matches_float_and_quantizes_every_linear(
+    batch, in_features, hidden, layers, seed
+):
     torch.manual_seed(seed)
     model = MLPNet(in_features=in_features, hidden=hidden, layers=layers).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -110,7 +113,9 @@ class TwoInputs(torch.nn.Module):
     scale=st.one_of(st.none(), st.floats(-4, 4, allow_nan=False)),
     container=st.sampled_from(["tuple", "list"]),
 )
-def test_any_way_of_passing_inputs_binds_to_one_canonical_call(batch, width, y_by_keyword, x_by_keyword, scale, container):
+def test_any_way_of_passing_inputs_binds_to_one_canonical_call(
+    batch, width, y_by_keyword, x_by_keyword, scale, container
+):
     model = TwoInputs()
     x, y = torch.randn(batch, width), torch.randn(batch, 3)
     args, kwargs = [], {}
@@ -151,8 +156,9 @@ def exported(tmp_path_factory):
     example = torch.randn(4, 12)
     int8 = quantize(model, DynamicQuantConfig(), example)
     out = tmp_path_factory.mktemp("exported")
-    artifacts = export(int8, example, ["torch_export", "onnx"], out, float_model=model,
-                       onnx_quantization=OrtDynamicQuantization())
+    artifacts = export(
+        int8, example, ["torch_export", "onnx"], out, float_model=model, onnx_quantization=OrtDynamicQuantization()
+    )
     loaded = {a.format: (load_artifact(out / a.path, a.format), a) for a in artifacts}
     return model, int8, loaded
 
@@ -204,8 +210,11 @@ def test_any_list_of_supported_formats_constructs(callback, data):
 @given(callback=st.sampled_from(CALLBACKS), data=st.data())
 def test_any_unsupported_format_is_refused_with_the_allowed_ones(callback, data):
     supported = callback.supported_formats
-    formats = data.draw(st.lists(st.one_of(st.sampled_from(supported), names), min_size=1, max_size=4)
-                        .filter(lambda fs: any(f not in supported for f in fs)))
+    formats = data.draw(
+        st.lists(st.one_of(st.sampled_from(supported), names), min_size=1, max_size=4).filter(
+            lambda fs: any(f not in supported for f in fs)
+        )
+    )
     with pytest.raises(ValueError) as error:
         callback(formats=formats)
     assert all(name in str(error.value) for name in supported), str(error.value)
@@ -214,13 +223,14 @@ def test_any_unsupported_format_is_refused_with_the_allowed_ones(callback, data)
 @CHEAP
 @given(callback=st.sampled_from(CALLBACKS), data=st.data())
 def test_formats_that_are_not_a_list_of_strings_are_a_type_error_naming_the_allowed_ones(callback, data):
-    formats = data.draw(st.one_of(
-        st.sampled_from(callback.supported_formats),  # a bare string, not a list
-        names,
-        st.lists(not_a_string, min_size=1, max_size=3),
-        st.lists(st.sampled_from(callback.supported_formats), max_size=2).flatmap(
-            lambda fs: st.just(fs + [None])),
-    ))
+    formats = data.draw(
+        st.one_of(
+            st.sampled_from(callback.supported_formats),  # a bare string, not a list
+            names,
+            st.lists(not_a_string, min_size=1, max_size=3),
+            st.lists(st.sampled_from(callback.supported_formats), max_size=2).flatmap(lambda fs: st.just(fs + [None])),
+        )
+    )
     with pytest.raises(TypeError) as error:
         callback(formats=formats)
     assert all(name in str(error.value) for name in callback.supported_formats), str(error.value)
@@ -243,8 +253,10 @@ def test_an_empty_format_list_is_refused_naming_the_allowed_ones(callback):
 
 
 @CHEAP
-@given(make=st.sampled_from([*CALLBACKS_WITH_OBSERVER, StaticQuantConfig]),
-       observer=st.one_of(names, not_a_string).filter(lambda o: o not in OBSERVERS))
+@given(
+    make=st.sampled_from([*CALLBACKS_WITH_OBSERVER, StaticQuantConfig]),
+    observer=st.one_of(names, not_a_string).filter(lambda o: o not in OBSERVERS),
+)
 def test_any_unknown_observer_is_refused_with_the_allowed_ones(make, observer):
     with pytest.raises(ValueError) as error:
         make(observer=observer)
@@ -259,21 +271,29 @@ def test_every_known_observer_constructs(make, observer):
 
 
 @CHEAP
-@given(make=st.sampled_from([*CALLBACKS_WITH_KEEP_FLOAT, StaticQuantConfig, DynamicQuantConfig]),
-       keep_float=st.one_of(names, st.lists(st.one_of(names, not_a_string), min_size=1, max_size=3)
-                            .filter(lambda ks: not all(isinstance(k, str) for k in ks))))
+@given(
+    make=st.sampled_from([*CALLBACKS_WITH_KEEP_FLOAT, StaticQuantConfig, DynamicQuantConfig]),
+    keep_float=st.one_of(
+        names,
+        st.lists(st.one_of(names, not_a_string), min_size=1, max_size=3).filter(
+            lambda ks: not all(isinstance(k, str) for k in ks)
+        ),
+    ),
+)
 def test_keep_float_that_is_not_a_list_of_names_is_a_type_error_with_an_example(make, keep_float):
     with pytest.raises(TypeError, match=r"keep_float must be a list of module names.*\['net.head'\]"):
         make(keep_float=keep_float)
 
 
 @CHEAP
-@given(make=st.sampled_from([*CALLBACKS_WITH_KEEP_FLOAT, StaticQuantConfig, DynamicQuantConfig]),
-       keep_float=st.lists(names, max_size=3))
+@given(
+    make=st.sampled_from([*CALLBACKS_WITH_KEEP_FLOAT, StaticQuantConfig, DynamicQuantConfig]),
+    keep_float=st.lists(names, max_size=3),
+)
 def test_any_list_of_names_is_accepted_as_keep_float(make, keep_float):
     # which names exist is checked at setup, against the module
     made = make(keep_float=keep_float)
-    assert list(getattr(made, "keep_float")) == keep_float
+    assert list(made.keep_float) == keep_float
 
 
 @CHEAP

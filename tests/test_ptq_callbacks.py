@@ -70,8 +70,13 @@ def test_ptq_writes_verified_artifacts_and_a_complete_manifest(ptq_run):
     assert manifest["backend"] == "x86_inductor"
     assert manifest["versions"]["torch"].startswith("2.") and manifest["versions"]["torchao"]
     assert manifest["input"]["shape"] == [4, 1, 8, 8] and manifest["input"]["dtype"] == "float32"
-    assert manifest["calibration"] == {"dataloader": "train", "batches": 6, "batches_requested": 6,
-                                       "observer": "minmax", "per_channel_weights": True}
+    assert manifest["calibration"] == {
+        "dataloader": "train",
+        "batches": 6,
+        "batches_requested": 6,
+        "observer": "minmax",
+        "per_channel_weights": True,
+    }
     assert produced_formats(manifest) == {"aoti", "onnx", "torch_export"}
     for artifact in manifest["artifacts"]:
         data = (dirpath / artifact["path"]).read_bytes()
@@ -81,7 +86,10 @@ def test_ptq_writes_verified_artifacts_and_a_complete_manifest(ptq_run):
         assert artifact["verification"]["batch_sizes"] == [4, 32]
         assert artifact["latency_ms"] > 0
     assert {f: t["compared_with"] for f, t in manifest["tolerances"].items()} == {
-        "aoti": "quantized", "onnx": "float", "torch_export": "quantized"}
+        "aoti": "quantized",
+        "onnx": "float",
+        "torch_export": "quantized",
+    }
     assert manifest["tolerances"]["aoti"]["relative_error_max"] == 0.01
     assert manifest["tolerances"]["onnx"]["relative_error_max"] >= 0.1
     for kind in ("float", "quantized"):
@@ -118,8 +126,14 @@ def test_ptq_quantized_model_is_the_lowered_int8_model_and_takes_forward_inputs(
 def test_ptq_logs_the_numbers_and_prints_one_table(ptq_run):
     callback, _, trainer, tmp_path, messages = ptq_run
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    for name in ("quantization/float/val/acc", "quantization/quantized/val/acc", "quantization/float/latency_ms",
-                 "quantization/quantized/size_bytes", "quantization/onnx/latency_ms", "quantization/aoti/bytes"):
+    for name in (
+        "quantization/float/val/acc",
+        "quantization/quantized/val/acc",
+        "quantization/float/latency_ms",
+        "quantization/quantized/size_bytes",
+        "quantization/onnx/latency_ms",
+        "quantization/aoti/bytes",
+    ):
         assert name in header
     tables = [m for m in messages if "int8 (static)" in m]
     assert len(tables) == 1
@@ -138,7 +152,10 @@ def test_dynamic_quantization_of_an_mlp_in_three_formats(tmp_path):
     assert manifest["metrics"]["quantized"]["val/acc"] >= 0
     # quantized_model runs the fastest verified file, whichever runtime that is
     fastest = min(manifest["artifacts"], key=lambda a: a["latency_ms"])
-    assert callback.quantized_model.runtime == fastest["format"] and manifest["latency_ms"]["quantized"] == fastest["latency_ms"]
+    assert (
+        callback.quantized_model.runtime == fastest["format"]
+        and manifest["latency_ms"]["quantized"] == fastest["latency_ms"]
+    )
     assert callback.quantized_model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
 
 
@@ -192,8 +209,9 @@ class TwoInputData(L.LightningDataModule):
 
 
 def test_ptq_with_several_inputs_and_a_keyword_argument(tmp_path):
-    callback = PostTrainingQuantization(num_calibration_batches=2, observer="minmax", formats=["aoti", "onnx"],
-                                        batch_to_input=lambda batch: batch[0])
+    callback = PostTrainingQuantization(
+        num_calibration_batches=2, observer="minmax", formats=["aoti", "onnx"], batch_to_input=lambda batch: batch[0]
+    )
     torch.manual_seed(0)
     model = TwoInputClassifier()
     fit(callback, model, tmp_path, datamodule=TwoInputData())
@@ -221,8 +239,11 @@ def test_a_fit_without_checkpointing_still_saves_the_float_checkpoint_first(tmp_
 @pytest.mark.parametrize(
     ("make", "error", "message"),
     [
-        (lambda: PostTrainingQuantization(formats=["tflite"]), ValueError,
-         r"cannot export format\(s\) \['tflite'\]; choose from \['aoti', 'onnx', 'torch_export'\]"),
+        (
+            lambda: PostTrainingQuantization(formats=["tflite"]),
+            ValueError,
+            r"cannot export format\(s\) \['tflite'\]; choose from \['aoti', 'onnx', 'torch_export'\]",
+        ),
         (lambda: PostTrainingQuantization(formats=["torchscript"]), ValueError, "cannot export format"),
         (lambda: PostTrainingQuantization(formats="onnx"), TypeError, "formats must be a list"),
         (lambda: PostTrainingQuantization(observer="percentile"), ValueError, r"Unknown observer 'percentile'"),
@@ -257,7 +278,9 @@ def test_missing_example_input_fails_at_setup_before_training(tmp_path):
 
 
 def test_bad_keep_float_and_batch_of_one_fail_at_setup(tmp_path):
-    with pytest.raises(ValueError, match=r"keep_float names modules that DigitsClassifier does not have: \['net.tail'\]"):
+    with pytest.raises(
+        ValueError, match=r"keep_float names modules that DigitsClassifier does not have: \['net.tail'\]"
+    ):
         fit(DynamicQuantization(keep_float=["net.tail"]), DigitsClassifier(MLPNet()), tmp_path)
     with pytest.raises(ValueError, match="batch size 1"):
         fit(DynamicQuantization(example_input=torch.zeros(1, 1, 8, 8)), DigitsClassifier(MLPNet()), tmp_path)
@@ -291,10 +314,20 @@ def test_unexportable_model_error_names_it_after_the_float_checkpoint_is_saved(t
 
 def run_train(tmp_path, *overrides):
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-         "trainer.limit_val_batches=2", "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false",
-         *overrides, f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=1",
+            "trainer.enable_progress_bar=false",
+            *overrides,
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / "quantized" / "manifest.json").read_text()), result

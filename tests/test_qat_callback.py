@@ -14,11 +14,10 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, produced_formats
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-
-from conftest import ROOT, produced_formats
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
@@ -240,7 +239,9 @@ def test_resume_mid_qat_restores_fake_quant_state_and_continues_identically(tmp_
     # quantize_on_fit_end=False: still a float-in/float-out fake-quant model, and it can be fit again
     assert qat_straight.manifest is None and "forward" in vars(straight)
     before = copy.deepcopy(straight.state_dict())
-    trainer(tmp_path / "c", [qat_straight], max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(straight, train)
+    trainer(tmp_path / "c", [qat_straight], max_epochs=1, limit_train_batches=4, limit_val_batches=0).fit(
+        straight, train
+    )
     assert "forward" in vars(straight)
     assert not torch.equal(before["net.head.weight"], straight.state_dict()["net.head.weight"])
     # the fit ended on a training batch; a forward outside the Trainer still moves no range
@@ -283,7 +284,9 @@ class TwoInputModule(L.LightningModule):
 
 def test_forward_with_several_tensor_inputs_and_keyword_arguments(tmp_path):
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(96, 3, 6, 6, generator=g), torch.randn(96, 6, generator=g), torch.randint(0, 4, (96,), generator=g))
+    data = TensorDataset(
+        torch.randn(96, 3, 6, 6, generator=g), torch.randn(96, 6, generator=g), torch.randint(0, 4, (96,), generator=g)
+    )
     module = TwoInputModule()
     qat = QuantizationAwareTraining(
         formats=["torch_export"], batch_to_input=lambda b: {"x": b[0], "y": b[1], "scale": torch.tensor(2.0)}
@@ -305,9 +308,19 @@ def test_forward_with_several_tensor_inputs_and_keyword_arguments(tmp_path):
 def test_train_script_with_qat(tmp_path):
     """`python train.py callbacks=qat`, default formats (AOTInductor and ONNX), 3 epochs of digits."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "callbacks=qat", "trainer.max_epochs=3", "trainer.limit_val_batches=2",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "callbacks=qat",
+            "trainer.max_epochs=3",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
@@ -343,7 +356,9 @@ def test_qat_trains_under_bf16_mixed_precision_and_converts(tmp_path):
     model = DigitsClassifier(ConvNet(channels=8))
     trainer(tmp_path, [qat], max_epochs=2, precision="bf16-mixed").fit(model, datamodule=DigitsDataModule())
     ranges_after_fit = ranges(qat)
-    assert ranges_after_fit and all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ranges_after_fit.values())
+    assert ranges_after_fit and all(
+        torch.isfinite(v).all() and v.dtype == torch.float32 for v in ranges_after_fit.values()
+    )
     assert qat.manifest["status"] == "ok" and qat.manifest["quantized_ops"]
     x = torch.rand(5, 1, 8, 8)
     model.eval()

@@ -38,7 +38,11 @@ class TwoInputNet(nn.Module):
 def inputs(batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     # small images: the first conv's outputs have a variance of about 1e-3, so BatchNorm's eps=1e-2 matters
-    return {"x": 0.05 * torch.randn(batch, 3, 6, 6, generator=g), "y": torch.randn(batch, 5, generator=g), "scale": torch.tensor(1.5)}
+    return {
+        "x": 0.05 * torch.randn(batch, 3, 6, 6, generator=g),
+        "y": torch.randn(batch, 5, generator=g),
+        "scale": torch.tensor(1.5),
+    }
 
 
 def set_fake_quant(qat, enabled: bool) -> None:
@@ -226,13 +230,25 @@ def test_training_skips_the_fake_quant_calls_that_cannot_change_a_value():
     identity once ranges stop moving), evaluation and convert keep prepare's graph."""
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(72, 4),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(72, 4),
     )
     x = torch.randn(16, 3, 6, 6)
     qat = prepare_qat(model, x[:4])
     qat.attach()
-    calls = lambda graph: sum(n.op == "call_module" and isinstance(graph.get_submodule(n.target), FakeQuantizeBase) for n in graph.graph.nodes)
+
+    def calls(graph):
+        return sum(
+            n.op == "call_module" and isinstance(graph.get_submodule(n.target), FakeQuantizeBase)
+            for n in graph.graph.nodes
+        )
+
     assert calls(qat.graph) == calls(qat.eval_graph) - 2  # after the max-pool and after flatten
     model.train()
     model(x)  # ranges
@@ -284,7 +300,10 @@ def test_a_float_conv_trains_as_plain_conv_batchnorm():
     model = TwoInputNet()
     reference = copy.deepcopy(model)
     qat = prepare_qat(model, inputs(4), QATConfig(keep_float=("conv",)))
-    conv_weights = lambda graph: [n.args[1] for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+
+    def conv_weights(graph):
+        return [n.args[1] for n in graph.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+
     assert [w.op for w in conv_weights(qat.graph)] == ["get_attr", "call_module"]  # float weight, fake-quant
     assert [w.op for w in conv_weights(qat.eval_graph)] == ["call_function", "call_module"]  # prepare's w * s
     set_fake_quant(qat, False)

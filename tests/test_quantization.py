@@ -65,14 +65,16 @@ def test_static_int8_counts_quantized_convs_and_tracks_the_float_model(convnet, 
 
 @pytest.mark.parametrize("observer", ["histogram", "moving_average"])
 def test_every_observer_calibrates(convnet, observer):
-    int8 = quantize(convnet, StaticQuantConfig(observer=observer, per_channel=False), torch.zeros(4, 1, 8, 8),
-                    digits_like(2))
+    int8 = quantize(
+        convnet, StaticQuantConfig(observer=observer, per_channel=False), torch.zeros(4, 1, 8, 8), digits_like(2)
+    )
     assert sum(count_quantized_ops(int8).values()) == 4
 
 
 def test_keep_float_leaves_named_modules_in_float(convnet):
-    int8 = quantize(convnet, StaticQuantConfig(observer="minmax", keep_float=("head",)), torch.zeros(4, 1, 8, 8),
-                    digits_like(2))
+    int8 = quantize(
+        convnet, StaticQuantConfig(observer="minmax", keep_float=("head",)), torch.zeros(4, 1, 8, 8), digits_like(2)
+    )
     assert "aten.linear (int8 weight)" not in count_quantized_ops(int8)
     dynamic = quantize(MLPNet().eval(), DynamicQuantConfig(keep_float=("layers.5",)), torch.zeros(4, 1, 8, 8))
     assert count_quantized_ops(dynamic) == {"Linear (Int8Tensor)": 2}
@@ -128,7 +130,10 @@ class DataDependent(nn.Module):
 
 
 def test_an_unexportable_model_gets_an_error_naming_it_and_the_reason():
-    with pytest.raises(QuantizationError, match=r"DataDependent\.forward: the branch at tests/test_quantization.py:\d+ `if x.sum\(\) > 0:.*` depends on the input's values"):
+    with pytest.raises(
+        QuantizationError,
+        match=r"DataDependent\.forward: the branch at tests/test_quantization.py:\d+ `if x.sum\(\) > 0:.*` depends on the input's values",
+    ):
         quantize(DataDependent().eval(), StaticQuantConfig(), torch.rand(4, 8), [torch.rand(4, 8)])
 
 

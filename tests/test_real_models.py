@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from torch.utils.data import DataLoader
 from conftest import produced_formats
+from torch.utils.data import DataLoader
 
 from lightning_quant import (
     ChannelsLast,
@@ -29,9 +29,17 @@ from lightning_quant.demo.third_party import BertClassifier, DemoTransformer, To
 
 
 def fit_bert(callback, tmp_path: Path) -> dict:
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1,
-                        limit_train_batches=3, limit_val_batches=1, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=3,
+        limit_val_batches=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(BertClassifier(), DataLoader(Tokens(64, 0), batch_size=8), DataLoader(Tokens(32, 1), batch_size=8))
     return json.loads((Path(callback.dirpath) / "manifest.json").read_text())
 
@@ -51,11 +59,15 @@ print(tuple(logits.shape), from_onnx.shape)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [
-    lambda: PostTrainingQuantization(num_calibration_batches=3),
-    lambda: DynamicQuantization(),
-    lambda: QuantizationAwareTraining(),
-], ids=["static", "dynamic", "qat"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PostTrainingQuantization(num_calibration_batches=3),
+        lambda: DynamicQuantization(),
+        lambda: QuantizationAwareTraining(),
+    ],
+    ids=["static", "dynamic", "qat"],
+)
 def test_bert_with_dict_batches_and_a_model_output(make, tmp_path):
     callback = make()
     manifest = fit_bert(callback, tmp_path)
@@ -69,8 +81,9 @@ def test_bert_with_dict_batches_and_a_model_output(make, tmp_path):
     output = callback.quantized_model(torch.randint(0, 100, (5, 16)), torch.ones(5, 16, dtype=torch.long))
     assert output.logits.shape == (5, 2)
     # the files load and run at another batch size in a process that imports neither us nor transformers
-    done = subprocess.run([sys.executable, "-c", RELOAD_WITHOUT_US, str(callback.dirpath)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_US, str(callback.dirpath)], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["(3,", "2)", "(3,", "2)"]
 
@@ -86,27 +99,51 @@ def test_a_batch_forward_cannot_take_fails_before_training_and_names_the_fix(tmp
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:  # names no key of the batch
             return self.bert(input_ids=ids, attention_mask=mask)
 
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[DynamicQuantization(example_input=(
-        torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long)))], logger=False, max_epochs=1,
-        limit_train_batches=2, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    with pytest.raises(ValueError, match=r"batch of the train dataloader \(dict with keys .*labels.*\) does not fit "
-                                         r"Unbindable.forward.*batch_to_input="):
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[
+            DynamicQuantization(example_input=(torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long)))
+        ],
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"batch of the train dataloader \(dict with keys .*labels.*\) does not fit "
+        r"Unbindable.forward.*batch_to_input=",
+    ):
         trainer.fit(Unbindable(), DataLoader(Tokens(16, 0), batch_size=8))
     assert trainer.global_step == 0
 
 
 def fit_digits(callbacks, tmp_path: Path, net) -> None:
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=callbacks, logger=False, max_epochs=1,
-                        limit_train_batches=20, limit_val_batches=2, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=20,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(DigitsClassifier(net), datamodule=DigitsDataModule(batch_size=32))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [
-    lambda: PostTrainingQuantization(num_calibration_batches=4),
-    lambda: QuantizationAwareTraining(),
-], ids=["static", "qat"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PostTrainingQuantization(num_calibration_batches=4),
+        lambda: QuantizationAwareTraining(),
+    ],
+    ids=["static", "qat"],
+)
 def test_resnet_with_a_shared_relu_quantizes_with_channels_last(make, tmp_path):
     callback = make()
     torch.manual_seed(0)
@@ -122,22 +159,36 @@ def test_resnet_with_a_shared_relu_quantizes_with_channels_last(make, tmp_path):
 def test_resnet_float_export_for_inference(tmp_path):
     callback = OptimizeForInference(formats=["aoti"])
     fit_digits([ChannelsLast(), callback], tmp_path, ResNet())
-    assert callback.manifest["status"] == "ok" and callback.manifest["artifacts"][0]["verification"]["relative_error"] < 1e-3
+    assert (
+        callback.manifest["status"] == "ok"
+        and callback.manifest["artifacts"][0]["verification"]["relative_error"] < 1e-3
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [
-    # ONNX Runtime's own static int8 of this model is 20% off float (verification deletes that file)
-    lambda: PostTrainingQuantization(num_calibration_batches=3, formats=["aoti"]),
-    lambda: DynamicQuantization(),
-    lambda: QuantizationAwareTraining(),
-], ids=["static", "dynamic", "qat"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        # ONNX Runtime's own static int8 of this model is 20% off float (verification deletes that file)
+        lambda: PostTrainingQuantization(num_calibration_batches=3, formats=["aoti"]),
+        lambda: DynamicQuantization(),
+        lambda: QuantizationAwareTraining(),
+    ],
+    ids=["static", "dynamic", "qat"],
+)
 def test_lightnings_demo_transformer(make, tmp_path):
     callback = make()
     torch.manual_seed(0)
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=1,
-                        limit_train_batches=4, limit_val_batches=2, enable_progress_bar=False,
-                        enable_model_summary=False)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(DemoTransformer())
     manifest = callback.manifest
     # ONNX Runtime's int8 attention can run slower than float here; such a file is deleted, nothing else may fail

@@ -18,8 +18,15 @@ from lightning_quant.demo import DigitsClassifier, DigitsDataModule, MLPNet
 from lightning_quant.manifest import FORMAT_VERSION
 from lightning_quant.quantization import QuantizationError
 
-FAST = dict(max_epochs=1, limit_train_batches=3, limit_val_batches=2, limit_test_batches=1,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+FAST = dict(
+    max_epochs=1,
+    limit_train_batches=3,
+    limit_val_batches=2,
+    limit_test_batches=1,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+)
 
 
 def disk_full_for(name_part, monkeypatch):
@@ -54,7 +61,10 @@ def test_disk_full_in_one_format_keeps_the_others_the_checkpoint_and_a_manifest(
     assert list(manifest["failures"]) == ["torch_export"] and "ENOSPC" not in manifest["failures"]["torch_export"]
     assert "No space left on device" in manifest["failures"]["torch_export"]
     assert [a["format"] for a in manifest["artifacts"]] == ["onnx"]
-    assert manifest["artifacts"][0]["verification"]["relative_error"] <= manifest["artifacts"][0]["verification"]["tolerance"]
+    assert (
+        manifest["artifacts"][0]["verification"]["relative_error"]
+        <= manifest["artifacts"][0]["verification"]["tolerance"]
+    )
     # nothing half-written under a final name, no temp file left behind
     assert sorted(p.name for p in out.iterdir()) == ["float.ckpt", "manifest.json", "model.onnx"]
     assert manifest["float_checkpoint"] == "float.ckpt"  # no save_last: the callback wrote one before converting
@@ -68,10 +78,22 @@ def test_disk_full_in_one_format_keeps_the_others_the_checkpoint_and_a_manifest(
 def test_train_script_ends_with_a_clear_message_and_a_nonzero_exit(tmp_path):
     # every layer kept float: dynamic int8 has nothing to quantize, so convert fails after training
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "model=mlp", "callbacks=dynamic", "callbacks.dynamic.keep_float=[net]",
-         "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-         "trainer.limit_test_batches=1", "trainer.enable_progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "model=mlp",
+            "callbacks=dynamic",
+            "callbacks.dynamic.keep_float=[net]",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "trainer.limit_val_batches=2",
+            "trainer.limit_test_batches=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode != 0
     assert "DynamicQuantization failed on DigitsClassifier" in result.stderr
@@ -90,11 +112,13 @@ def test_the_float_checkpoint_holds_the_weights_that_were_quantized(tmp_path):
     checkpoint the manifest names must be the trained model that was quantized, not that one."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    never_improves = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True,
-                                     save_top_k=1)
+    never_improves = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True, save_top_k=1
+    )
     callback = DynamicQuantization(formats=["onnx"])
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[never_improves, callback], logger=False,
-                        **{**FAST, "max_epochs": 3})
+    trainer = L.Trainer(
+        default_root_dir=tmp_path, callbacks=[never_improves, callback], logger=False, **{**FAST, "max_epochs": 3}
+    )
     model = DigitsClassifier(MLPNet(), lr=1e-12)  # next to no learning: val/acc never improves after epoch 0
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())

@@ -11,12 +11,24 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import DynamicQuantization, OptimizeForInference, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant import (
+    DynamicQuantization,
+    OptimizeForInference,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, MLPNet
 from lightning_quant.quantization import QuantizationError
 
-FAST = dict(max_epochs=1, limit_train_batches=2, limit_val_batches=2, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, logger=False)
+FAST = dict(
+    max_epochs=1,
+    limit_train_batches=2,
+    limit_val_batches=2,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    num_sanity_val_steps=0,
+    logger=False,
+)
 
 
 def fit(callbacks, model, tmp_path, datamodule=None):
@@ -25,14 +37,20 @@ def fit(callbacks, model, tmp_path, datamodule=None):
     return trainer
 
 
-@pytest.mark.parametrize(("example", "found"), [
-    (torch.zeros(4, 3, 8, 8), r"shape \[4, 3, 8, 8\], dtype float32"),
-    (torch.zeros(4, 1, 8, 8, dtype=torch.int64), r"shape \[4, 1, 8, 8\], dtype int64"),
-])
+@pytest.mark.parametrize(
+    ("example", "found"),
+    [
+        (torch.zeros(4, 3, 8, 8), r"shape \[4, 3, 8, 8\], dtype float32"),
+        (torch.zeros(4, 1, 8, 8, dtype=torch.int64), r"shape \[4, 1, 8, 8\], dtype int64"),
+    ],
+)
 def test_example_input_of_the_wrong_shape_or_dtype_fails_at_setup(tmp_path, example, found):
     model = DigitsClassifier(ConvNet(channels=4))
-    with pytest.raises(ValueError, match=rf"DigitsClassifier.forward fails on the example input \({found}\).*"
-                                         "Pass example_input= .*shape and dtype forward takes"):
+    with pytest.raises(
+        ValueError,
+        match=rf"DigitsClassifier.forward fails on the example input \({found}\).*"
+        "Pass example_input= .*shape and dtype forward takes",
+    ):
         fit([PostTrainingQuantization(example_input=example)], model, tmp_path)
     assert model.trainer.global_step == 0
 
@@ -56,8 +74,11 @@ def test_tiny_calibration_dataloader_calibrates_on_what_there_is(tmp_path):
             return DataLoader(TensorDataset(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))), batch_size=8)
 
     callback = PostTrainingQuantization(num_calibration_batches=32, formats=["torch_export"])
-    with pytest.warns(UserWarning, match=r"Calibrated on 1 batch\(es\) \(8 samples\) of the train dataloader, fewer "
-                                         r"than num_calibration_batches=32.*lower num_calibration_batches"):
+    with pytest.warns(
+        UserWarning,
+        match=r"Calibrated on 1 batch\(es\) \(8 samples\) of the train dataloader, fewer "
+        r"than num_calibration_batches=32.*lower num_calibration_batches",
+    ):
         fit([callback], DigitsClassifier(MLPNet()), tmp_path, datamodule=OneBatchTrain(batch_size=8))
     calibration = callback.manifest["calibration"]  # recorded, so a reader sees how little it saw
     assert (calibration["batches"], calibration["batches_requested"]) == (1, 32)
@@ -69,19 +90,27 @@ def test_a_dirpath_that_cannot_be_written_fails_before_training(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     model = DigitsClassifier(MLPNet())
-    with pytest.raises(ValueError, match=r"DynamicQuantization cannot write into dirpath .*a_file/out.*pass a writable dirpath="):
+    with pytest.raises(
+        ValueError, match=r"DynamicQuantization cannot write into dirpath .*a_file/out.*pass a writable dirpath="
+    ):
         fit([DynamicQuantization(dirpath=blocker / "out")], model, tmp_path)
     assert model.trainer.global_step == 0
 
 
-@pytest.mark.parametrize("make_second", [
-    lambda: DynamicQuantization(),
-    lambda: QuantizationAwareTraining(),
-    lambda: OptimizeForInference(),  # float files into the same default dirpath
-])
+@pytest.mark.parametrize(
+    "make_second",
+    [
+        lambda: DynamicQuantization(),
+        lambda: QuantizationAwareTraining(),
+        lambda: OptimizeForInference(),  # float files into the same default dirpath
+    ],
+)
 def test_two_quantization_callbacks_on_one_trainer_conflict(tmp_path, make_second):
     model = DigitsClassifier(MLPNet())
-    with pytest.raises(ValueError, match=r"Conflicting quantization callbacks on one Trainer: \['PostTrainingQuantization', .*keep one|own dirpath"):
+    with pytest.raises(
+        ValueError,
+        match=r"Conflicting quantization callbacks on one Trainer: \['PostTrainingQuantization', .*keep one|own dirpath",
+    ):
         fit([PostTrainingQuantization(), make_second()], model, tmp_path)
     assert model.trainer.global_step == 0
 

@@ -12,17 +12,16 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 
-LIMIT = textwrap.dedent('''
+LIMIT = textwrap.dedent("""
     import resource, signal
     def limit_file_size(size):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.RLIM_INFINITY))
-''')
+""")
 
-FIT = LIMIT + textwrap.dedent('''
+FIT = LIMIT + textwrap.dedent("""
     import sys
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -41,9 +40,9 @@ FIT = LIMIT + textwrap.dedent('''
                    ModelCheckpoint(dirpath=sys.argv[1] + "/checkpoints", save_last=True)],
     )
     trainer.fit(DigitsClassifier(MLPNet()), datamodule=DigitsDataModule(batch_size=32))
-''')
+""")
 
-EXPORT = LIMIT + textwrap.dedent('''
+EXPORT = LIMIT + textwrap.dedent("""
     import sys, torch
     from lightning_quant.demo import MLPNet
     from lightning_quant.export import ExportError, export
@@ -58,14 +57,15 @@ EXPORT = LIMIT + textwrap.dedent('''
                onnx_quantization=OrtDynamicQuantization())
     except ExportError as error:
         print(error)
-''')
+""")
 
 
 def run(script: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / "script.py"
     path.write_text(script)
-    return subprocess.run([sys.executable, str(path), str(tmp_path / "out")], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, str(path), str(tmp_path / "out")], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_disk_full_at_fit_end_names_the_fix_keeps_the_checkpoint_and_leaves_no_partial_file(tmp_path):

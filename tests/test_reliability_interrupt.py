@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys, time
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent('''
     trainer = L.Trainer(max_epochs=1000, limit_train_batches=6, limit_val_batches=1, callbacks=[qat, checkpoint, Slow()],
                         logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(DigitsClassifier(ConvNet(channels=8, blocks=2)), datamodule=DigitsDataModule(batch_size=32))
-''')
+""")
 
 
 class AtResume(Callback):
@@ -53,8 +53,12 @@ def test_interrupted_qat_resumes_from_its_checkpoint_with_ranges_restored(tmp_pa
     script = tmp_path / "train_qat.py"
     script.write_text(SCRIPT)
     last = tmp_path / "ckpt" / "last.ckpt"
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "ckpt")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not last.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -78,14 +82,24 @@ def test_interrupted_qat_resumes_from_its_checkpoint_with_ranges_restored(tmp_pa
     model = DigitsClassifier(ConvNet(channels=8, blocks=2))
     qat = QuantizationAwareTraining(start_epoch=0, quantize_on_fit_end=False)
     at_resume = AtResume(qat)
-    trainer = L.Trainer(max_epochs=saved["epoch"] + 2, limit_train_batches=2, limit_val_batches=1,
-                        callbacks=[qat, at_resume], logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=tmp_path / "resumed")
+    trainer = L.Trainer(
+        max_epochs=saved["epoch"] + 2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[qat, at_resume],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path / "resumed",
+    )
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32), ckpt_path=last)
 
     assert at_resume.epoch == saved["epoch"] + 1  # continued after the checkpoint's epoch
     assert at_resume.fake_quant  # fake-quant forward attached from the checkpoint, not restarted
     assert at_resume.ranges.keys() == state["qat"]["fake_quant"].keys()
-    differ = [name for name, value in at_resume.ranges.items() if not torch.equal(value, state["qat"]["fake_quant"][name])]
+    differ = [
+        name for name, value in at_resume.ranges.items() if not torch.equal(value, state["qat"]["fake_quant"][name])
+    ]
     assert differ == []  # min/max, scale, zero_point, eps: every fake-quant buffer restored
     assert qat._started_epoch == state["started_epoch"] == 0

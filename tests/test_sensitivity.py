@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from lightning_quant.quantization import (
-    DynamicQuantConfig, MetricBudget, StaticQuantConfig, count_quantized_ops, fallback_search, layer_sensitivity,
-    quantizable_layers, quantize, save_sensitivity,
+    DynamicQuantConfig,
+    MetricBudget,
+    StaticQuantConfig,
+    count_quantized_ops,
+    fallback_search,
+    layer_sensitivity,
+    quantizable_layers,
+    quantize,
+    save_sensitivity,
 )
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import prepare_qat
@@ -124,8 +131,14 @@ def test_sensitivity_ranks_the_fragile_layer_first_and_saves_table_and_chart(fra
 def test_fallback_keeps_exactly_the_fragile_layer_float_and_meets_the_budget(fragile_static):
     model, x, labels, batches, quantize_with = fragile_static
     budget = MetricBudget("acc", max_drop=0.02)
-    result = fallback_search(model, quantize_with, lambda m: accuracy(m, x, labels), budget,
-                             quantizable_layers(model, (nn.Linear,)), inputs=batches[:2])
+    result = fallback_search(
+        model,
+        quantize_with,
+        lambda m: accuracy(m, x, labels),
+        budget,
+        quantizable_layers(model, (nn.Linear,)),
+        inputs=batches[:2],
+    )
     assert result.reference == 1.0
     assert not budget.allows(result.reference, result.before)  # fully int8: over budget
     assert result.within_budget and budget.allows(result.reference, result.after)
@@ -134,7 +147,9 @@ def test_fallback_keeps_exactly_the_fragile_layer_float_and_meets_the_budget(fra
     assert result.evaluations == 3  # float, fully int8, fragile float
     assert count_quantized_ops(result.model) == {"aten.linear (int8 weight)": 3}
     report = result.report(budget)
-    assert report["before"] == result.before and report["after"] == result.after and report["stopped"] == "within budget"
+    assert (
+        report["before"] == result.before and report["after"] == result.after and report["stopped"] == "within budget"
+    )
 
 
 def test_fallback_within_budget_at_once_needs_no_sensitivity():

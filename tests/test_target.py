@@ -65,7 +65,9 @@ def positive_batches(n: int = 4, shape: tuple[int, ...] = (8, 64)) -> list[torch
 def graph_int8_weights(graph: torch.fx.GraphModule) -> torch.Tensor:
     """Every int8 constant (the weights) of a converted PT2E graph, flattened."""
     constants = [t for t in graph.buffers()]
-    constants += [functools.reduce(getattr, n.target.split("."), graph) for n in graph.graph.nodes if n.op == "get_attr"]
+    constants += [
+        functools.reduce(getattr, n.target.split("."), graph) for n in graph.graph.nodes if n.op == "get_attr"
+    ]
     return torch.cat([t.flatten() for t in constants if isinstance(t, torch.Tensor) and t.dtype == torch.int8])
 
 
@@ -134,17 +136,22 @@ def test_onnx_runtime_files_hold_the_targets_weight_range(tmp_path):
     int8 = quantize(model, StaticQuantConfig(target="avx2"), batches[0], batches)
     cases = calibration[:2]
 
-    artifacts = export(int8, batches[0], ["onnx"], tmp_path / "avx2", float_model=model, onnx_quantization=recipe,
-                       target="avx2")
-    weights = [numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "avx2" / "model.onnx")).graph.initializer
-               if t.data_type == onnx.TensorProto.INT8]
+    artifacts = export(
+        int8, batches[0], ["onnx"], tmp_path / "avx2", float_model=model, onnx_quantization=recipe, target="avx2"
+    )
+    weights = [
+        numpy_helper.to_array(t)
+        for t in onnx.load(str(tmp_path / "avx2" / "model.onnx")).graph.initializer
+        if t.data_type == onnx.TensorProto.INT8
+    ]
     assert weights and max(int(abs(w).max()) for w in weights) <= 64
     report = verify_artifacts(artifacts, int8, cases, tmp_path / "avx2", float_model=model, target="avx2")["onnx"]
     assert report["int8_weight_range"][1] <= 64
 
     # a file with 8-bit weights is refused for AVX2 CPUs, whatever this CPU computes
-    artifacts = export(int8, batches[0], ["onnx"], tmp_path / "vnni", float_model=model, onnx_quantization=recipe,
-                       target="avx512_vnni")
+    artifacts = export(
+        int8, batches[0], ["onnx"], tmp_path / "vnni", float_model=model, onnx_quantization=recipe, target="avx512_vnni"
+    )
     with pytest.raises(QuantizationError, match=r"int8 weights span .* outside the 7-bit range target 'avx2' needs"):
         verify_artifacts(artifacts, int8, cases, tmp_path / "vnni", float_model=model, target="avx2")
 
@@ -154,7 +161,9 @@ def test_qat_trains_on_the_targets_weight_grid():
     model = ConvNet(in_channels=3, channels=8).train()
     x = torch.rand(4, 3, 8, 8)
     qat = prepare_qat(model, x, QATConfig(target="avx2"))
-    ranges = {(fq.quant_min, fq.quant_max) for fq in qat._fake_quantizers() if fq.dtype == torch.qint8 or fq.quant_min < 0}
+    ranges = {
+        (fq.quant_min, fq.quant_max) for fq in qat._fake_quantizers() if fq.dtype == torch.qint8 or fq.quant_min < 0
+    }
     assert ranges == {(-64, 63)}
     qat.attach()
     model(x)
@@ -163,9 +172,17 @@ def test_qat_trains_on_the_targets_weight_grid():
 
 
 def fit(callback, tmp_path, epochs=1):
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, max_epochs=epochs,
-                        limit_train_batches=4, limit_val_batches=2, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        logger=False,
+        max_epochs=epochs,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(DigitsClassifier(ConvNet(channels=8)), datamodule=DigitsDataModule(batch_size=32))
     return json.loads((tmp_path / "quantized" / "manifest.json").read_text())
 
@@ -182,7 +199,9 @@ def test_default_run_records_cpu_target_speed_and_the_recommended_file(tmp_path)
     for artifact in manifest["artifacts"]:
         assert artifact["speedup_vs_float"] == pytest.approx(latency["float"] / artifact["latency_ms"])
         assert artifact["faster_than_float"] == (artifact["speedup_vs_float"] > 1)
-        assert 0 < artifact["latency_ms"] <= latency["spread_ms"][artifact["format"]][0]  # the fastest call, at most p25
+        assert (
+            0 < artifact["latency_ms"] <= latency["spread_ms"][artifact["format"]][0]
+        )  # the fastest call, at most p25
     fastest = min(manifest["artifacts"], key=lambda a: a["latency_ms"])
     assert manifest["recommended"] == (fastest["format"] if fastest["faster_than_float"] else None)
     assert callback.quantized_model.runtime == fastest["format"] and latency["quantized"] == fastest["latency_ms"]
@@ -200,12 +219,21 @@ def test_a_file_slower_than_float_is_never_recommended():
     speed = measure_speed(model, model, {"onnx": slow}, x, repeats=5)
     assert speed["fastest"] == "onnx" and speed["speedup_vs_float"]["onnx"] < 1
     manifest = build_manifest(
-        approach="static", backend="x86", model="Linear", example_inputs=ModelInputs.from_value(x), dynamic_batch=True,
-        artifacts=[], verification={}, metrics={}, speed=speed, latency_input=ModelInputs.from_value(x),
-        target=resolve_target("avx2"), size_bytes={"float": 1, "quantized": 1}, quantized_ops={},
+        approach="static",
+        backend="x86",
+        model="Linear",
+        example_inputs=ModelInputs.from_value(x),
+        dynamic_batch=True,
+        artifacts=[],
+        verification={},
+        metrics={},
+        speed=speed,
+        latency_input=ModelInputs.from_value(x),
+        target=resolve_target("avx2"),
+        size_bytes={"float": 1, "quantized": 1},
+        quantized_ops={},
     )
     assert manifest["recommended"] is None
-
 
 
 def test_a_file_clearly_slower_than_float_fails_its_format_and_one_as_fast_ships():
@@ -254,14 +282,25 @@ def test_load_and_cli_refuse_a_file_built_for_instructions_this_cpu_lacks(tmp_pa
     artifacts = export(int8, x, ["torch_export"], tmp_path, target=lacking)
     speed = measure_speed(model, int8, {}, x, repeats=3)
     manifest = build_manifest(
-        approach="dynamic", backend="x86", model="PositiveLinear", example_inputs=ModelInputs.from_value(x),
-        dynamic_batch=True, artifacts=artifacts, verification={}, metrics={}, speed=speed,
-        latency_input=ModelInputs.from_value(x), target=lacking, size_bytes={"float": 1, "quantized": 1},
+        approach="dynamic",
+        backend="x86",
+        model="PositiveLinear",
+        example_inputs=ModelInputs.from_value(x),
+        dynamic_batch=True,
+        artifacts=artifacts,
+        verification={},
+        metrics={},
+        speed=speed,
+        latency_input=ModelInputs.from_value(x),
+        target=lacking,
+        size_bytes={"float": 1, "quantized": 1},
         quantized_ops={},
     )
     (tmp_path / "manifest.json").write_text(json.dumps(manifest, default=str))
     lacks = re.escape(str(missing_flags(lacking)))
-    with pytest.raises(RuntimeError, match=rf"built for target '{lacking.name}' .* this CPU .* lacks {lacks}.*target='avx2'"):
+    with pytest.raises(
+        RuntimeError, match=rf"built for target '{lacking.name}' .* this CPU .* lacks {lacks}.*target='avx2'"
+    ):
         load(tmp_path)
     assert cli_main(["time", str(tmp_path / "model_program.pt2"), "--runs", "2", "--no-progress"]) != 0
     assert "lacks" in capsys.readouterr().err

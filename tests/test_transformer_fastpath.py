@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, TransformerNet
-from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.deprecated import legacy_api
+from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.quantization.transformer_fastpath import (
     FUSED_ATTENTION,
     FUSED_ENCODER_LAYER,

@@ -17,9 +17,10 @@ redo ``pip install -e .``); there, ``import lightning_quant.configs`` in the app
 
 from __future__ import annotations
 
+import builtins
 import importlib
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.core.config_store import ConfigStore
@@ -72,7 +73,9 @@ class ImportOnFirstUse(ConfigSource):
         if store is None:
             raise ConfigLoadError(f"{config_path} is not served by {self.full_path()}")
         node = store.load(self._normalize_file_name(config_path))
-        return ConfigResult(config=node.node, path=self.full_path(), provider=self.provider, header={"package": node.package})
+        return ConfigResult(
+            config=node.node, path=self.full_path(), provider=self.provider, header={"package": node.package}
+        )
 
     def is_group(self, config_path: str) -> bool:
         store = self._store(config_path)
@@ -80,13 +83,16 @@ class ImportOnFirstUse(ConfigSource):
 
     def is_config(self, config_path: str) -> bool:
         store = self._store(config_path)
-        return store is not None and store.get_type(self._normalize_file_name(config_path.rstrip("/"))) == ObjectType.CONFIG
+        return (
+            store is not None
+            and store.get_type(self._normalize_file_name(config_path.rstrip("/"))) == ObjectType.CONFIG
+        )
 
-    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> builtins.list[str]:
         store = self._store(config_path)
         if store is None:
             return []
-        found: List[str] = []
+        found: list[str] = []
         for name in store.list(config_path):
             self._list_add_result(found, f"{config_path}/{name}", name, results_filter)
         return sorted(set(found))

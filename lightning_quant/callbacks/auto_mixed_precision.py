@@ -19,7 +19,7 @@ from torchmetrics import Metric
 
 from lightning_quant.precision import BF16_MIXED, FLOAT32, FP16_MIXED, preferred_mixed_precision
 
-_DTYPES = {"auto": None, "bf16": BF16_MIXED, "fp16": FP16_MIXED}
+_DTYPES: dict[str, Any] = {"auto": None, "bf16": BF16_MIXED, "fp16": FP16_MIXED}
 
 
 class AutoMixedPrecision(Callback):
@@ -81,7 +81,7 @@ class AutoMixedPrecision(Callback):
         self.step_seconds: dict[str, list[float]] = {}
         self._plugin: MixedPrecision | None = None
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         plugin = trainer.precision_plugin
@@ -104,7 +104,7 @@ class AutoMixedPrecision(Callback):
                 "manual optimization would also step the optimizer: pass measure_steps=0, or dtype='bf16'/'fp16'."
             )
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.precision is None:  # not restored from a checkpoint
             decision = self._choose(trainer, pl_module)
             # every process must train in the same format: rank 0's measurement decides
@@ -113,11 +113,11 @@ class AutoMixedPrecision(Callback):
             # Replacing the plugin after strategy.setup is equivalent to passing it to the Trainer:
             # MixedPrecision.convert_module and .connect are the base no-ops, and the fp16 scaler state is
             # restored from a checkpoint after on_fit_start.
-            self._plugin = MixedPrecision(self.precision, device=trainer.strategy.root_device.type)
+            self._plugin = MixedPrecision(self.precision, device=trainer.strategy.root_device.type)  # type: ignore[arg-type]  # one of its two names
             trainer.strategy.precision_plugin = self._plugin
         rank_zero_info(f"AutoMixedPrecision: training with precision={self.precision!r} because {self.reason}.")
 
-    def _choose(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> tuple[str, str, dict]:
+    def _choose(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, str, dict]:
         if self.dtype != "auto":
             return _DTYPES[self.dtype], f"dtype={self.dtype!r} was requested", {}
         candidate, why = preferred_mixed_precision(trainer.strategy.root_device)
@@ -127,12 +127,12 @@ class AutoMixedPrecision(Callback):
             return candidate, f"{why} (not measured: measure_steps=0)", {}
         plugins = {
             FLOAT32: trainer.precision_plugin,
-            candidate: MixedPrecision(candidate, device=trainer.strategy.root_device.type),
+            candidate: MixedPrecision(candidate, device=trainer.strategy.root_device.type),  # type: ignore[arg-type]  # one of its two names
         }
         seconds = self._time_steps(trainer, pl_module, plugins)
         # the fastest step of each: load from other processes only ever adds time
         fastest = {name: min(times) for name, times in seconds.items()}
-        faster = min(fastest, key=fastest.get)
+        faster = min(fastest, key=fastest.__getitem__)
         timings = ", ".join(f"{name} {step * 1e3:.2f} ms" for name, step in fastest.items())
         reason = (
             f"{why}, and per forward/backward step of training_step on a training batch (fastest of "
@@ -141,7 +141,7 @@ class AutoMixedPrecision(Callback):
         return faster, reason, seconds
 
     def _time_steps(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", plugins: dict[str, Precision]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, plugins: dict[str, Precision]
     ) -> dict[str, list[float]]:
         device = trainer.strategy.root_device
         seconds: dict[str, list[float]] = {name: [] for name in plugins}
@@ -176,7 +176,7 @@ class AutoMixedPrecision(Callback):
         self.step_seconds = state_dict["step_seconds"]
 
 
-def _training_batch(trainer: "pl.Trainer") -> Any:
+def _training_batch(trainer: pl.Trainer) -> Any:
     # A fresh loader from the user's hook (or the loader passed to fit), so the loader training uses is
     # untouched; CombinedLoader unpacks collections of loaders the way the fit loop does.
     loader = CombinedLoader(trainer.fit_loop._data_source.dataloader(), mode="max_size_cycle")
@@ -184,9 +184,7 @@ def _training_batch(trainer: "pl.Trainer") -> Any:
     return trainer.strategy.batch_to_device(batch)
 
 
-def _time_forward_backward(
-    pl_module: "pl.LightningModule", batch: Any, plugin: Precision, device: torch.device
-) -> float:
+def _time_forward_backward(pl_module: pl.LightningModule, batch: Any, plugin: Precision, device: torch.device) -> float:
     _synchronize(device)
     start = time.perf_counter()
     with plugin.train_step_context():
@@ -209,7 +207,7 @@ def _drop_log(*args: Any, **kwargs: Any) -> None:
 
 
 @contextmanager
-def _leaves_no_trace(pl_module: "pl.LightningModule", device: torch.device) -> Iterator[None]:
+def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Iterator[None]:
     """Passes run inside change nothing: no optimizer step, and buffers (BatchNorm statistics), torchmetrics
     states, gradients and random state are put back; ``self.log`` calls are dropped."""
     buffers = {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers()}
@@ -221,7 +219,7 @@ def _leaves_no_trace(pl_module: "pl.LightningModule", device: torch.device) -> I
     ]
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        pl_module.log = pl_module.log_dict = _drop_log
+        pl_module.log = pl_module.log_dict = _drop_log  # type: ignore[method-assign]
         try:
             yield
         finally:

@@ -31,7 +31,7 @@ class ChannelsLast(Callback):
         >>> trainer.fit(DigitsClassifier(ConvNet(channels=8)), datamodule=DigitsDataModule())  # doctest: +SKIP
     """
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         converted = to_channels_last(pl_module)
         if not converted:
             rank_zero_warn(

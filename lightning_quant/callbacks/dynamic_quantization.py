@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
@@ -12,6 +13,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import FORMATS, OrtDynamicQuantization
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig, quantize
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
@@ -65,8 +67,9 @@ class DynamicQuantization(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
         self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=target)
         self._formats_given = formats is not None
         self._recurrent_layers: list[str] = []
@@ -76,7 +79,8 @@ class DynamicQuantization(QuantizationCallback):
         if stage != "fit" or not self.config.recurrent:
             return
         self._recurrent_layers = [
-            name for name, module in pl_module.named_modules()
+            name
+            for name, module in pl_module.named_modules()
             if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
         ]
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
@@ -92,35 +96,47 @@ class DynamicQuantization(QuantizationCallback):
             "on x86 CPUs anyway)."
         )
 
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
-        config = replace(self.config, keep_float=tuple(self.keep_float))
-        return quantize(self.cpu_copy(pl_module), config, self.example_inputs)
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
+        config = replace(self.config, keep_float=tuple(keep_float))
+        return quantize(self.cpu_copy(pl_module), config, inputs)
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
         return [
-            name for name in quantizable_layers(pl_module, types, self.keep_float)
+            name
+            for name in quantizable_layers(pl_module, self._layer_types(), self.keep_float)
             # attention's output projection: never int8 (see quantize._dynamic_linear_filter)
             if not isinstance(pl_module.get_submodule(name), NonDynamicallyQuantizableLinear)
         ]
 
-    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> OrtDynamicQuantization:
-        return OrtDynamicQuantization(keep_float=tuple(self.keep_float))
+    def onnx_quantization(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> OrtDynamicQuantization:
+        return OrtDynamicQuantization(keep_float=tuple(keep_float))
 
-    def artifact_models(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, nn.Module]:
+    def artifact_models(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> dict[str, nn.Module]:
         if "torchscript" not in self.formats:
             return {}
         legacy = self.cpu_copy(pl_module)
-        types = (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
-        legacy_quantize_dynamic(legacy, types, tuple(self.keep_float))
+        legacy_quantize_dynamic(legacy, self._layer_types(), tuple(keep_float))
         return {"torchscript": legacy}
 
+    def _layer_types(self) -> tuple[type[nn.Module], ...]:
+        return (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
+
     def manifest_details(self) -> dict[str, Any]:
-        notes = ["Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
-                 "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."]
+        notes = [
+            "Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
+            "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."
+        ]
         if "torchscript" in self.formats:
-            notes.append("'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
-                         "tensors); its numerics differ slightly, so it is verified against the float model.")
+            notes.append(
+                "'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
+                "tensors); its numerics differ slightly, so it is verified against the float model."
+            )
         if self._recurrent_layers:
             notes.append(RECURRENT_NOTE)
         elif not self.config.recurrent:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -12,6 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.transformer_fastpath import find_manual_attention
 from lightning_quant.target import DEFAULT_TARGET
 
@@ -87,9 +89,11 @@ class OptimizeForInference(QuantizationCallback):
         """The fast model after fit (the AOTInductor package when ``"aoti"`` was exported)."""
         return self.quantized_model
 
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
         model = self.cpu_copy(pl_module)
-        self.manual_attention = find_manual_attention(model, *self.example_inputs.args, **self.example_inputs.kwargs)
+        self.manual_attention = find_manual_attention(model, *inputs.args, **inputs.kwargs)
         if self.manual_attention:
             rank_zero_warn(
                 f"{type(pl_module).__name__} computes attention by hand (softmax(q @ k^T) @ v) at "

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -12,8 +13,8 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import OrtStaticQuantization
-from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.target import DEFAULT_TARGET
 
@@ -71,13 +72,22 @@ class PostTrainingQuantization(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
-        if isinstance(num_calibration_batches, bool) or not isinstance(num_calibration_batches, int) or num_calibration_batches < 1:
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
+        if (
+            isinstance(num_calibration_batches, bool)
+            or not isinstance(num_calibration_batches, int)
+            or num_calibration_batches < 1
+        ):
             raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
         if calibration_dataloader not in _DATALOADERS:
-            raise ValueError(f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}")
-        self.config = StaticQuantConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target)
+            raise ValueError(
+                f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}"
+            )
+        self.config = StaticQuantConfig(
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+        )
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader
         self._calibration: list[ModelInputs] = []
@@ -102,7 +112,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self._calibration = []  # read again for this fit's model, once: every convert of it calibrates alike
         super().on_fit_end(trainer, pl_module)
 
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
         if not self._calibration:
             self._calibration = list(
                 self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches)
@@ -110,8 +122,8 @@ class PostTrainingQuantization(QuantizationCallback):
             if len(self._calibration) < self.num_calibration_batches:
                 rank_zero_warn(self._short_calibration_note())
         self._kept_float_automatically = single_input_channel_convs(pl_module)
-        config = replace(self.config, keep_float=tuple(self.keep_float))
-        return quantize(self.cpu_copy(pl_module), config, self.example_inputs, self._calibration)
+        config = replace(self.config, keep_float=tuple(keep_float))
+        return quantize(self.cpu_copy(pl_module), config, inputs, self._calibration)
 
     def _short_calibration_note(self) -> str:
         samples = sum(inputs.batch_size() or 0 for inputs in self._calibration)
@@ -126,12 +138,14 @@ class PostTrainingQuantization(QuantizationCallback):
         automatic = set(single_input_channel_convs(pl_module))
         return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
-    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OrtStaticQuantization]:
+    def onnx_quantization(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> Optional[OrtStaticQuantization]:
         return OrtStaticQuantization(
             calibration_inputs=self._calibration,
             per_channel=self.config.per_channel,
             observer=self.config.observer,
-            keep_float=tuple(self.keep_float),
+            keep_float=tuple(keep_float),
         )
 
     def manifest_details(self) -> dict[str, Any]:

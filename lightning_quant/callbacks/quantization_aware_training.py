@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
@@ -89,8 +91,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
-        super().__init__(dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop,
-                         target)
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
         if not _is_epoch(start_epoch):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -98,7 +101,9 @@ class QuantizationAwareTraining(QuantizationCallback):
                 raise ValueError(
                     f"{name} must be None (never) or an integer >= start_epoch ({start_epoch}), got {epoch!r}"
                 )
-        self.config = QATConfig(observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target)
+        self.config = QATConfig(
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+        )
         stages = (observer_enabled_stages,) if isinstance(observer_enabled_stages, str) else observer_enabled_stages
         unknown = [s for s in stages if s not in STAGES]
         if unknown or not stages:
@@ -170,7 +175,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._enter_stage(trainer, "predict")
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._leave_stage(trainer)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -209,10 +216,14 @@ class QuantizationAwareTraining(QuantizationCallback):
         self._apply_restored(pl_module)
 
     # ------------------------------------------------------------------ QuantizationCallback
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
+        if self.qat is None:  # on_fit_end refuses this case first, with the fix
+            raise QuantizationError("QuantizationAwareTraining: no fake-quant model to convert")
         # keep_float at prepare time has no fake-quant at all; names added since (the accuracy budget's) are
         # bypassed in a copy of the trained graph
-        added = [name for name in self.keep_float if name not in self.config.keep_float]
+        added = [name for name in keep_float if name not in self.config.keep_float]
         return convert_keeping_float(self.qat, added)
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
@@ -252,7 +263,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         )
 
     def _prepare(self, pl_module: LightningModule) -> QATGraph:
-        inputs = self.example_inputs if self.example_inputs is not None else self._resolve_example_inputs(pl_module)
+        inputs = self._resolve_example_inputs(pl_module)
         qat = prepare_qat(pl_module, inputs, self.config)
         qat.observers_enabled = False  # until a batch of a stage in observer_enabled_stages starts
         return qat

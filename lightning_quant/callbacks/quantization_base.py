@@ -8,21 +8,22 @@ Set three class attributes and implement one method:
 * ``backend``: what runs the int8 kernels, e.g. ``"x86_inductor"`` (written to the manifest).
 * ``supported_formats``: the formats of :data:`lightning_quant.export.FORMATS` this approach can export;
   ``default_formats`` (optional) the ones used when the user passes none.
-* ``convert(trainer, pl_module) -> nn.Module``: return the converted int8 *reference* model on CPU,
-  e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must take the
-  inputs of ``pl_module.forward`` in canonical form (``self.example_inputs.args``/``.kwargs``), must not
-  modify ``pl_module`` and should honour ``self.keep_float`` (module names relative to ``pl_module``).
+* ``convert(trainer, pl_module, inputs, keep_float) -> nn.Module``: return the converted int8 *reference*
+  model on CPU, e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must
+  take ``inputs`` (the example input of ``pl_module.forward``, a :class:`ModelInputs`), must not modify
+  ``pl_module`` and must leave the modules named in ``keep_float`` in float (the user's ``keep_float`` plus
+  those the accuracy budget returned to float; names relative to ``pl_module``).
   Any exception it raises reaches the user as a :class:`QuantizationError` naming the callback, the module
   and the reason, with the path of the float checkpoint (saved before ``convert`` runs). Zero quantized
   ops in the result is such an error.
 
 Optional hooks:
 
-* ``onnx_quantization(trainer, pl_module)``: how the ``"onnx"`` format is made. Return ``None`` (default)
+* ``onnx_quantization(trainer, pl_module, keep_float)``: how the ``"onnx"`` format is made. Return ``None`` (default)
   to export the converted model as is, or an :class:`~lightning_quant.export.OrtStaticQuantization` /
   :class:`~lightning_quant.export.OrtDynamicQuantization` to export the float model and let ONNX Runtime
   quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
-* ``artifact_models(trainer, pl_module)``: ``{format: model}`` for formats that must be made from another
+* ``artifact_models(trainer, pl_module, keep_float)``: ``{format: model}`` for formats that must be made from another
   model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
   Those files, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
 * ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
@@ -30,8 +31,7 @@ Optional hooks:
   (default: Conv and Linear modules outside ``keep_float``).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
-Helpers available to subclasses: ``self.example_inputs`` (:class:`ModelInputs`, set before ``convert``),
-``self.keep_float``, ``self.model_inputs(trainer, "train" | "val", limit)`` (real input batches for
+Helpers available to subclasses: ``self.model_inputs(trainer, "train" | "val", limit)`` (real input batches for
 calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy safe to modify).
 
 After fit: ``callback.quantized_model`` (the fast int8 model: AOTInductor-lowered when ``"aoti"`` is among
@@ -46,8 +46,9 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -146,8 +147,10 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
             )
         if not formats:
-            raise ValueError(f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
-                             f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})")
+            raise ValueError(
+                f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
+                f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})"
+            )
         if len(set(formats)) != len(formats):
             raise ValueError(f"formats lists a format twice: {formats}")
         check_keep_float(keep_float)
@@ -162,22 +165,27 @@ class QuantizationCallback(Callback, ABC):
         self.target = target
         self.budget = MetricBudget.from_value(max_metric_drop)
         self._budget_metric_checked = False
-        # the layers the budget's search returned to float at the last fit end (also in self.keep_float meanwhile)
+        # the layers the budget's search returned to float at the last fit end
         self.budget_float_layers: list[str] = []
-        self.example_inputs: Optional[ModelInputs] = None
         self.quantized_model: Optional[nn.Module] = None
         self.manifest: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ subclass API
     @abstractmethod
-    def convert(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
         """Return the converted int8 reference model (CPU, eval mode); see the module docstring."""
 
-    def onnx_quantization(self, trainer: Trainer, pl_module: LightningModule) -> Optional[OnnxQuantization]:
+    def onnx_quantization(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> Optional[OnnxQuantization]:
         """How the ONNX file is quantized; ``None`` exports the converted model as is."""
         return None
 
-    def artifact_models(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, nn.Module]:
+    def artifact_models(
+        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+    ) -> dict[str, nn.Module]:
         """Models to export instead of the converted one, by format (default: none)."""
         return {}
 
@@ -190,6 +198,13 @@ class QuantizationCallback(Callback, ABC):
         return quantizable_layers(pl_module, (nn.modules.conv._ConvNd, nn.Linear), self.keep_float)
 
     # ------------------------------------------------------------------ hooks
+    @property
+    def output_dir(self) -> Path:
+        """Where the files go: ``dirpath``, or ``<default_root_dir>/quantized`` once ``setup`` has run."""
+        if self.dirpath is None:
+            raise RuntimeError(f"{type(self).__name__}: dirpath is chosen in setup(), which has not run yet")
+        return self.dirpath
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
@@ -197,19 +212,23 @@ class QuantizationCallback(Callback, ABC):
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
         self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
-        check_runs_here(self.target, f"{type(self).__name__}(target={self.target!r})",
-                        "Its files are verified by running them here: train on such a CPU, or choose "
-                        "target='avx2' (runs on any x86-64 CPU with AVX2).")
+        check_runs_here(
+            self.target,
+            f"{type(self).__name__}(target={self.target!r})",
+            "Its files are verified by running them here: train on such a CPU, or choose "
+            "target='avx2' (runs on any x86-64 CPU with AVX2).",
+        )
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
-        self._resolve_example_inputs(pl_module)
-        self._check_example_runs(pl_module)
+        self._check_example_runs(pl_module, self._resolve_example_inputs(pl_module))
         names = dict(pl_module.named_modules())
         missing = [name for name in self.keep_float if name not in names]
         if missing:
             options = ", ".join(n for n in names if n) or "(none)"
-            raise ValueError(f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
-                             f"Its modules are: {options}")
+            raise ValueError(
+                f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
+                f"Its modules are: {options}"
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.budget is not None and not self._dataloaders(trainer, "val"):
@@ -233,7 +252,7 @@ class QuantizationCallback(Callback, ABC):
         if self.budget.metric not in logged:
             raise ValueError(_unknown_metric(type(self).__name__, self.budget.metric, logged))
 
-    def _check_example_runs(self, pl_module: LightningModule) -> None:
+    def _check_example_runs(self, pl_module: LightningModule, inputs: ModelInputs) -> None:
         """Run forward once on the example input (eval, no grad) so a wrong shape or dtype fails before training.
         Skipped for modules that build their layers in ``configure_model`` (not built yet at setup)."""
         if type(pl_module).configure_model is not LightningModule.configure_model:
@@ -243,9 +262,9 @@ class QuantizationCallback(Callback, ABC):
         try:
             with torch.no_grad():
                 pl_module.eval()
-                self.example_inputs.to(device)(pl_module)
+                inputs.to(device)(pl_module)
         except Exception as err:
-            described = self.example_inputs.describe()
+            described = inputs.describe()
             raise ValueError(
                 f"{type(self).__name__}: {type(pl_module).__name__}.forward fails on the example input "
                 f"(shape {described.get('shape')}, dtype {described.get('dtype')}): {type(err).__name__}: {err}. "
@@ -255,15 +274,21 @@ class QuantizationCallback(Callback, ABC):
             pl_module.train(was_training)
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
-        others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]
+        others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]  # type: ignore[attr-defined]  # set by Lightning's callback connector
         int8 = [c for c in others if c.approach != "float"] if self.approach != "float" else []
-        same_dir = [c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == Path(self.dirpath).resolve()]
+        same_dir = [
+            c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == self.output_dir.resolve()
+        ]
         if int8 or same_dir:
             names = [type(c).__name__ for c in [self, *others]]
             raise ValueError(
                 f"Conflicting quantization callbacks on one Trainer: {names}. "
-                + ("Two int8 callbacks would quantize the same model twice (QAT's fake-quant model calibrated "
-                   "again, or two sets of int8 files): keep one. " if int8 else "")
+                + (
+                    "Two int8 callbacks would quantize the same model twice (QAT's fake-quant model calibrated "
+                    "again, or two sets of int8 files): keep one. "
+                    if int8
+                    else ""
+                )
                 + (f"They write into the same dirpath {self.dirpath}: give each its own dirpath." if same_dir else "")
             )
 
@@ -354,8 +379,7 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
                 "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
             )
-        self.example_inputs = example_inputs_for_export(value, pl_module.forward, self.dynamic_batch)
-        return self.example_inputs
+        return example_inputs_for_export(value, pl_module.forward, self.dynamic_batch)
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
@@ -363,9 +387,13 @@ class QuantizationCallback(Callback, ABC):
         last = getattr(checkpoint, "last_model_path", "") if checkpoint is not None else ""
         # reused only if it holds the weights being quantized: a "last" checkpoint written at an earlier step
         # (ModelCheckpoint saves last only when it saves at all, e.g. when the monitored metric improved) does not
-        if last and os.path.isfile(last) and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step:
+        if (
+            last
+            and os.path.isfile(last)
+            and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step
+        ):
             return str(last)
-        path = Path(self.dirpath) / "float.ckpt"
+        path = self.output_dir / "float.ckpt"
         temporary = path.with_name(path.name + ".tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,18 +402,19 @@ class QuantizationCallback(Callback, ABC):
             os.replace(temporary, path)
         return str(path)
 
-    def _quantize_export_and_report(self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]) -> None:
+    def _quantize_export_and_report(
+        self, trainer: Trainer, pl_module: LightningModule, float_checkpoint: Optional[str]
+    ) -> None:
         """Convert (within the accuracy budget, if any), then hand the converted model to the shared pipeline
         (:func:`lightning_quant.pipeline.ship`): export, verify, time, evaluate, ``manifest.json``. A format that
         fails is recorded in the manifest (``failures``) and reported after the others are written; a failed
         convert writes a manifest with ``status: "failed"``. Either way a :class:`QuantizationError` ends the fit."""
         started = time.perf_counter()
-        dirpath = Path(self.dirpath)
+        dirpath = self.output_dir
         dirpath.mkdir(parents=True, exist_ok=True)
         owner, model_name = type(self).__name__, type(pl_module).__name__
         was_training = pl_module.training
         pl_module.eval()
-        user_keep_float = list(self.keep_float)
         self.budget_float_layers = []
         try:
             with torch.no_grad(), _jit_is_scripting():
@@ -393,29 +422,49 @@ class QuantizationCallback(Callback, ABC):
                     inputs = self._resolve_example_inputs(pl_module)
                     float_model = self.cpu_copy(pl_module)
                     budget_report, float_metrics = None, None
+                    keep_float = list(self.keep_float)
                     if self.budget is None:
-                        reference = self.convert(trainer, pl_module)
+                        reference = self.convert(trainer, pl_module, inputs, keep_float)
                     else:
-                        reference, budget_report, float_metrics = self._convert_within_budget(
-                            trainer, pl_module, float_model, dirpath
+                        reference, keep_float, budget_report, float_metrics = self._convert_within_budget(
+                            trainer, pl_module, float_model, inputs, self.budget
                         )
-                    keep_float = list(self.keep_float)  # the user's and the budget's
-                    onnx, models = self.onnx_quantization(trainer, pl_module), self.artifact_models(trainer, pl_module)
+                        self.budget_float_layers = keep_float[len(self.keep_float) :]
+                    onnx = self.onnx_quantization(trainer, pl_module, keep_float)
+                    models = self.artifact_models(trainer, pl_module, keep_float)
                     details = self.manifest_details()
                     timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
                         self.model_inputs(trainer, "train", limit=1), None
                     )
                 except Exception as err:
-                    raise failure(err, owner=owner, dirpath=dirpath, approach=self.approach, backend=self.backend,
-                                  model_name=model_name, float_checkpoint=float_checkpoint) from err
-                finally:
-                    self.keep_float = user_keep_float
+                    raise failure(
+                        err,
+                        owner=owner,
+                        dirpath=dirpath,
+                        approach=self.approach,
+                        backend=self.backend,
+                        model_name=model_name,
+                        float_checkpoint=float_checkpoint,
+                    ) from err
                 deployment = ship(
-                    reference, float_model, inputs, dirpath, self.formats, approach=self.approach,
-                    backend=self.backend, owner=owner, timing_inputs=timing_inputs, dynamic_batch=self.dynamic_batch,
-                    target=self.target, onnx_quantization=onnx, models=models, keep_float=keep_float,
+                    reference,
+                    float_model,
+                    inputs,
+                    dirpath,
+                    self.formats,
+                    approach=self.approach,
+                    backend=self.backend,
+                    owner=owner,
+                    timing_inputs=timing_inputs,
+                    dynamic_batch=self.dynamic_batch,
+                    target=self.target,
+                    onnx_quantization=onnx,
+                    models=models,
+                    keep_float=keep_float,
                     evaluate=lambda model: self._evaluate(trainer, pl_module, float_model, model, float_metrics),
-                    accuracy_budget=budget_report, details=details, float_checkpoint=float_checkpoint,
+                    accuracy_budget=budget_report,
+                    details=details,
+                    float_checkpoint=float_checkpoint,
                     started=started,
                 )
         except DeploymentError as err:
@@ -424,7 +473,7 @@ class QuantizationCallback(Callback, ABC):
         finally:
             pl_module.train(was_training)
         self.manifest, self.quantized_model = deployment.manifest, deployment.model
-        self._log(trainer)
+        self._log(trainer, deployment.manifest)
         if budget_report is not None and not budget_report["within_budget"]:
             rank_zero_warn(_over_budget_message(owner, budget_report, dirpath / FILENAME))
         raise_failures(deployment, owner=owner, model_name=model_name, float_checkpoint=float_checkpoint)
@@ -437,15 +486,22 @@ class QuantizationCallback(Callback, ABC):
         return (loaders, limits) if any(limits) else ([], [])
 
     def _convert_within_budget(
-        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, dirpath: Path
-    ) -> tuple[nn.Module, dict[str, Any], dict[str, float]]:
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        float_model: nn.Module,
+        inputs: ModelInputs,
+        budget: MetricBudget,
+    ) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, float]]:
         """Convert, and while the budget's metric dropped too far, convert again with more layers in float.
-        Leaves ``self.keep_float`` = the user's names + the layers the search returned to float."""
-        budget, user_keep_float = self.budget, list(self.keep_float)
+        Returns the model, its ``keep_float`` (the user's names + the layers the search returned to float), the
+        budget's report and the float model's metrics."""
         loaders, limits = self._validation_batches(trainer)
         if not loaders:
-            raise ValueError(f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
-                             "has no validation dataloader (or limit_val_batches=0)")
+            raise ValueError(
+                f"max_metric_drop needs validation batches to measure {budget.metric!r}; this fit "
+                "has no validation dataloader (or limit_val_batches=0)"
+            )
         float_metrics: dict[str, float] = {}
 
         def evaluate(model: nn.Module) -> float:
@@ -460,25 +516,35 @@ class QuantizationCallback(Callback, ABC):
             return results[budget.metric]
 
         def quantize_with(names: Sequence[str]) -> nn.Module:
-            self.keep_float = [*user_keep_float, *names]
-            return self.convert(trainer, pl_module)
+            return self.convert(trainer, pl_module, inputs, [*self.keep_float, *names])
 
         result = fallback_search(
-            float_model, quantize_with, evaluate, budget, self.quantizable_layers(pl_module),
+            float_model,
+            quantize_with,
+            evaluate,
+            budget,
+            self.quantizable_layers(pl_module),
             inputs=list(self.model_inputs(trainer, "val", limit=4)),
         )
-        self.budget_float_layers = [layer["name"] for layer in result.float_layers]
-        self.keep_float = [*user_keep_float, *self.budget_float_layers]
         report = result.report(budget)
         report["sensitivity"] = None
         if result.sensitivity:
-            save_sensitivity(result.sensitivity, dirpath, title=f"{type(pl_module).__name__}, {self.approach} int8: "
-                             "relative output error with one layer quantized (most sensitive on top)")
+            save_sensitivity(
+                result.sensitivity,
+                self.output_dir,
+                title=f"{type(pl_module).__name__}, {self.approach} int8: "
+                "relative output error with one layer quantized (most sensitive on top)",
+            )
             report["sensitivity"] = "sensitivity.csv"
-        return result.model, report, float_metrics
+        keep_float = [*self.keep_float, *(layer["name"] for layer in result.float_layers)]
+        return result.model, keep_float, report, float_metrics
 
     def _evaluate(
-        self, trainer: Trainer, pl_module: LightningModule, float_model: nn.Module, quantized: nn.Module,
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        float_model: nn.Module,
+        quantized: nn.Module,
         float_metrics: Optional[dict[str, float]] = None,
     ) -> dict[str, Any]:
         loaders, limits = self._validation_batches(trainer)
@@ -491,29 +557,33 @@ class QuantizationCallback(Callback, ABC):
             "batches": sum(_evaluated_batches(loader, limit) for loader, limit in zip(loaders, limits)),
         }
 
-    def _log(self, trainer: Trainer) -> None:
-        flat = manifest_numbers(self.manifest)
+    def _log(self, trainer: Trainer, manifest: dict[str, Any]) -> None:
+        flat = manifest_numbers(manifest)
         for logger in trainer.loggers:
             logger.log_metrics(flat, step=trainer.global_step)
             logger.save()
-        rank_zero_info(format_table(self.manifest))
+        rank_zero_info(format_table(manifest))
 
 
 def _unknown_metric(owner: str, metric: str, logged: Sequence[str]) -> str:
-    return (f"{owner}(max_metric_drop=...) watches {metric!r}, which the LightningModule does not log in "
-            f"validation_step. It logs: {list(logged) or '(nothing)'}. Use one of those names, or log {metric!r} "
-            "with self.log in validation_step.")
+    return (
+        f"{owner}(max_metric_drop=...) watches {metric!r}, which the LightningModule does not log in "
+        f"validation_step. It logs: {list(logged) or '(nothing)'}. Use one of those names, or log {metric!r} "
+        "with self.log in validation_step."
+    )
 
 
 def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path) -> str:
     unit = f"{report['max_drop']:.4g}" + (" (relative)" if report["relative"] else "")
     layers = [layer["name"] for layer in report["float_layers"]]
-    return (f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
-            f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
-            f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
-            f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
-            f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
-            "keep_float the layers you know are fragile, or try QuantizationAwareTraining.")
+    return (
+        f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
+        f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
+        f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
+        f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
+        f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
+        "keep_float the layers you know are fragile, or try QuantizationAwareTraining."
+    )
 
 
 def evaluate_validation(
@@ -574,7 +644,8 @@ def evaluate_validation(
 def _first_sample_batch(loader: Any) -> Any:
     """A batch of the loader's first sample, collated as the loader would, without iterating the loader: iterating
     would advance its sampler's generator and change the order training sees. ``None`` for iterable datasets."""
-    dataset, collate = getattr(loader, "dataset", None), getattr(loader, "collate_fn", None)
+    dataset: Any = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None)
     if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
     return collate([dataset[0]])

@@ -157,7 +157,7 @@ class TrainConfig:
     model: Any = MISSING
     trainer: Any = MISSING
     callbacks: dict[str, Any] = field(default_factory=dict)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # type: ignore[valid-type]  # made at import
     logger: CSVLoggerConfig = field(default_factory=CSVLoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     task_name: str = "train"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import functools
 import importlib
 import inspect
 import os
@@ -63,8 +64,7 @@ def config_from_signature(
         exclude: parameters the config must not set (e.g. ones the app passes itself).
     """
     target_path = target if isinstance(target, str) else _qualified_name(target)
-    if isinstance(target, str):
-        target = get_object(target)
+    target = get_object(target) if isinstance(target, str) else target
     signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
     hints = _type_hints(target)
     parameters = {
@@ -78,9 +78,7 @@ def config_from_signature(
         raise ValueError(f"{unknown} are not parameters of {target_path}; it takes {sorted(parameters)}")
     parameters = {name: p for name, p in parameters.items() if name not in exclude}
 
-    fields: list[tuple[str, Any, dataclasses.Field]] = [
-        ("_target_", str, dataclasses.field(default=target_path))
-    ]
+    fields: list[tuple[str, Any, Any]] = [("_target_", str, dataclasses.field(default=target_path))]
     for parameter in parameters.values():
         default = defaults.get(parameter.name, parameter.default)
         field = _field(hints.get(parameter.name, Any), default)
@@ -131,12 +129,13 @@ def _field(hint: Any, default: Any) -> tuple[Any, dataclasses.Field] | None:
     if isinstance(default, tuple):
         default = list(default)
     for candidate in (type_, Any):
-        if isinstance(default, (list, dict)):
-            field = dataclasses.field(default_factory=lambda d=default: copy.deepcopy(d))
-        else:
-            field = dataclasses.field(default=default)
-        if _holds(candidate, field):
-            return candidate, field
+        made: Any = (
+            dataclasses.field(default_factory=functools.partial(copy.deepcopy, default))
+            if isinstance(default, (list, dict))
+            else dataclasses.field(default=default)
+        )
+        if _holds(candidate, made):
+            return candidate, made
     return None
 
 
@@ -171,8 +170,8 @@ def _config_type(hint: Any) -> Any:
     if origin in (list, tuple, abc.Sequence):
         items = [arg for arg in args if arg is not Ellipsis]
         item = _config_type(items[0]) if len(set(items)) == 1 else Any
-        return typing.List[item]
+        return list[item]  # type: ignore[valid-type]  # a type computed at run time, for OmegaConf
     if origin in (dict, abc.Mapping):
         key, value = args if args else (Any, Any)
-        return typing.Dict[key if key in _KEY_TYPES else Any, _config_type(value)]
+        return dict[key if key in _KEY_TYPES else Any, _config_type(value)]  # type: ignore[misc]  # as above
     return Any

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -12,9 +14,7 @@ def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn is a declared dependency
-        raise ImportError(
-            "The digits dataset needs the package 'scikit-learn': pip install scikit-learn"
-        ) from err
+        raise ImportError("The digits dataset needs the package 'scikit-learn': pip install scikit-learn") from err
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -50,27 +50,31 @@ class DigitsDataModule(L.LightningDataModule):
                 f"got {val_fraction} and {test_fraction}"
             )
         self.save_hyperparameters()
-        self.train_set = self.val_set = self.test_set = None
+        self.train_set: Optional[TensorDataset] = None
+        self.val_set: Optional[TensorDataset] = None
+        self.test_set: Optional[TensorDataset] = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         images, labels = load_digits_tensors()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams.seed))
-        n_val = round(len(order) * self.hparams.val_fraction)
-        n_test = round(len(order) * self.hparams.test_fraction)
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.hparams["seed"]))
+        n_val = round(len(order) * self.hparams["val_fraction"])
+        n_test = round(len(order) * self.hparams["test_fraction"])
         test_idx, val_idx, train_idx = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         self.train_set = TensorDataset(images[train_idx], labels[train_idx])
         self.val_set = TensorDataset(images[val_idx], labels[val_idx])
         self.test_set = TensorDataset(images[test_idx], labels[test_idx])
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Optional[TensorDataset], shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("DigitsDataModule.setup() has not run: the Trainer calls it, or call it yourself first")
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.hparams["batch_size"],
             shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            num_workers=self.hparams["num_workers"],
+            generator=torch.Generator().manual_seed(self.hparams["seed"]) if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:

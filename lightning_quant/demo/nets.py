@@ -116,16 +116,20 @@ class ResNet(nn.Module):
     """A ResNet with torchvision's structure (stem, stages of :class:`BasicBlock`, global pooling, ``fc``),
     sized for 8x8 images: ``blocks`` per stage, ``widths`` channels, stride 2 from the second stage on."""
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32), blocks: int = 2,
-                 num_classes: int = 10) -> None:
+    def __init__(
+        self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32), blocks: int = 2, num_classes: int = 10
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU(inplace=True)
         stages, c_in = [], widths[0]
         for i, width in enumerate(widths):
-            stages.append(nn.Sequential(*(BasicBlock(c_in if j == 0 else width, width, 2 if i and not j else 1)
-                                          for j in range(blocks))))
+            stages.append(
+                nn.Sequential(
+                    *(BasicBlock(c_in if j == 0 else width, width, 2 if i and not j else 1) for j in range(blocks))
+                )
+            )
             c_in = width
         self.layers = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -7,8 +7,8 @@ validation score is measured on text the model never saw.
 from __future__ import annotations
 
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning as L
 import torch
@@ -46,7 +46,7 @@ class StdlibText(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = index * self.block_size
-        return self.data[start:start + self.block_size], self.data[start + 1:start + self.block_size + 1]
+        return self.data[start : start + self.block_size], self.data[start + 1 : start + self.block_size + 1]
 
 
 class StdlibTextDataModule(L.LightningDataModule):
@@ -57,8 +57,12 @@ class StdlibTextDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.max_bytes = block_size, batch_size, max_bytes
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(StdlibText(TRAIN_FILES, self.block_size, self.max_bytes), batch_size=self.batch_size,
-                          shuffle=True, generator=torch.Generator().manual_seed(0))
+        return DataLoader(
+            StdlibText(TRAIN_FILES, self.block_size, self.max_bytes),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(StdlibText(VAL_FILES, self.block_size, self.max_bytes), batch_size=self.batch_size)

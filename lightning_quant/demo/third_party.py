@@ -33,15 +33,19 @@ class Tokens(Dataset):
         generator = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(0, TOKENS, (n, SEQUENCE), generator=generator)
         self.mask = torch.ones(n, SEQUENCE, dtype=torch.long)
-        self.mask[n // 2:, 12:] = 0  # some padding
+        self.mask[n // 2 :, 12:] = 0  # some padding
         self.labels = (self.ids[:, 0] >= TOKENS // 2).long()
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i],
-                "token_type_ids": torch.zeros(SEQUENCE, dtype=torch.long)}
+        return {
+            "input_ids": self.ids[i],
+            "attention_mask": self.mask[i],
+            "labels": self.labels[i],
+            "token_type_ids": torch.zeros(SEQUENCE, dtype=torch.long),
+        }
 
 
 class BertClassifier(L.LightningModule):
@@ -52,12 +56,20 @@ class BertClassifier(L.LightningModule):
         super().__init__()
         import transformers  # a test dependency, imported only by the model that needs it
 
-        config = transformers.BertConfig(vocab_size=TOKENS, hidden_size=hidden_size, num_hidden_layers=layers,
-                                         num_attention_heads=2, intermediate_size=2 * hidden_size,
-                                         max_position_embeddings=2 * SEQUENCE, num_labels=2)
+        config = transformers.BertConfig(  # type: ignore[call-arg]  # num_labels: a PretrainedConfig keyword
+            vocab_size=TOKENS,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=2 * SEQUENCE,
+            num_labels=2,
+        )
         self.bert = transformers.BertForSequenceClassification(config)
-        self.example_input_array = {"input_ids": torch.randint(0, TOKENS, (4, SEQUENCE)),
-                                    "attention_mask": torch.ones(4, SEQUENCE, dtype=torch.long)}
+        self.example_input_array = {
+            "input_ids": torch.randint(0, TOKENS, (4, SEQUENCE)),
+            "attention_mask": torch.ones(4, SEQUENCE, dtype=torch.long),
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
         return self.bert(input_ids=input_ids, attention_mask=attention_mask)
@@ -82,11 +94,11 @@ class DemoTransformer(LightningTransformer):
 
     def __init__(self, width: int = 64, layers: int = 1, block_size: int = 32, max_bytes: int = 20_000) -> None:
         super().__init__(vocab_size=VOCAB_SIZE)
-        self.model = Transformer(vocab_size=VOCAB_SIZE, ninp=width, nhead=2, nhid=width, nlayers=layers,
-                                 dropout=0.0)
+        self.model = Transformer(vocab_size=VOCAB_SIZE, ninp=width, nhead=2, nhid=width, nlayers=layers, dropout=0.0)
         self.block_size, self.max_bytes = block_size, max_bytes
         self.example_input_array = tuple(
-            torch.stack(pair) for pair in zip(*[StdlibText(VAL_FILES, block_size)[i] for i in range(4)]))
+            torch.stack(pair) for pair in zip(*[StdlibText(VAL_FILES, block_size)[i] for i in range(4)])
+        )
 
     def prepare_data(self) -> None:  # LightningTransformer downloads WikiText2 here
         pass

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_path
 from lightning_quant.capture import capture
-from lightning_quant.memory_format import with_contiguous_weights
+from lightning_quant.export.files import atomic_path
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".pt2"
@@ -42,8 +42,12 @@ def export_aoti(
         torch._inductor.aoti_compile_and_package(
             captured.program, package_path=str(temporary), inductor_configs=configs
         )
-    return {"how": "torch.export -> torch._inductor.aoti_compile_and_package", "inductor_configs": configs,
-            "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)", **captured.details()}
+    return {
+        "how": "torch.export -> torch._inductor.aoti_compile_and_package",
+        "inductor_configs": configs,
+        "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)",
+        **captured.details(),
+    }
 
 
 def load_aoti(path: Path) -> Any:

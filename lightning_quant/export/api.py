@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from lightning_quant.capture import CaptureError
+from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
 from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.errors import QuantizationError
-from lightning_quant.errors import first_lines, write_report
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)
@@ -97,7 +97,11 @@ def export(
         raise ValueError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
-    inputs = example_inputs if isinstance(example_inputs, ModelInputs) else ModelInputs.from_value(example_inputs).bind(model.forward)
+    inputs = (
+        example_inputs
+        if isinstance(example_inputs, ModelInputs)
+        else ModelInputs.from_value(example_inputs).bind(model.forward)
+    )
     models = dict(models or {})
     target = resolve_target(target)
     model, output_names = tensor_outputs(model, inputs)
@@ -165,8 +169,10 @@ def tensor_outputs(model: nn.Module, inputs: ModelInputs) -> tuple[nn.Module, Op
         return model, None
     names = _tensor_fields(output)
     if not names:
-        raise TypeError(f"{type(model).__name__}.forward returns {type(output).__name__}, which holds no tensor field "
-                        "to export: return tensors (or a ModelOutput/dataclass/dict of them)")
+        raise TypeError(
+            f"{type(model).__name__}.forward returns {type(output).__name__}, which holds no tensor field "
+            "to export: return tensors (or a ModelOutput/dataclass/dict of them)"
+        )
     return _TensorOutputs(model, names), names
 
 

@@ -6,9 +6,9 @@ import errno
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # errno values that mean "no room for this file": a full disk, a file-size limit (ulimit -f), a quota
 NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
@@ -19,9 +19,11 @@ class NoSpaceError(OSError):
 
     def __str__(self) -> str:
         directory = Path(self.filename).parent if self.filename else "the output directory"
-        return (f"writing {self.filename} failed: {self.strerror} (the disk is full, or a file-size limit or "
-                f"quota was reached). Nothing was left under the final name. Free space in {directory} (or choose "
-                "another dirpath) and run again.")
+        return (
+            f"writing {self.filename} failed: {self.strerror} (the disk is full, or a file-size limit or "
+            f"quota was reached). Nothing was left under the final name. Free space in {directory} (or choose "
+            "another dirpath) and run again."
+        )
 
 
 @contextmanager

@@ -16,22 +16,23 @@ import logging
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_path
 from lightning_quant.capture import capture
+from lightning_quant.export.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".onnx"
 # PyTorch observer name -> ONNX Runtime calibration method and its options
-_CALIBRATION = {
+_CALIBRATION: dict[str, tuple[str, dict[str, Any]]] = {
     "minmax": ("MinMax", {}),
     "moving_average": ("MinMax", {"CalibMovingAverage": True}),
     "histogram": ("Percentile", {"CalibPercentile": 99.999}),
@@ -81,8 +82,11 @@ def export_onnx(
     if quantization is None:
         with _quiet(), atomic_path(path) as temporary:
             captured = _torch_onnx_export(model, inputs, temporary, dynamic_batch)
-        return {"how": "torch.onnx.export(dynamo=True) of the quantized model as is",
-                "load": "onnxruntime.InferenceSession(path)", **captured}
+        return {
+            "how": "torch.onnx.export(dynamo=True) of the quantized model as is",
+            "load": "onnxruntime.InferenceSession(path)",
+            **captured,
+        }
     if float_model is None:
         raise ValueError("ONNX Runtime quantization needs the float model (float_model=...)")
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -118,12 +122,19 @@ def export_onnx(
                     extra_options={**options, "MatMulConstBOnly": True},
                     reduce_range=reduce_range,
                 )
-                how = (f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
-                       f" {bits}-bit int8 weights, uint8 activations, {method} calibration on "
-                       f"{len(batches)} batches)")
+                how = (
+                    f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
+                    f" {bits}-bit int8 weights, uint8 activations, {method} calibration on "
+                    f"{len(batches)} batches)"
+                )
             else:
-                quantize_dynamic(str(prepared_path), str(temporary), weight_type=QuantType.QInt8,
-                                 nodes_to_exclude=excluded, reduce_range=reduce_range)
+                quantize_dynamic(
+                    str(prepared_path),
+                    str(temporary),
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded,
+                    reduce_range=reduce_range,
+                )
                 how = f"float ONNX -> onnxruntime quantize_dynamic ({bits}-bit int8 weights, dynamic activations)"
     return {"how": how, "nodes_kept_float": len(excluded), "load": "onnxruntime.InferenceSession(path)", **captured}
 
@@ -133,6 +144,7 @@ def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynami
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
         program = torch.onnx.export(captured.program, dynamo=True, verbose=False, report=False)
+    assert program is not None  # dynamo=True always returns the program
     program.save(str(path))
     return captured.details()
 
@@ -195,11 +207,40 @@ def same_batch_size(batches: Sequence[ModelInputs]) -> list[ModelInputs]:
 # ONNX ops that compute elementwise or only move data. ONNX Runtime's QDQ quantizer quantizes such an op's
 # output whenever it quantizes the op, so one that feeds a float layer would still hand it int8 input
 # (measured: relative error 0.40 when the float layer's input came from a Mul).
-_ELEMENTWISE_OPS = frozenset({
-    "Abs", "Add", "Cast", "Clip", "Div", "Elu", "Erf", "Exp", "Flatten", "Gelu", "HardSigmoid", "HardSwish",
-    "Identity", "LeakyRelu", "Max", "Min", "Mul", "Neg", "Pow", "Relu", "Reshape", "Sigmoid", "Softplus", "Sqrt",
-    "Squeeze", "Sub", "Tanh", "Transpose", "Unsqueeze", "Where",
-})
+_ELEMENTWISE_OPS = frozenset(
+    {
+        "Abs",
+        "Add",
+        "Cast",
+        "Clip",
+        "Div",
+        "Elu",
+        "Erf",
+        "Exp",
+        "Flatten",
+        "Gelu",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "LeakyRelu",
+        "Max",
+        "Min",
+        "Mul",
+        "Neg",
+        "Pow",
+        "Relu",
+        "Reshape",
+        "Sigmoid",
+        "Softplus",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+    }
+)
 
 
 def nodes_in_modules(path: Path, module_names: Sequence[str]) -> list[str]:
@@ -275,7 +316,7 @@ class OnnxRunner:
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs and set(kwargs) <= set(self.input_names[len(args):]):  # keywords by name, in any order
+        if kwargs and set(kwargs) <= set(self.input_names[len(args) :]):  # keywords by name, in any order
             named = dict(zip(self.input_names, args), **kwargs)
             args, kwargs = tuple(named[name] for name in self.input_names if name in named), {}
         outputs = self.session.run(None, onnx_feed(self.input_names, ModelInputs(args, kwargs)))

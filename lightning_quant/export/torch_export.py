@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.capture import capture
+from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".pt2"
@@ -25,8 +25,11 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
     buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
     torch.export.save(captured.program, buffer)
     atomic_write_bytes(path, buffer.getvalue())
-    return {"how": "torch.export -> torch.export.save (unlowered program)",
-            "load": "torch.export.load(path).module()(*args, **kwargs)", **captured.details()}
+    return {
+        "how": "torch.export -> torch.export.save (unlowered program)",
+        "load": "torch.export.load(path).module()(*args, **kwargs)",
+        **captured.details(),
+    }
 
 
 def load_program(path: Path) -> Any:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.deprecated import legacy_api
+from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".ts"

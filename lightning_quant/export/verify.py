@@ -11,16 +11,17 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from lightning_quant.inputs import ModelInputs
 from lightning_quant.errors import QuantizationError
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
@@ -97,8 +98,10 @@ def verify_artifacts(
         outputs = {"this CPU": ran["outputs"]}
         if artifact.format in emulated:
             if "error" in emulated[artifact.format]:
-                failures.append(f"{artifact.format} ({artifact.path}): does not run with oneDNN limited to "
-                                f"{target.onednn_isa}: {emulated[artifact.format]['error']}")
+                failures.append(
+                    f"{artifact.format} ({artifact.path}): does not run with oneDNN limited to "
+                    f"{target.onednn_isa}: {emulated[artifact.format]['error']}"
+                )
                 continue
             outputs[f"ONEDNN_MAX_CPU_ISA={target.onednn_isa}"] = emulated[artifact.format]["outputs"]
         weight_range = onnx_int8_weight_range(dirpath / artifact.path) if artifact.format == "onnx" else None
@@ -106,14 +109,18 @@ def verify_artifacts(
         if artifact.compared_with == "float":
             relative = max(_relative_error(expected_float, [got[i] for i in on_data]) for got in outputs.values())
             tolerance = max(artifact.tolerance, 2 * reference_vs_float)
-            rule = (f"max({artifact.tolerance:g}, 2 x {reference_vs_float:.4g}): twice the quantized model's own "
-                    "relative error against the float model, at least the re-quantized minimum")
+            rule = (
+                f"max({artifact.tolerance:g}, 2 x {reference_vs_float:.4g}): twice the quantized model's own "
+                "relative error against the float model, at least the re-quantized minimum"
+            )
         else:
             relative = against_quantized
             tolerance = max(artifact.tolerance, 2 * noise_floor)
-            rule = (f"max({artifact.tolerance:g}, 2 x {noise_floor:.4g}): twice the noise floor (the quantized model's "
-                    f"relative output change when the inputs of its quantize ops get {TIE_NOISE:g} relative noise, "
-                    "i.e. rounding ties resolved the other way), at least the same-program minimum")
+            rule = (
+                f"max({artifact.tolerance:g}, 2 x {noise_floor:.4g}): twice the noise floor (the quantized model's "
+                f"relative output change when the inputs of its quantize ops get {TIE_NOISE:g} relative noise, "
+                "i.e. rounding ties resolved the other way), at least the same-program minimum"
+            )
         report[artifact.format] = {
             "compared_with": artifact.compared_with,
             "relative_error": relative,
@@ -127,13 +134,17 @@ def verify_artifacts(
         if weight_range is not None:
             report[artifact.format]["int8_weight_range"] = list(weight_range)
         if relative > tolerance:
-            failures.append(f"{artifact.format} ({artifact.path}): relative error {relative:.4f} against the "
-                            f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f} "
-                            f"(worst of runs {list(outputs)})")
+            failures.append(
+                f"{artifact.format} ({artifact.path}): relative error {relative:.4f} against the "
+                f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f} "
+                f"(worst of runs {list(outputs)})"
+            )
         if weight_range is not None and not _fits(weight_range, target):
-            failures.append(f"{artifact.format} ({artifact.path}): int8 weights span {list(weight_range)}, outside "
-                            f"the {target.weight_bits}-bit range target {target.name!r} needs "
-                            f"(|w| <= {-target.weight_range[0]}): CPUs without VNNI would saturate")
+            failures.append(
+                f"{artifact.format} ({artifact.path}): int8 weights span {list(weight_range)}, outside "
+                f"the {target.weight_bits}-bit range target {target.name!r} needs "
+                f"(|w| <= {-target.weight_range[0]}): CPUs without VNNI would saturate"
+            )
     if failures:
         raise QuantizationError("Exported files do not match the quantized model:\n- " + "\n- ".join(failures))
     return report
@@ -144,8 +155,11 @@ def verify_artifacts(
 # and far below a real difference (a wrong weight or a miscompiled kernel changes values by percents).
 TIE_NOISE = 1e-5
 _NOISE_TRIALS = 3
-_QUANTIZE_OPS = ("quantized_decomposed.quantize_per_tensor", "quantized_decomposed.quantize_per_channel",
-                 "torchao.quantize_affine")
+_QUANTIZE_OPS = (
+    "quantized_decomposed.quantize_per_tensor",
+    "quantized_decomposed.quantize_per_channel",
+    "torchao.quantize_affine",
+)
 
 
 def rounding_noise_floor(
@@ -175,8 +189,11 @@ class _QuantizeInputNoise(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point() and (
-            str(func).startswith(_QUANTIZE_OPS) or _quantizes_its_input(func, args)
+        if (
+            args
+            and isinstance(args[0], torch.Tensor)
+            and args[0].is_floating_point()
+            and (str(func).startswith(_QUANTIZE_OPS) or _quantizes_its_input(func, args))
         ):
             self.calls += 1
             x = args[0]
@@ -188,13 +205,19 @@ class _QuantizeInputNoise(TorchFunctionMode):
 def _quantizes_its_input(func: Any, args: tuple[Any, ...]) -> bool:
     """A linear whose weight is a quantized tensor subclass (torchao's dynamic int8): it quantizes its input
     inside the subclass, out of sight of the quantize ops above."""
-    return func is torch.nn.functional.linear and len(args) > 1 and isinstance(args[1], torch.Tensor) and (
-        type(args[1]) not in (torch.Tensor, nn.Parameter))
+    return (
+        func is torch.nn.functional.linear
+        and len(args) > 1
+        and isinstance(args[1], torch.Tensor)
+        and (type(args[1]) not in (torch.Tensor, nn.Parameter))
+    )
 
 
 def _run_fresh(
-    runs: Sequence[tuple[Sequence[Any], dict[str, str]]], inputs: Sequence[ModelInputs],
-    timing_inputs: Optional[ModelInputs], dirpath: Path,
+    runs: Sequence[tuple[Sequence[Any], dict[str, str]]],
+    inputs: Sequence[ModelInputs],
+    timing_inputs: Optional[ModelInputs],
+    dirpath: Path,
 ) -> list[dict[str, Any]]:
     """Load and run each run's artifacts in a fresh Python process (with its environment variables added); per
     run and format its ``outputs`` and ``latency_ms`` (first run only, ``None`` without ``timing_inputs``), or
@@ -229,7 +252,9 @@ def _run_fresh(
             _, stderr = process.communicate()
             if process.returncode != 0 or not result.exists():
                 where = f" (with {env})" if env else ""
-                raise QuantizationError(f"Reloading the exported files in a fresh process{where} failed:\n{stderr[-3000:]}")
+                raise QuantizationError(
+                    f"Reloading the exported files in a fresh process{where} failed:\n{stderr[-3000:]}"
+                )
             outcomes.append(torch.load(result, weights_only=True))
         return outcomes
 
@@ -241,14 +266,15 @@ def onnx_int8_weight_range(path: Path) -> Optional[tuple[int, int]]:
     import onnx
     from onnx import numpy_helper
 
-    low = high = None
+    low: Optional[int] = None
+    high: Optional[int] = None
     for tensor in onnx.load(str(path)).graph.initializer:
         if tensor.data_type == onnx.TensorProto.INT8:
             values = numpy_helper.to_array(tensor)
             if values.size:
                 low = int(values.min()) if low is None else min(low, int(values.min()))
                 high = int(values.max()) if high is None else max(high, int(values.max()))
-    return None if low is None else (low, high)
+    return None if low is None or high is None else (low, high)
 
 
 def _fits(weight_range: tuple[int, int], target: CpuTarget) -> bool:

@@ -10,8 +10,8 @@ Example::
     {'Linear (Int8Tensor)': 3}
 """
 
-from lightning_quant.quantization.config import OBSERVERS, DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization.config import OBSERVERS, DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.quantize import (
     QuantizationError,
     count_quantized_ops,

@@ -26,9 +26,7 @@ def legacy_quantize_dynamic(
     TorchScript files (TorchScript cannot trace torchao's int8 tensors). ``nn.TransformerEncoderLayer`` modules
     whose Linears became int8 are routed off the fused layer kernel (see :mod:`.transformer_fastpath`).
     """
-    targets = {
-        name for name, module in model.named_modules() if type(module) in types and not _kept(name, keep_float)
-    }
+    targets = {name for name, module in model.named_modules() if type(module) in types and not _kept(name, keep_float)}
     if not targets:
         return []
     with legacy_api("torch.ao.quantization.quantize_dynamic"):

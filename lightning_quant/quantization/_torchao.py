@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import torchao
 from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-from torchao.quantization.pt2e.observer import (
-    HistogramObserver,
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    PerChannelMinMaxObserver,
-)
-from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 from torchao.quantization.pt2e import (
     FakeQuantize,
     FakeQuantizeBase,
@@ -25,6 +18,7 @@ from torchao.quantization.pt2e import (
     move_exported_model_to_eval,
     move_exported_model_to_train,
 )
+from torchao.quantization.pt2e.observer import HistogramObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (

@@ -10,7 +10,8 @@ them float. Fake-quant on their *outputs* stays, since it belongs to the next (q
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from torch.fx import GraphModule, Node
 
@@ -69,7 +70,7 @@ def bypass_fake_quant(graph: GraphModule, keep_float: Sequence[str]) -> list[str
     return bypassed
 
 
-def _around_fake_quant(graph: GraphModule, arg: object) -> object:
+def _around_fake_quant(graph: GraphModule, arg: Any) -> Any:
     return arg.args[0] if _is_fake_quant(graph, arg) else arg
 
 

@@ -57,6 +57,8 @@ from torch.fx import GraphModule, Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune
 
+from lightning_quant.capture import NOTES_KEY
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization._torchao import (
     FakeQuantize,
     FakeQuantizeBase,
@@ -76,8 +78,6 @@ from lightning_quant.quantization._torchao import (
     prepare_qat_pt2e,
 )
 from lightning_quant.quantization.config import OBSERVERS, check_keep_float
-from lightning_quant.inputs import ModelInputs
-from lightning_quant.capture import NOTES_KEY
 from lightning_quant.quantization.quantize import capture_for_quantization, single_input_channel_convs
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
@@ -333,7 +333,8 @@ class QATGraph:
         """
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
             return
-        minmax, others = [], []
+        minmax: list[Any] = []
+        others: list[Any] = []
         for fake_quant in self._fake_quantizers():
             observer = getattr(fake_quant, "activation_post_process", None)
             is_minmax = isinstance(observer, (MinMaxObserver, PerChannelMinMaxObserver))
@@ -420,9 +421,7 @@ class QATGraph:
         return [getattr(self.graph, name) for name in self._fake_quant_names]
 
     def _fake_quant_state(self) -> dict[str, torch.Tensor]:
-        return {
-            k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names
-        }
+        return {k: v for k, v in self.graph.state_dict().items() if k.split(".", 1)[0] in self._fake_quant_names}
 
     def _graph_holds_live_tensors(self) -> bool:
         """Whether the graph's attributes still are the model's tensors (export shares them), so that the
@@ -572,10 +571,7 @@ def _drop_repeated_fake_quant(graph: GraphModule) -> None:
             continue
         module = id(graph.get_submodule(node.target))
         source = node.args[0]
-        if (
-            _is_call(source, *_VALUE_SELECTING)
-            and source.args[0] in called.get(module, ())
-        ):
+        if _is_call(source, *_VALUE_SELECTING) and source.args[0] in called.get(module, ()):
             node.replace_all_uses_with(source)
             graph.graph.erase_node(node)
         else:
@@ -609,8 +605,12 @@ def _unfuse_float_conv_batchnorm(graph: GraphModule) -> None:
 
 
 _SCALING = {
-    torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor, torch.ops.aten.add.Tensor, torch.ops.aten.sqrt.default,
-    torch.ops.aten.reshape.default, torch.ops.aten.zeros_like.default,
+    torch.ops.aten.mul.Tensor,
+    torch.ops.aten.div.Tensor,
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.sqrt.default,
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.zeros_like.default,
 }
 
 
@@ -625,12 +625,12 @@ def _set_batchnorm_training(graph: GraphModule, training: bool) -> None:
 
 def _running_var_users(graph: GraphModule) -> list[tuple[Node, str]]:
     """(batch_norm node, running_var name) for every batch_norm with running statistics."""
-    found = []
+    found: list[tuple[Node, str]] = []
     for node in graph.graph.nodes:
         if node.op == "call_function" and node.target == _BATCH_NORM:
             running_var = node.args[4]
             if isinstance(running_var, Node) and running_var.op == "get_attr":
-                found.append((node, running_var.target))
+                found.append((node, str(running_var.target)))
     return found
 
 
@@ -710,7 +710,9 @@ def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
     x, conv_bias = bn.args[0], None
     if _is_call(x, aten.add.Tensor) and _is_call(x.args[1], aten.reshape.default) and _is_attr(x.args[1].args[0]):
         x, conv_bias = x.args[0], x.args[1].args[0]
-    if not (_is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)):
+    if not (
+        _is_call(x, aten.div.Tensor) and _is_call(x.args[0], *_CONVS) and _is_call(x.args[1], aten.reshape.default)
+    ):
         return None
     conv, scale = x.args[0], x.args[1].args[0]
     weight_input, bias = conv.args[1], conv.args[2] if len(conv.args) > 2 else None
@@ -730,7 +732,7 @@ def _match_qat_conv_bn(bn: Node) -> tuple[Node, Node, Node, Node | None] | None:
         return None
     if weight_scale.args[0] is not scale:
         return None
-    return conv, weight, scaled_weight, conv_bias
+    return conv, weight, scaled_weight, conv_bias  # type: ignore[return-value]  # Nodes, as matched above
 
 
 _CONVS = (torch.ops.aten.conv1d.default, torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default)

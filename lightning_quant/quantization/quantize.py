@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from collections import Counter
-from typing import Any, Callable, Iterable, Optional, Union
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -13,10 +14,10 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
-from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import resolve_target
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
@@ -61,6 +62,7 @@ def quantize(
     """
     inputs = ModelInputs.from_value(example_inputs).bind(model.forward)
     name = type(model).__name__
+    quantized: nn.Module
     if isinstance(config, StaticQuantConfig):
         if calibration_data is None:
             raise ValueError("static quantization needs calibration_data: an iterable of real input batches")
@@ -119,7 +121,8 @@ def single_input_channel_convs(model: nn.Module) -> list[str]:
     the next one, so keeping it float costs little.
     """
     return [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.modules.conv._ConvNd) and module.in_channels == 1
     ]
 

@@ -39,15 +39,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
-from lightning_quant.quantization._legacy import _kept
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization._legacy import _kept
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 _BUDGET_FIELDS = ("metric", "max_drop", "relative", "higher_is_better", "max_evaluations", "max_float_fraction")
@@ -85,29 +86,45 @@ class MetricBudget:
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, str) or not self.metric:
-            raise ValueError(f"MetricBudget.metric must be the name of a logged validation metric such as "
-                             f"'val/acc', got {self.metric!r}")
-        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not (
-            math.isfinite(self.max_drop) and self.max_drop >= 0
+            raise ValueError(
+                f"MetricBudget.metric must be the name of a logged validation metric such as "
+                f"'val/acc', got {self.metric!r}"
+            )
+        if (
+            isinstance(self.max_drop, bool)
+            or not isinstance(self.max_drop, (int, float))
+            or not (math.isfinite(self.max_drop) and self.max_drop >= 0)
         ):
-            raise ValueError(f"MetricBudget.max_drop must be a finite number >= 0 (e.g. 0.01: the metric may drop "
-                             f"by 0.01, or by 1% with relative=True), got {self.max_drop!r}")
+            raise ValueError(
+                f"MetricBudget.max_drop must be a finite number >= 0 (e.g. 0.01: the metric may drop "
+                f"by 0.01, or by 1% with relative=True), got {self.max_drop!r}"
+            )
         if self.relative and self.max_drop > 1:
-            raise ValueError(f"MetricBudget.max_drop={self.max_drop} with relative=True is a fraction of the float "
-                             "value and must be <= 1 (0.01 = 1%)")
+            raise ValueError(
+                f"MetricBudget.max_drop={self.max_drop} with relative=True is a fraction of the float "
+                "value and must be <= 1 (0.01 = 1%)"
+            )
         for name in ("relative", "higher_is_better"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"MetricBudget.{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.max_evaluations, bool) or not isinstance(self.max_evaluations, int) or self.max_evaluations < 2:
-            raise ValueError(f"MetricBudget.max_evaluations must be an integer >= 2 (the float model and the fully "
-                             f"quantized one are evaluated first), got {self.max_evaluations!r}")
+        if (
+            isinstance(self.max_evaluations, bool)
+            or not isinstance(self.max_evaluations, int)
+            or self.max_evaluations < 2
+        ):
+            raise ValueError(
+                f"MetricBudget.max_evaluations must be an integer >= 2 (the float model and the fully "
+                f"quantized one are evaluated first), got {self.max_evaluations!r}"
+            )
         fraction = self.max_float_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
-            raise ValueError(f"MetricBudget.max_float_fraction must be a number from 0 to 1 (the share of "
-                             f"quantizable layers that may go back to float), got {fraction!r}")
+            raise ValueError(
+                f"MetricBudget.max_float_fraction must be a number from 0 to 1 (the share of "
+                f"quantizable layers that may go back to float), got {fraction!r}"
+            )
 
     @classmethod
-    def from_value(cls, value: Union["MetricBudget", Mapping[str, Any], None]) -> Optional["MetricBudget"]:
+    def from_value(cls, value: Union[MetricBudget, Mapping[str, Any], None]) -> Optional[MetricBudget]:
         """A budget from itself, ``None``, or a mapping such as ``{"metric": "val/acc", "max_drop": 0.01}``
         (what a Hydra config holds)."""
         if value is None or isinstance(value, MetricBudget):
@@ -120,8 +137,10 @@ class MetricBudget:
             if missing:
                 raise ValueError(f"max_metric_drop needs {missing}, e.g. {{metric: val/acc, max_drop: 0.01}}")
             return cls(**{str(k): v for k, v in value.items()})
-        raise TypeError(f"max_metric_drop must be None, a MetricBudget or a mapping like "
-                        f"{{'metric': 'val/acc', 'max_drop': 0.01}}, got {type(value).__name__}: {value!r}")
+        raise TypeError(
+            f"max_metric_drop must be None, a MetricBudget or a mapping like "
+            f"{{'metric': 'val/acc', 'max_drop': 0.01}}, got {type(value).__name__}: {value!r}"
+        )
 
     def drop(self, before: float, after: float) -> float:
         """How much worse ``after`` is than ``before`` (negative: better), in the budget's units."""
@@ -179,7 +198,8 @@ def quantizable_layers(
 ) -> list[str]:
     """Names of the submodules of ``types`` that are not under a ``keep_float`` name, in model order."""
     return [
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if name and isinstance(module, types) and not _kept(name, tuple(keep_float))
     ]
 
@@ -259,7 +279,11 @@ def save_sensitivity(rows: Sequence[Mapping[str, Any]], dirpath: Union[str, Path
     writer.writerows(rows)
     markdown = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     markdown += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    contents = {"csv": text.getvalue().encode(), "md": ("\n".join(markdown) + "\n").encode(), "png": _bar_chart(rows, title)}
+    contents = {
+        "csv": text.getvalue().encode(),
+        "md": ("\n".join(markdown) + "\n").encode(),
+        "png": _bar_chart(rows, title),
+    }
     paths = {}
     for suffix, data in contents.items():
         path = dirpath / f"sensitivity.{suffix}"
@@ -301,29 +325,36 @@ def fallback_search(
     reference = measure(float_model)
     model = quantize_with([])
     before = measure(model)
-    best = (model, before, [])
+    best: tuple[Any, float, list[dict[str, Any]]] = (model, before, [])
     steps = [{"float_layers": 0, "value": before}]
     if budget.allows(reference, before):
         return FallbackResult(model, reference, before, before, True, evaluations, [], "within budget", steps)
     if ranking is None:
         ranking = layer_sensitivity(float_model, quantize_with, layers, inputs) if layers else []
-    ranking = [row for row in ranking if row.get("relative_error") is not None]
+    ranked = [dict(row) for row in ranking if row.get("relative_error") is not None]
     limit = min(budget.max_float_layers(len(layers)), max(len(layers) - 1, 0))  # one layer at least stays int8
     returned: list[dict[str, Any]] = []
     stopped = "every ranked layer is float"
-    for row in ranking:
+    for row in ranked:
         if len(returned) >= limit:
-            stopped = (f"max_float_fraction={budget.max_float_fraction} of {len(layers)} quantizable layers "
-                       f"allows {limit} float layer(s)" + (" (one stays int8)" if budget.max_float_layers(len(layers)) > limit else ""))
+            stopped = (
+                f"max_float_fraction={budget.max_float_fraction} of {len(layers)} quantizable layers "
+                f"allows {limit} float layer(s)"
+                + (" (one stays int8)" if budget.max_float_layers(len(layers)) > limit else "")
+            )
             break
         if evaluations >= budget.max_evaluations:
             stopped = f"max_evaluations={budget.max_evaluations} validation passes made"
             break
-        returned.append({
-            "name": row["layer"],
-            "reason": (f"sensitivity rank {row['rank']} of {len(ranking)}: quantized alone, its relative output "
-                       f"error is {row['relative_error']:.3g} (SQNR {row['sqnr_db']:.1f} dB)"),
-        })
+        returned.append(
+            {
+                "name": row["layer"],
+                "reason": (
+                    f"sensitivity rank {row['rank']} of {len(ranked)}: quantized alone, its relative output "
+                    f"error is {row['relative_error']:.3g} (SQNR {row['sqnr_db']:.1f} dB)"
+                ),
+            }
+        )
         model = quantize_with([r["name"] for r in returned])
         value = measure(model)
         returned[-1]["reason"] += f"; {budget.metric} {steps[-1]['value']:.4g} -> {value:.4g} with it float"
@@ -331,10 +362,20 @@ def fallback_search(
         if _better(value, best[1], budget):
             best = (model, value, list(returned))
         if budget.allows(reference, value):
-            return FallbackResult(model, reference, before, value, True, evaluations, list(returned),
-                                  "within budget", steps, list(ranking))
+            return FallbackResult(
+                model,
+                reference,
+                before,
+                value,
+                True,
+                evaluations,
+                list(returned),
+                "within budget",
+                steps,
+                ranked,
+            )
     model, after, kept = best
-    return FallbackResult(model, reference, before, after, False, evaluations, kept, stopped, steps, list(ranking))
+    return FallbackResult(model, reference, before, after, False, evaluations, kept, stopped, steps, ranked)
 
 
 def _better(value: float, best: float, budget: MetricBudget) -> bool:
@@ -348,7 +389,9 @@ def _better(value: float, best: float, budget: MetricBudget) -> bool:
 def _float_leaves(output: Any) -> list[torch.Tensor]:
     from torch.utils._pytree import tree_flatten
 
-    return [t.detach().float() for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return [
+        t.detach().float() for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
 
 
 def _cell(value: Any) -> str:

@@ -125,8 +125,15 @@ def inference_operators(model: nn.Module, *inputs: Any) -> set[str]:
     return recorder.operators
 
 
-_MATMULS = {torch.matmul, torch.bmm, torch.baddbmm, torch.einsum, torch.Tensor.matmul, torch.Tensor.__matmul__,
-            torch.Tensor.bmm}
+_MATMULS = {
+    torch.matmul,
+    torch.bmm,
+    torch.baddbmm,
+    torch.einsum,
+    torch.Tensor.matmul,
+    torch.Tensor.__matmul__,
+    torch.Tensor.bmm,
+}
 _SOFTMAXES = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 _THIS_FILE = str(Path(__file__))
 _TORCH_DIR = str(Path(torch.__file__).parent)
