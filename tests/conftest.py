@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -11,6 +12,22 @@ import lightning_quant.configs  # noqa: F401  (registers the structured configs)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+
+FAST_FIT = dict(
+    max_epochs=1,
+    limit_train_batches=3,
+    limit_val_batches=2,
+    num_sanity_val_steps=0,
+    logger=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+)
+
+
+def fast_trainer(root: Path, callbacks=(), **settings) -> L.Trainer:
+    """A real Trainer that fits a few batches quietly (:data:`FAST_FIT`: one epoch of 3 training and 2 validation
+    batches, no sanity check, logger, progress bar or model summary); ``settings`` override any Trainer argument."""
+    return L.Trainer(default_root_dir=root, callbacks=list(callbacks), **{**FAST_FIT, **settings})
 
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:

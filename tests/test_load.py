@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import lightning as L
 import pytest
 import torch
+from conftest import fast_trainer
 
 from lightning_quant import DynamicQuantization
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, MLPNet
@@ -19,17 +19,7 @@ from lightning_quant.manifest import FORMAT_VERSION
 def exported(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("load")
     callback = DynamicQuantization(formats=["onnx", "torch_export"])
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback])
     # wide enough that ONNX Runtime's int8 file beats float on AVX2 and VNNI CPUs, so it is kept
     trainer.fit(DigitsClassifier(MLPNet(hidden=1024)), datamodule=DigitsDataModule(batch_size=32))
     return callback, tmp_path / "quantized"

@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
-from conftest import produced_formats
+from conftest import fast_trainer, produced_formats
 from torch.utils.data import DataLoader
 
 from lightning_quant import (
@@ -29,17 +28,7 @@ from lightning_quant.demo.third_party import BertClassifier, DemoTransformer, To
 
 
 def fit_bert(callback, tmp_path: Path) -> dict:
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback], limit_val_batches=1)
     trainer.fit(BertClassifier(), DataLoader(Tokens(64, 0), batch_size=8), DataLoader(Tokens(32, 1), batch_size=8))
     return json.loads((Path(callback.dirpath) / "manifest.json").read_text())
 
@@ -99,18 +88,8 @@ def test_a_batch_forward_cannot_take_fails_before_training_and_names_the_fix(tmp
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:  # names no key of the batch
             return self.bert(input_ids=ids, attention_mask=mask)
 
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[
-            DynamicQuantization(example_input=(torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long)))
-        ],
-        logger=False,
-        max_epochs=1,
-        limit_train_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    example = (torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long))
+    trainer = fast_trainer(tmp_path, [DynamicQuantization(example_input=example)], limit_train_batches=2)
     with pytest.raises(
         ValueError,
         match=r"batch of the train dataloader \(dict with keys .*labels.*\) does not fit "
@@ -121,17 +100,7 @@ def test_a_batch_forward_cannot_take_fails_before_training_and_names_the_fix(tmp
 
 
 def fit_digits(callbacks, tmp_path: Path, net) -> None:
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        logger=False,
-        max_epochs=1,
-        limit_train_batches=20,
-        limit_val_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, callbacks, limit_train_batches=20)
     trainer.fit(DigitsClassifier(net), datamodule=DigitsDataModule(batch_size=32))
 
 
@@ -179,16 +148,7 @@ def test_resnet_float_export_for_inference(tmp_path):
 def test_lightnings_demo_transformer(make, tmp_path):
     callback = make()
     torch.manual_seed(0)
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        max_epochs=1,
-        limit_train_batches=4,
-        limit_val_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = fast_trainer(tmp_path, [callback], limit_train_batches=4, num_sanity_val_steps=2)
     trainer.fit(DemoTransformer())
     manifest = callback.manifest
     # ONNX Runtime's int8 attention can run slower than float here; such a file is deleted, nothing else may fail

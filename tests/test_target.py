@@ -11,10 +11,10 @@ import json
 import re
 import time
 
-import lightning as L
 import onnx
 import pytest
 import torch
+from conftest import fast_trainer
 from onnx import numpy_helper
 from torch import nn
 
@@ -172,17 +172,7 @@ def test_qat_trains_on_the_targets_weight_grid():
 
 
 def fit(callback, tmp_path, epochs=1):
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        max_epochs=epochs,
-        limit_train_batches=4,
-        limit_val_batches=2,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=epochs, limit_train_batches=4)
     trainer.fit(DigitsClassifier(ConvNet(channels=8)), datamodule=DigitsDataModule(batch_size=32))
     return json.loads((tmp_path / "quantized" / "manifest.json").read_text())
 
