@@ -9,7 +9,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import produced_formats
+from conftest import fast_trainer, produced_formats
 from test_sensitivity import FragileNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -18,13 +18,8 @@ from lightning_quant import DynamicQuantization, PostTrainingQuantization, Quant
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 from lightning_quant.quantization import MetricBudget
 
-FAST = dict(
-    max_epochs=1,
-    limit_train_batches=2,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
+# beside conftest.FAST_FIT: two training batches, every validation batch (the budget's metric)
+FAST = dict(limit_train_batches=2, limit_val_batches=1.0)
 
 
 class FragileClassifier(L.LightningModule):
@@ -66,9 +61,9 @@ def fragile_loaders(model: FragileClassifier):
 
 def fit_fragile(callback, tmp_path, **trainer_kwargs):
     model = FragileClassifier()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    trainer = fast_trainer(
+        tmp_path,
+        [callback],
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
         **{**FAST, **trainer_kwargs},
     )
@@ -163,11 +158,8 @@ def test_digits_fallback_costs_at_most_10_validation_passes(tmp_path):
     callback = PostTrainingQuantization(
         num_calibration_batches=4, observer="minmax", formats=["torch_export"], max_metric_drop=budget
     )
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
-        logger=False,
-        **{**FAST, "max_epochs": 2, "limit_train_batches": 10, "limit_val_batches": 3},
+    trainer = fast_trainer(
+        tmp_path, [callback], **{**FAST, "max_epochs": 2, "limit_train_batches": 10, "limit_val_batches": 3}
     )
     trainer.fit(DigitsClassifier(ConvNet(channels=8)), DigitsDataModule(batch_size=32))
     report = callback.manifest["accuracy_budget"]
@@ -181,9 +173,7 @@ def test_unknown_metric_fails_at_the_first_validation_naming_the_logged_ones(tmp
         formats=["torch_export"], max_metric_drop={"metric": "val/accuracy", "max_drop": 0.01}
     )
     model = FragileClassifier()
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, callbacks=[callback], logger=False, **{**FAST, "num_sanity_val_steps": 1}
-    )
+    trainer = fast_trainer(tmp_path, [callback], **{**FAST, "num_sanity_val_steps": 1})
     with pytest.raises(ValueError, match=r"watches 'val/accuracy'.* It logs: \['val/acc', 'val/loss'\]"):
         trainer.fit(model, *fragile_loaders(model))
     assert trainer.global_step == 0  # the sanity check caught it before any training step
@@ -192,7 +182,7 @@ def test_unknown_metric_fails_at_the_first_validation_naming_the_logged_ones(tmp
 def test_budget_without_validation_data_fails_before_training(tmp_path):
     callback = DynamicQuantization(formats=["torch_export"], max_metric_drop=BUDGET)
     model = FragileClassifier()
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, **FAST)
+    trainer = fast_trainer(tmp_path, [callback], **FAST)
     with pytest.raises(ValueError, match=r"measures 'val/acc' on the validation dataloader, and this fit has none"):
         trainer.fit(model, fragile_loaders(model)[0])
 

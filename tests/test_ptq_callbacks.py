@@ -11,7 +11,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, produced_formats
+from conftest import ROOT, fast_trainer, produced_formats
 from test_quantization import TwoInputs, two_inputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -20,20 +20,13 @@ from lightning_quant import DynamicQuantization, PostTrainingQuantization
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, LSTMNet, MLPNet
 from lightning_quant.quantization import QuantizationError
 
-FAST = dict(
-    max_epochs=1,
-    limit_train_batches=4,
-    limit_val_batches=2,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
+FAST = dict(limit_train_batches=4)  # beside conftest.FAST_FIT
 
 
 def fit(callback, model, tmp_path, datamodule=None, **trainer_kwargs):
-    trainer = L.Trainer(
-        default_root_dir=tmp_path,
-        callbacks=[callback],
+    trainer = fast_trainer(
+        tmp_path,
+        [callback],
         logger=L.pytorch.loggers.CSVLogger(tmp_path, name="csv", version=""),
         **{**FAST, **trainer_kwargs},
     )

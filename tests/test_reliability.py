@@ -8,25 +8,16 @@ import os
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, fast_trainer
 
 from lightning_quant import DynamicQuantization
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, MLPNet
 from lightning_quant.manifest import FORMAT_VERSION
 from lightning_quant.quantization import QuantizationError
 
-FAST = dict(
-    max_epochs=1,
-    limit_train_batches=3,
-    limit_val_batches=2,
-    limit_test_batches=1,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
+FAST = dict(limit_test_batches=1)  # beside conftest.FAST_FIT
 
 
 def disk_full_for(name_part, monkeypatch):
@@ -45,7 +36,7 @@ def disk_full_for(name_part, monkeypatch):
 def test_disk_full_in_one_format_keeps_the_others_the_checkpoint_and_a_manifest(tmp_path, monkeypatch):
     disk_full_for("model_program", monkeypatch)  # the "torch_export" file
     callback = DynamicQuantization(formats=["onnx", "torch_export"])
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[callback], logger=False, **FAST)
+    trainer = fast_trainer(tmp_path, [callback], **FAST)
     model = DigitsClassifier(MLPNet(hidden=1024))  # wide: the int8 ONNX file beats float, so it is kept
     with pytest.raises(QuantizationError) as error:
         trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
@@ -116,9 +107,7 @@ def test_the_float_checkpoint_holds_the_weights_that_were_quantized(tmp_path):
         dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max", save_last=True, save_top_k=1
     )
     callback = DynamicQuantization(formats=["onnx"])
-    trainer = L.Trainer(
-        default_root_dir=tmp_path, callbacks=[never_improves, callback], logger=False, **{**FAST, "max_epochs": 3}
-    )
+    trainer = fast_trainer(tmp_path, [never_improves, callback], **{**FAST, "max_epochs": 3})
     model = DigitsClassifier(MLPNet(), lr=1e-12)  # next to no learning: val/acc never improves after epoch 0
     trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())

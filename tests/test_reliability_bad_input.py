@@ -9,6 +9,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from conftest import fast_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import (
@@ -20,19 +21,11 @@ from lightning_quant import (
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, MLPNet
 from lightning_quant.quantization import QuantizationError
 
-FAST = dict(
-    max_epochs=1,
-    limit_train_batches=2,
-    limit_val_batches=2,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-    logger=False,
-)
+FAST = dict(limit_train_batches=2)  # beside conftest.FAST_FIT
 
 
 def fit(callbacks, model, tmp_path, datamodule=None):
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=callbacks, **FAST)
+    trainer = fast_trainer(tmp_path, callbacks, **FAST)
     trainer.fit(model, datamodule=datamodule or DigitsDataModule(batch_size=32))
     return trainer
 
