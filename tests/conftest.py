@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -28,6 +30,29 @@ def fast_trainer(root: Path, callbacks=(), **settings) -> L.Trainer:
     """A real Trainer that fits a few batches quietly (:data:`FAST_FIT`: one epoch of 3 training and 2 validation
     batches, no sanity check, logger, progress bar or model summary); ``settings`` override any Trainer argument."""
     return L.Trainer(default_root_dir=root, callbacks=list(callbacks), **{**FAST_FIT, **settings})
+
+
+# what run_train_script sets unless the test overrides it: a fit of a few batches
+FAST_TRAIN_SCRIPT = {
+    "trainer.max_epochs": "1",
+    "trainer.limit_train_batches": "3",
+    "trainer.limit_val_batches": "2",
+    "trainer.limit_test_batches": "1",
+    "trainer.enable_progress_bar": "false",
+}
+
+
+def run_train_script(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py <overrides>`` in a fresh process, with ``run_dir`` as Hydra's run directory and the
+    :data:`FAST_TRAIN_SCRIPT` settings the overrides do not set."""
+    keys = {o.partition("=")[0] for o in overrides}
+    fast = [f"{key}={value}" for key, value in FAST_TRAIN_SCRIPT.items() if key not in keys]
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *fast, *overrides, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:

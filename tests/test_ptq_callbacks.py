@@ -5,13 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, fast_trainer, produced_formats
+from conftest import fast_trainer, produced_formats, run_train_script
 from test_quantization import TwoInputs, two_inputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -306,22 +304,7 @@ def test_unexportable_model_error_names_it_after_the_float_checkpoint_is_saved(t
 
 
 def run_train(tmp_path, *overrides):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=1",
-            "trainer.enable_progress_bar=false",
-            *overrides,
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_train_script(tmp_path, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / "quantized" / "manifest.json").read_text()), result
 

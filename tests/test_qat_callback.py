@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, produced_formats
+from conftest import produced_formats, run_train_script
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -307,21 +305,7 @@ def test_forward_with_several_tensor_inputs_and_keyword_arguments(tmp_path):
 @pytest.mark.slow
 def test_train_script_with_qat(tmp_path):
     """`python train.py callbacks=qat`, default formats (AOTInductor and ONNX), 3 epochs of digits."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "callbacks=qat",
-            "trainer.max_epochs=3",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_train_script(tmp_path, "callbacks=qat", "trainer.max_epochs=3", "trainer.limit_train_batches=1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
     assert manifest["approach"] == "qat" and manifest["qat"]["started_epoch"] == 0

@@ -5,12 +5,10 @@ from __future__ import annotations
 import errno
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, fast_trainer
+from conftest import fast_trainer, run_train_script
 
 from lightning_quant import DynamicQuantization
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, MLPNet
@@ -68,24 +66,7 @@ def test_disk_full_in_one_format_keeps_the_others_the_checkpoint_and_a_manifest(
 
 def test_train_script_ends_with_a_clear_message_and_a_nonzero_exit(tmp_path):
     # every layer kept float: dynamic int8 has nothing to quantize, so convert fails after training
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "train.py"),
-            "model=mlp",
-            "callbacks=dynamic",
-            "callbacks.dynamic.keep_float=[net]",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=3",
-            "trainer.limit_val_batches=2",
-            "trainer.limit_test_batches=1",
-            "trainer.enable_progress_bar=false",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_train_script(tmp_path, "model=mlp", "callbacks=dynamic", "callbacks.dynamic.keep_float=[net]")
     assert result.returncode != 0
     assert "DynamicQuantization failed on DigitsClassifier" in result.stderr
     assert "produced no quantized op" in result.stderr and "keep_float" in result.stderr
