@@ -193,17 +193,17 @@ def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:
 
 
 def format_table(manifest: dict[str, Any]) -> str:
-    """One small text table: float vs int8 metrics, latency and size, then one row per artifact."""
+    """One small text table: float vs quantized metrics, latency and size, then one row per artifact."""
     metrics = manifest["metrics"]
     names = sorted(set(metrics.get("float", {})) | set(metrics.get("quantized", {})))
     header = ["", *names, "latency ms", "x float", "size KiB"]
     rows = [header]
-    approach = manifest["approach"]
+    approach, bits = manifest["approach"], manifest.get("bits", 8)  # weight-only files record their bits
     for kind in ("float", "quantized"):
         values = metrics.get(kind, {})
         rows.append(
             [
-                kind if kind == "float" else ("optimized" if approach == "float" else f"int8 ({approach})"),
+                kind if kind == "float" else ("optimized" if approach == "float" else f"int{bits} ({approach})"),
                 *(f"{values[n]:.4f}" if n in values else "-" for n in names),
                 f"{manifest['latency_ms'][kind]:.3f}",
                 "" if kind == "float" else f"{manifest['latency_ms']['float'] / manifest['latency_ms'][kind]:.2f}",

@@ -52,6 +52,7 @@ from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.weight_only import WeightOnlyConfig
 from lightning_quant.target import DEFAULT_TARGET, resolve_target
 
 NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
@@ -63,6 +64,12 @@ _APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
         "dynamic",
         "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
         ("aoti", "onnx"),
+    ),
+    # ONNX Runtime's MatMulNBits runs the packed weights; the .pt2 program is the compact portable form
+    WeightOnlyConfig: (
+        "weight_only",
+        "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)",
+        ("onnx", "torch_export"),
     ),
     type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
 }
@@ -91,7 +98,7 @@ class Deployment:
 
 def deploy(
     model: nn.Module,
-    config: Union[StaticQuantConfig, DynamicQuantConfig, None],
+    config: Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig, None],
     example_inputs: Any,
     calibration_data: Optional[Iterable[Any]] = None,
     *,
@@ -105,14 +112,15 @@ def deploy(
     Args:
         model: the float model (switched to eval mode, otherwise not modified).
         config: :class:`~lightning_quant.quantization.StaticQuantConfig` (needs ``calibration_data``),
-            :class:`~lightning_quant.quantization.DynamicQuantConfig`, or ``None`` to export the float model
-            itself for inference.
+            :class:`~lightning_quant.quantization.DynamicQuantConfig`,
+            :class:`~lightning_quant.quantization.WeightOnlyConfig` (int4/int8 weights of Linear layers), or
+            ``None`` to export the float model itself for inference.
         example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
             batch of 2 or more: export treats a dimension of size 1 as a constant).
         calibration_data: static only: real input batches in the same form.
         dirpath: where the files and ``manifest.json`` go.
         formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``; default ``aoti`` and
-            ``onnx`` (float: also ``torch_export``).
+            ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
         dynamic_batch: files take any batch size; ``False`` pins the example's.
         target: the CPUs the files are for (:mod:`lightning_quant.target`).
 
@@ -122,7 +130,8 @@ def deploy(
     """
     if type(config) not in _APPROACHES:
         raise TypeError(
-            f"config must be a StaticQuantConfig, a DynamicQuantConfig or None (float), got {type(config).__name__}"
+            "config must be a StaticQuantConfig, a DynamicQuantConfig, a WeightOnlyConfig or None (float), got "
+            f"{type(config).__name__}"
         )
     approach, backend, default_formats = _APPROACHES[type(config)]
     if isinstance(config, StaticQuantConfig) and calibration_data is None:
@@ -166,6 +175,7 @@ def deploy(
         target=target,
         onnx_quantization=onnx,
         keep_float=getattr(config, "keep_float", ()),
+        details={"bits": config.bits, "group_size": config.group_size} if isinstance(config, WeightOnlyConfig) else None,
         owner="deploy",
         started=started,
     )

@@ -24,6 +24,7 @@ from lightning_quant.export.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.target import TARGETS, CpuTarget
+from lightning_quant.weight_packing import decompose
 
 SUFFIX = ".pt2"
 INDUCTOR_CONFIGS = {"freezing": True}
@@ -40,7 +41,7 @@ def export_aoti(
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         captured = capture(model, inputs, dynamic_batch)
         torch._inductor.aoti_compile_and_package(
-            captured.program, package_path=str(temporary), inductor_configs=configs
+            decompose(captured.program), package_path=str(temporary), inductor_configs=configs
         )
     return {
         "how": "torch.export -> torch._inductor.aoti_compile_and_package",

@@ -29,6 +29,7 @@ from lightning_quant.capture import capture
 from lightning_quant.export.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
+from lightning_quant.weight_packing import onnx_translations
 
 SUFFIX = ".onnx"
 # PyTorch observer name -> ONNX Runtime calibration method and its options
@@ -143,7 +144,9 @@ def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynami
     captured = capture(model, inputs, dynamic_batch)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
-        program = torch.onnx.export(captured.program, dynamo=True, verbose=False, report=False)
+        program = torch.onnx.export(
+            captured.program, dynamo=True, verbose=False, report=False, custom_translation_table=onnx_translations()
+        )
     assert program is not None  # dynamo=True always returns the program
     program.save(str(path))
     return captured.details()

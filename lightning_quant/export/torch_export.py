@@ -16,6 +16,7 @@ from torch import nn
 from lightning_quant.capture import capture
 from lightning_quant.export.files import atomic_write_bytes
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.weight_packing import weight_only_linear  # noqa: F401  registers the op a weight-only program calls
 
 SUFFIX = ".pt2"
 

@@ -29,6 +29,7 @@ from lightning_quant.quantization.sensitivity import (
     quantizable_layers,
     save_sensitivity,
 )
+from lightning_quant.quantization.weight_only import WeightOnlyConfig
 
 __all__ = [
     "OBSERVERS",
@@ -38,6 +39,7 @@ __all__ = [
     "ModelInputs",
     "QuantizationError",
     "StaticQuantConfig",
+    "WeightOnlyConfig",
     "count_quantized_ops",
     "export_for_quantization",
     "fallback_search",

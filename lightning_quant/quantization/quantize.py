@@ -18,9 +18,11 @@ from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import _torchao as ao
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyLinear
+from lightning_quant.quantization.weight_only import convert as weight_only_convert
 from lightning_quant.target import resolve_target
 
-QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig]
+QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig]
 
 _COMPUTE_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.matmul", "aten.addmm", "aten.mm"}
 _OBSERVERS = {
@@ -40,7 +42,8 @@ def quantize(
 
     Args:
         model: the float model, in eval mode.
-        config: :class:`StaticQuantConfig` or :class:`DynamicQuantConfig`.
+        config: :class:`StaticQuantConfig`, :class:`DynamicQuantConfig` or
+            :class:`~lightning_quant.quantization.weight_only.WeightOnlyConfig`.
         example_inputs: an input of ``model.forward`` (tensor, tuple of arguments, dict of keywords or
             :class:`ModelInputs`). Static: its batch dimension is exported as dynamic.
         calibration_data: static only: an iterable of inputs in the same form (a few dozen real batches).
@@ -48,7 +51,7 @@ def quantize(
     Returns:
         Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
         slow until lowered by AOTInductor with freezing or ONNX Runtime). Dynamic: a copy of ``model`` whose
-        Linear (and LSTM/GRU) layers are int8.
+        Linear (and LSTM/GRU) layers are int8. Weight-only: a copy whose Linear layers are ``WeightOnlyLinear``.
 
     Raises:
         QuantizationError: the model cannot be exported (the message says why), or nothing was quantized.
@@ -69,13 +72,18 @@ def quantize(
         quantized = _quantize_static(model, config, inputs, calibration_data)
     elif isinstance(config, DynamicQuantConfig):
         quantized = _quantize_dynamic(model, config)
+    elif isinstance(config, WeightOnlyConfig):
+        quantized = weight_only_convert(model, config)
     else:
-        raise TypeError(f"config must be a StaticQuantConfig or DynamicQuantConfig, got {type(config).__name__}")
+        raise TypeError(
+            f"config must be a StaticQuantConfig, DynamicQuantConfig or WeightOnlyConfig, got {type(config).__name__}"
+        )
     if sum(count_quantized_ops(quantized).values()) == 0:
         raise QuantizationError(
             f"Quantizing {name} produced no quantized op: nothing would run in int8. "
             f"Check keep_float={list(config.keep_float)} and that {name} has layers this approach quantizes "
-            "(static: Conv/Linear; dynamic: Linear, LSTM, GRU)."
+            "(static: Conv/Linear; dynamic: Linear, LSTM, GRU; weight-only: Linear whose input width is a multiple "
+            "of group_size)."
         )
     return quantized
 
@@ -219,6 +227,8 @@ def count_quantized_ops(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, fx.GraphModule):
             counts.update(_graph_quantized_ops(module.graph))
+        elif isinstance(module, WeightOnlyLinear):
+            counts[f"Linear (int{module.bits} weight-only)"] += 1
         elif type(module).__module__.startswith("torch.ao.nn.quantized") and "Packed" not in type(module).__name__:
             counts[f"{type(module).__name__} (legacy torch.ao int8)"] += 1
         else:
