@@ -23,6 +23,8 @@ _EXPORTS = {
     "AutoMixedPrecision": "lightning_quant.callbacks.auto_mixed_precision",
     "ChannelsLast": "lightning_quant.callbacks.channels_last",
     "OptimizeForInference": "lightning_quant.callbacks.optimize_for_inference",
+    "WeightOnlyQuantization": "lightning_quant.callbacks.weight_only_quantization",
+    "WeightOnlyQAT": "lightning_quant.callbacks.weight_only_qat",
     "MetricBudget": "lightning_quant.quantization.sensitivity",
     "load": "lightning_quant.loading",
     "deploy": "lightning_quant.pipeline",

@@ -37,6 +37,8 @@ CALLBACKS = (
     "lightning_quant.callbacks.auto_mixed_precision.AutoMixedPrecision",
     "lightning_quant.callbacks.channels_last.ChannelsLast",
     "lightning_quant.callbacks.optimize_for_inference.OptimizeForInference",
+    "lightning_quant.callbacks.weight_only_quantization.WeightOnlyQuantization",
+    "lightning_quant.callbacks.weight_only_qat.WeightOnlyQAT",
     "lightning.pytorch.callbacks.ModelCheckpoint",
     "lightning.pytorch.callbacks.EarlyStopping",
     "lightning.pytorch.callbacks.LearningRateMonitor",

@@ -1,0 +1,83 @@
+"""Weight-only quantization after training: int4 (or int8) Linear weights in groups, float activations."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+
+from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization import WeightOnlyConfig, quantize
+from lightning_quant.quantization.sensitivity import MetricBudget
+from lightning_quant.quantization.weight_only import quantizable_linears
+from lightning_quant.target import DEFAULT_TARGET
+
+
+class WeightOnlyQuantization(QuantizationCallback):
+    r"""At fit end, store ``nn.Linear`` weights in ``bits`` bits (int4 by default), one float scale per group of
+    ``group_size`` input features; activations stay float. For language models and other Linear-heavy
+    networks, where weights dominate size and memory traffic.
+
+    The ``"onnx"`` file runs ONNX Runtime's ``MatMulNBits`` kernel (the packed weights, float compute: exact on
+    every x86 CPU); ``"torch_export"`` is the same program as a ``.pt2`` (the op it calls is registered by
+    importing ``lightning_quant``); ``"aoti"`` is allowed, and kept only where it is measured faster than float.
+    Layers whose input width is not a multiple of ``group_size`` stay float. Shared arguments (``dirpath``,
+    ``formats``, ``example_input``, ``keep_float``, ``max_metric_drop``: an accuracy budget that returns the most
+    sensitive layers to float, ...): see :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
+
+    Args:
+        bits: 4 (default) or 8.
+        group_size: input features per scale: 16, 32 (default), 64, 128 or 256.
+
+    Example::
+
+        >>> WeightOnlyQuantization(bits=4, group_size=64).config
+        WeightOnlyConfig(bits=4, group_size=64, keep_float=())
+    """
+
+    approach = "weight_only"
+    backend = "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)"
+    supported_formats = ("onnx", "torch_export", "aoti")
+    default_formats = ("onnx", "torch_export")
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 32,
+        dirpath: Optional[Union[str, Path]] = None,
+        formats: Optional[Sequence[str]] = None,
+        example_input: Any = None,
+        keep_float: Sequence[str] = (),
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        dynamic_batch: bool = True,
+        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
+        target: str = DEFAULT_TARGET,
+    ) -> None:
+        super().__init__(
+            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
+        )
+        self.config = WeightOnlyConfig(bits=bits, group_size=group_size, keep_float=tuple(self.keep_float))
+
+    def convert(
+        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+    ) -> nn.Module:
+        return quantize(self.cpu_copy(pl_module), replace(self.config, keep_float=tuple(keep_float)), inputs)
+
+    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
+        return quantizable_linears(pl_module, self.config)
+
+    def manifest_details(self) -> dict[str, Any]:
+        return {
+            "bits": self.config.bits,
+            "group_size": self.config.group_size,
+            "notes": [
+                f"Linear weights: int{self.config.bits}, one float scale per {self.config.group_size} input "
+                "features (symmetric; the largest weight of each group exact); activations float. 'onnx': ONNX "
+                "Runtime MatMulNBits with float compute."
+            ],
+        }
