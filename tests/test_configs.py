@@ -17,11 +17,22 @@ def group_options(group: str) -> list[str]:
 @pytest.mark.parametrize("override", [f"{group}={option}" for group in GROUPS for option in group_options(group)])
 def test_every_config_composes(override):
     cfg = compose_train([override])
-    assert cfg.model._target_ == "lightning_quant.demo.DigitsClassifier"
-    assert cfg.data._target_ == "lightning_quant.demo.DigitsDataModule"
+    language = override in ("experiment=byte_lm", "model=byte_lm", "data=stdlib_text")
+    model, data = (
+        ("ByteLanguageModel", "StdlibTextDataModule") if language else ("DigitsClassifier", "DigitsDataModule")
+    )
+    assert cfg.model._target_ == f"lightning_quant.demo.{model}" or override == "data=stdlib_text"
+    assert cfg.data._target_ == f"lightning_quant.demo.{data}" or override == "model=byte_lm"
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     for name, callback in cfg.callbacks.items():
         assert "_target_" in callback, f"callbacks.{name} names no class"
+
+
+def test_an_experiment_sets_its_own_task_name_and_metric():
+    cfg = compose_train(["experiment=byte_lm", "callbacks=int4_qat"])
+    assert (cfg.task_name, cfg.optimized_metric) == ("byte_lm", "test/perplexity")  # not train.yaml's defaults
+    assert cfg.model.block_size == cfg.data.block_size == 128
+    assert cfg.callbacks.int4_qat._target_ == "lightning_quant.WeightOnlyQAT" and cfg.callbacks.int4_qat.bits == 4
 
 
 def test_default_config_values():

@@ -294,6 +294,7 @@ def test_app_schemas_stay_out_of_the_groups_a_user_app_names_itself():
         "lstm.yaml",
         "resnet.yaml",
         "transformer.yaml",
+        "byte_lm.yaml",
     }
 
 

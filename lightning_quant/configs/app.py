@@ -27,6 +27,14 @@ class DigitsDataConfig:
 
 
 @dataclass
+class StdlibTextDataConfig:
+    _target_: str = "lightning_quant.demo.StdlibTextDataModule"
+    block_size: int = 128
+    batch_size: int = 16
+    max_bytes: Optional[int] = None
+
+
+@dataclass
 class ConvNetConfig:
     _target_: str = "lightning_quant.demo.ConvNet"
     in_channels: int = 1
@@ -109,6 +117,17 @@ class TransformerClassifierConfig(ClassifierConfig):
     net: TransformerNetConfig = field(default_factory=TransformerNetConfig)
 
 
+@dataclass
+class ByteLanguageModelConfig:
+    _target_: str = "lightning_quant.demo.ByteLanguageModel"
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    block_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+
+
 # The Trainer and the float checkpoint take every argument of their class (read from its signature, so
 # the schema follows Lightning), with the app's defaults. `callbacks` and `logger` are the app's to pass.
 TrainerConfig = config_from_signature(
@@ -184,11 +203,13 @@ def register_app_configs() -> None:
     for group, name, node in (
         ("lightning_quant/app", "train", TrainConfig),
         ("lightning_quant/app/data", "digits", DigitsDataConfig),
+        ("lightning_quant/app/data", "stdlib_text", StdlibTextDataConfig),
         ("lightning_quant/app/model", "convnet", ConvNetClassifierConfig),
         ("lightning_quant/app/model", "resnet", ResNetClassifierConfig),
         ("lightning_quant/app/model", "mlp", MLPClassifierConfig),
         ("lightning_quant/app/model", "lstm", LSTMClassifierConfig),
         ("lightning_quant/app/model", "transformer", TransformerClassifierConfig),
+        ("lightning_quant/app/model", "byte_lm", ByteLanguageModelConfig),
         ("lightning_quant/app/trainer", "default", TrainerConfig),
     ):
         cs.store(group=group, name=name, node=node, provider="lightning-quant")

@@ -1,6 +1,6 @@
 """Real text with no download: the Python standard library's own source files, as bytes (vocabulary 256).
 
-Every machine that runs Python has them. The split is by file and fixed (``TRAIN_FILES`` / ``VAL_FILES``), so a
+Every machine that runs Python has them. The split is by file and fixed (``TRAIN_FILES`` / ``VAL_FILES`` / ``TEST_FILES``), so a
 validation score is measured on text the model never saw.
 """
 
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 VOCAB_SIZE = 256
 TRAIN_FILES = ("argparse.py", "dataclasses.py", "difflib.py", "inspect.py", "pathlib.py", "textwrap.py")
 VAL_FILES = ("shlex.py", "fractions.py")
+TEST_FILES = ("configparser.py",)
 
 
 def stdlib_bytes(files: Sequence[str]) -> torch.Tensor:
@@ -50,7 +51,8 @@ class StdlibText(Dataset):
 
 
 class StdlibTextDataModule(L.LightningDataModule):
-    """Train and validation :class:`StdlibText` (at most ``max_bytes`` of each), batches of ``(inputs, target)``."""
+    """Train, validation and test :class:`StdlibText` (at most ``max_bytes`` of each), batches of
+    ``(inputs, target)``."""
 
     def __init__(self, block_size: int = 64, batch_size: int = 16, max_bytes: int | None = None) -> None:
         super().__init__()
@@ -66,3 +68,6 @@ class StdlibTextDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(StdlibText(VAL_FILES, self.block_size, self.max_bytes), batch_size=self.batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(StdlibText(TEST_FILES, self.block_size, self.max_bytes), batch_size=self.batch_size)
