@@ -175,7 +175,9 @@ def deploy(
         target=target,
         onnx_quantization=onnx,
         keep_float=getattr(config, "keep_float", ()),
-        details={"bits": config.bits, "group_size": config.group_size} if isinstance(config, WeightOnlyConfig) else None,
+        details={"bits": config.bits, "group_size": config.group_size}
+        if isinstance(config, WeightOnlyConfig)
+        else None,
         owner="deploy",
         started=started,
     )
