@@ -1,0 +1,183 @@
+"""Weight-only int4/int8 quantization: one grid for training, storing and running; files verified like int8's;
+the callbacks (after training, and QAT from ``start_epoch``) on a real Trainer; the language-model demo."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+from conftest import compose_train, fast_trainer, run_train_script
+from torch import nn
+
+from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization, load
+from lightning_quant.demo import ByteLanguageModel, StdlibTextDataModule
+from lightning_quant.export import export, verify_artifacts
+from lightning_quant.inputs import ModelInputs
+from lightning_quant.pipeline import deploy
+from lightning_quant.quantization import WeightOnlyConfig, quantize
+from lightning_quant.quantization.weight_only import (
+    FakeQuantizedLinear,
+    WeightOnlyLinear,
+    dequantize_linear,
+    fake_quantize_weight,
+    prepare_qat,
+    remove_qat,
+)
+from lightning_quant.weight_packing import dequantize, pack, quantize_weight, unpack
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10)).eval()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_grid_keeps_each_groups_largest_weight_and_packing_round_trips(bits):
+    weight = torch.randn(24, 128)
+    q, scale = quantize_weight(weight, bits, 32)
+    assert q.dtype == torch.int8 and int(q.min()) >= -(2 ** (bits - 1)) and int(q.max()) <= 2 ** (bits - 1) - 1
+    restored = (q.float().reshape(24, 4, 32) * scale.unsqueeze(2)).reshape(24, 128)
+    largest = weight.reshape(24, 4, 32).abs().argmax(dim=2, keepdim=True)
+    assert torch.allclose(
+        restored.reshape(24, 4, 32).gather(2, largest), weight.reshape(24, 4, 32).gather(2, largest), rtol=1e-6
+    )
+    error = (restored - weight).abs().reshape(24, 4, 32).amax(dim=2)
+    assert bool((error <= scale.abs() + 1e-6).all())  # the nearest level; one level at the clipped side
+    packed = pack(q, bits, 32)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (24, 4, 32 * bits // 8)
+    assert torch.equal(unpack(packed, bits).reshape(24, 128), q)
+    assert torch.allclose(dequantize(packed, scale, bits), restored)
+
+
+def test_fake_quantization_is_the_stored_grid_with_a_straight_through_gradient():
+    model = mlp()
+    weight = model[2].weight.detach().clone().requires_grad_()
+    fake = fake_quantize_weight(weight, 4, 32)
+    fake.sum().backward()
+    assert torch.equal(weight.grad, torch.ones_like(weight))  # straight through
+    int4 = quantize(model, WeightOnlyConfig(bits=4, group_size=32), torch.randn(2, 64))
+    assert torch.allclose(fake.detach(), dequantize_linear(int4[2]), atol=1e-6)
+
+    names = prepare_qat(model, WeightOnlyConfig(bits=4))
+    assert names == ["0", "2", "4"] and type(model[2]) is FakeQuantizedLinear
+    assert model[2].weight is not None and set(model.state_dict()) == set(mlp().state_dict())
+    x = torch.randn(3, 64)
+    assert torch.allclose(model(x), int4(x), atol=1e-5)  # training sees exactly what ships
+    remove_qat(model)
+    assert type(model[2]) is nn.Linear and not hasattr(model[2], "bits")
+
+
+def test_config_refuses_bits_and_group_sizes_it_cannot_ship():
+    with pytest.raises(ValueError, match=r"bits must be one of \[4, 8\]"):
+        WeightOnlyConfig(bits=3)
+    with pytest.raises(ValueError, match="group_size must be 16, 32, 64, 128 or 256"):
+        WeightOnlyConfig(group_size=48)
+    with pytest.raises(ValueError, match=r"bits must be one of \[4, 8\]"):
+        WeightOnlyQuantization(bits=2)
+    with pytest.raises(ValueError, match="start_epoch must be a non-negative integer"):
+        WeightOnlyQAT(start_epoch=-1)
+
+
+def test_onnx_file_runs_onnx_runtimes_4bit_kernel_and_matches_the_model(tmp_path):
+    model = mlp()
+    x = torch.randn(8, 64)
+    int4 = quantize(model, WeightOnlyConfig(bits=4, group_size=32), x)
+    assert [type(m).__name__ for m in int4 if isinstance(m, (nn.Linear, WeightOnlyLinear))] == ["WeightOnlyLinear"] * 3
+    artifacts = export(int4, x, ["onnx", "torch_export"], tmp_path)
+    graph = onnx.load(str(tmp_path / artifacts[0].path)).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 3 and all(n.domain == "com.microsoft" for n in nodes)
+    assert not [n for n in graph.node if n.op_type in ("MatMul", "Gemm")]  # no float weight left behind
+    cases = [ModelInputs.from_value(torch.randn(batch, 64)) for batch in (1, 5)]  # any batch size
+    report = verify_artifacts(artifacts, int4, cases, tmp_path)
+    assert report["onnx"]["relative_error"] < 1e-4 and report["torch_export"]["relative_error"] < 1e-5
+
+
+def test_deploy_writes_verified_int4_files_a_quarter_of_float_that_load_reads(tmp_path):
+    model = mlp()
+    x = torch.randn(8, 64)
+    deployment = deploy(model, WeightOnlyConfig(bits=4), x, dirpath=tmp_path, formats=["torch_export"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["approach"] == "weight_only" and manifest["bits"] == 4 and manifest["group_size"] == 32
+    assert manifest["size_bytes"]["quantized"] <= 0.3 * manifest["size_bytes"]["float"]
+    assert manifest["quantized_ops"] == {"Linear (int4 weight-only)": 3}
+    loaded = load(tmp_path)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), deployment.model(x), atol=1e-5)
+        assert not torch.equal(loaded(x), model(x))  # the 4-bit weights, not the float ones
+
+
+def lm_trainer(tmp_path, callback, epochs=2):
+    model = ByteLanguageModel(width=64, layers=1, heads=2, block_size=32)
+    data = StdlibTextDataModule(block_size=32, batch_size=8, max_bytes=6000)
+    trainer = fast_trainer(tmp_path, [callback], max_epochs=epochs, limit_train_batches=6, limit_val_batches=2)
+    return trainer, model, data
+
+
+def test_post_training_int4_callback_ships_the_language_model(tmp_path):
+    callback = WeightOnlyQuantization(bits=4, formats=["torch_export"], dirpath=tmp_path / "int4")
+    trainer, model, data = lm_trainer(tmp_path, callback, epochs=1)
+    trainer.fit(model, data)
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    assert manifest["approach"] == "weight_only" and manifest["status"] != "failed"
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert manifest["quantized_ops"] == {"Linear (int4 weight-only)": len(linears)}
+    assert "val/perplexity" in manifest["metrics"]["quantized"]
+    assert all(type(m) is not FakeQuantizedLinear for m in model.modules())  # the user's module is unchanged
+    tokens = torch.randint(0, 256, (3, 32))
+    assert load(tmp_path / "int4")(tokens).shape == (3, 32, 256)
+
+
+def test_qat_trains_fake_quantized_from_start_epoch_and_ships_that_grid(tmp_path):
+    callback = WeightOnlyQAT(start_epoch=1, bits=4, formats=["torch_export"], dirpath=tmp_path / "int4")
+    seen: list[tuple[int, bool]] = []
+
+    trainer, model, data = lm_trainer(tmp_path, callback, epochs=2)
+    hook = model.register_forward_pre_hook(
+        lambda module, args: (
+            seen.append((trainer.current_epoch, any(type(m) is FakeQuantizedLinear for m in module.modules())))
+            if module.training
+            else None
+        )
+    )
+    trainer.fit(model, data)
+    hook.remove()
+    assert set(seen) == {(0, False), (1, True)}  # every training step of epoch 1 fake-quantized, none of epoch 0
+    assert all(type(m) is not FakeQuantizedLinear for m in model.modules())  # removed at fit end
+    checkpoint = torch.load(next((tmp_path).rglob("*.ckpt")), weights_only=False)
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())  # names unchanged: loads into the plain model
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    assert manifest["approach"] == "weight_only_qat" and manifest["qat"] == {"start_epoch": 1}
+    int4 = quantize(model, WeightOnlyConfig(bits=4), torch.zeros(2, 32, dtype=torch.long))
+    tokens = torch.randint(0, 256, (2, 32))
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path / "int4")(tokens), int4(tokens), atol=1e-4)
+
+
+def test_the_language_model_experiment_composes_with_int4_qat():
+    cfg = compose_train(["experiment=byte_lm", "callbacks=int4_qat"])
+    assert cfg.callbacks.int4_qat.start_epoch < cfg.trainer.max_epochs  # QAT epochs happen
+    assert cfg.checkpoint.monitor == "val/perplexity" and cfg.checkpoint.mode == "min"
+
+
+@pytest.mark.slow
+def test_train_script_runs_the_language_model_with_int4_qat(tmp_path):
+    run = run_train_script(
+        tmp_path,
+        "experiment=byte_lm",
+        "callbacks=int4_qat",
+        "model.width=64",
+        "model.layers=1",
+        "model.heads=2",
+        "model.block_size=32",
+        "data.max_bytes=8000",
+        "trainer.max_epochs=2",
+        "callbacks.int4_qat.start_epoch=1",
+        "callbacks.int4_qat.formats=[torch_export]",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads(next(tmp_path.rglob("quantized/manifest.json")).read_text())
+    assert manifest["approach"] == "weight_only_qat" and manifest["bits"] == 4
+    assert manifest["size_bytes"]["quantized"] <= 0.5 * manifest["size_bytes"]["float"]
