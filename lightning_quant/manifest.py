@@ -199,14 +199,16 @@ def format_table(manifest: dict[str, Any]) -> str:
     header = ["", *names, "latency ms", "x float", "size KiB"]
     rows = [header]
     approach, bits = manifest["approach"], manifest.get("bits", 8)  # weight-only files record their bits
+    latency_ms = manifest["latency_ms"]
     for kind in ("float", "quantized"):
         values = metrics.get(kind, {})
+        latency = latency_ms.get(kind)  # no quantized latency when every file was slower than float and deleted
         rows.append(
             [
                 kind if kind == "float" else ("optimized" if approach == "float" else f"int{bits} ({approach})"),
                 *(f"{values[n]:.4f}" if n in values else "-" for n in names),
-                f"{manifest['latency_ms'][kind]:.3f}",
-                "" if kind == "float" else f"{manifest['latency_ms']['float'] / manifest['latency_ms'][kind]:.2f}",
+                "-" if latency is None else f"{latency:.3f}",
+                "" if kind == "float" else ("-" if latency is None else f"{latency_ms['float'] / latency:.2f}"),
                 f"{manifest['size_bytes'][kind] / 1024:.1f}",
             ]
         )

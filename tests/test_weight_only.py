@@ -15,6 +15,7 @@ from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization, load
 from lightning_quant.demo import ByteLanguageModel, StdlibTextDataModule
 from lightning_quant.export import export, verify_artifacts
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.manifest import format_table
 from lightning_quant.pipeline import deploy
 from lightning_quant.quantization import WeightOnlyConfig, quantize
 from lightning_quant.quantization.weight_only import (
@@ -103,6 +104,9 @@ def test_deploy_writes_verified_int4_files_a_quarter_of_float_that_load_reads(tm
     assert manifest["approach"] == "weight_only" and manifest["bits"] == 4 and manifest["group_size"] == 32
     assert manifest["size_bytes"]["quantized"] <= 0.3 * manifest["size_bytes"]["float"]
     assert manifest["quantized_ops"] == {"Linear (int4 weight-only)": 3}
+    assert "int4 (weight_only)" in format_table(manifest)
+    every_file_slow = {**manifest, "artifacts": [], "latency_ms": {"float": manifest["latency_ms"]["float"]}}
+    assert "int4 (weight_only)" in format_table(every_file_slow)  # what a fit whose files were all slower shows
     loaded = load(tmp_path)
     with torch.no_grad():
         assert torch.allclose(loaded(x), deployment.model(x), atol=1e-5)
