@@ -114,6 +114,7 @@ def test_deploy_writes_verified_int4_files_a_quarter_of_float_that_load_reads(tm
 
 
 def lm_trainer(tmp_path, callback, epochs=2):
+    torch.manual_seed(0)
     model = ByteLanguageModel(width=64, layers=1, heads=2, block_size=32)
     data = StdlibTextDataModule(block_size=32, batch_size=8, max_bytes=6000)
     trainer = fast_trainer(tmp_path, [callback], max_epochs=epochs, limit_train_batches=6, limit_val_batches=2)
@@ -185,3 +186,18 @@ def test_train_script_runs_the_language_model_with_int4_qat(tmp_path):
     manifest = json.loads(next(tmp_path.rglob("quantized/manifest.json")).read_text())
     assert manifest["approach"] == "weight_only_qat" and manifest["bits"] == 4
     assert manifest["size_bytes"]["quantized"] <= 0.5 * manifest["size_bytes"]["float"]
+
+
+def test_accuracy_budget_returns_the_most_sensitive_linear_layers_to_float(tmp_path):
+    budget = {"metric": "val/perplexity", "max_drop": 0.0, "relative": True, "higher_is_better": False}
+    callback = WeightOnlyQuantization(
+        bits=4, formats=["torch_export"], dirpath=tmp_path / "int4", max_metric_drop=budget
+    )
+    trainer, model, data = lm_trainer(tmp_path, callback, epochs=1)
+    trainer.fit(model, data)
+    manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
+    returned = [layer["name"] for layer in manifest["accuracy_budget"]["float_layers"]]
+    linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+    assert returned and set(returned) <= set(linears) and manifest["keep_float"] == returned
+    assert manifest["quantized_ops"] == {"Linear (int4 weight-only)": len(linears) - len(returned)}
+    assert manifest["accuracy_budget"]["after"] < manifest["accuracy_budget"]["before"]  # lower perplexity
