@@ -147,21 +147,11 @@ def deploy(
     calibration = [ModelInputs.from_value(batch).bind(model.forward) for batch in calibration_data or ()]
     try:
         with torch.no_grad():
-            reference = model if config is None else quantize(model, config, inputs, calibration)
+            reference = convert(model, config, inputs, calibration)
     except Exception as err:
         raise failure(
             err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend, model_name=type(model).__name__
         ) from err
-    onnx: Optional[OnnxQuantization] = None
-    if isinstance(config, StaticQuantConfig):
-        onnx = OrtStaticQuantization(
-            calibration_inputs=calibration,
-            per_channel=config.per_channel,
-            observer=config.observer,
-            keep_float=tuple(config.keep_float),
-        )
-    elif isinstance(config, DynamicQuantConfig):
-        onnx = OrtDynamicQuantization(keep_float=tuple(config.keep_float))
     deployment = ship(
         reference,
         float_model,
@@ -173,7 +163,7 @@ def deploy(
         timing_inputs=calibration[0] if calibration else None,
         dynamic_batch=dynamic_batch,
         target=target,
-        onnx_quantization=onnx,
+        onnx_quantization=ort_quantization(config, calibration),
         keep_float=getattr(config, "keep_float", ()),
         details={"bits": config.bits, "group_size": config.group_size}
         if isinstance(config, WeightOnlyConfig)
@@ -183,6 +173,35 @@ def deploy(
     )
     raise_failures(deployment, owner="deploy", model_name=type(model).__name__)
     return deployment
+
+
+def convert(
+    model: nn.Module,
+    config: Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig, None],
+    inputs: ModelInputs,
+    calibration: Sequence[ModelInputs] = (),
+) -> nn.Module:
+    """The model :func:`deploy` exports for ``config``: ``model`` itself for ``None`` (float), else its quantized
+    copy (:func:`~lightning_quant.quantization.quantize`; ``calibration`` is read by static int8 only)."""
+    if config is None:
+        return model
+    return quantize(model, config, inputs, calibration)
+
+
+def ort_quantization(config: Any, calibration: Sequence[ModelInputs] = ()) -> Optional[OnnxQuantization]:
+    """How the ``"onnx"`` file of ``config`` is made: ONNX Runtime's own quantization of the float model for static
+    (on ``calibration``) and dynamic int8, whose QDQ placement is what runs fast there; ``None`` (export the
+    converted model as is) for the others."""
+    if isinstance(config, StaticQuantConfig):
+        return OrtStaticQuantization(
+            calibration_inputs=list(calibration),
+            per_channel=config.per_channel,
+            observer=config.observer,
+            keep_float=tuple(config.keep_float),
+        )
+    if isinstance(config, DynamicQuantConfig):
+        return OrtDynamicQuantization(keep_float=tuple(config.keep_float))
+    return None
 
 
 def ship(

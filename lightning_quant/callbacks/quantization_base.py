@@ -1,38 +1,46 @@
 """The shared Lightning side of the int8 callbacks (static, dynamic, QAT): what happens at fit end.
 
-Subclass contract (``PostTrainingQuantization``, ``DynamicQuantization``, ``QuantizationAwareTraining``)
----------------------------------------------------------------------------------------------------------
-Set three class attributes and implement one method:
+Subclass contract (``PostTrainingQuantization``, ``DynamicQuantization``, ``QuantizationAwareTraining``, ...)
+--------------------------------------------------------------------------------------------------------------
+Set three class attributes and, in ``__init__``, ``self.config``:
 
-* ``approach``: ``"static"``, ``"dynamic"`` or ``"qat"`` (written to the manifest).
-* ``backend``: what runs the int8 kernels, e.g. ``"x86_inductor"`` (written to the manifest).
+* ``approach``: ``"static"``, ``"dynamic"``, ``"qat"``, ``"float"``... (written to the manifest).
+* ``backend``: what runs the kernels, e.g. ``"x86_inductor"`` (written to the manifest).
 * ``supported_formats``: the formats of :data:`lightning_quant.export.FORMATS` this approach can export;
   ``default_formats`` (optional) the ones used when the user passes none.
-* ``convert(trainer, pl_module, inputs, keep_float) -> nn.Module``: return the converted int8 *reference*
-  model on CPU, e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must
-  take ``inputs`` (the example input of ``pl_module.forward``, a :class:`ModelInputs`), must not modify
-  ``pl_module`` and must leave the modules named in ``keep_float`` in float (the user's ``keep_float`` plus
-  those the accuracy budget returned to float; names relative to ``pl_module``).
-  Any exception it raises reaches the user as a :class:`QuantizationError` naming the callback, the module
-  and the reason, with the path of the float checkpoint (saved before ``convert`` runs). Zero quantized
-  ops in the result is such an error.
+* ``config``: what :func:`lightning_quant.pipeline.convert` converts with, as :func:`~lightning_quant.deploy`
+  takes it (a :class:`~lightning_quant.quantization.StaticQuantConfig`, ``DynamicQuantConfig``,
+  ``WeightOnlyConfig``, or ``None``: the float model itself). Each conversion uses it with ``keep_float``
+  replaced (the user's names plus those the accuracy budget returned to float).
 
-Optional hooks:
+Fit end reads its data once and passes it down (nothing is kept on the callback between hooks): the example
+input (``inputs``, a :class:`ModelInputs` of ``pl_module.forward``), the real batches of
+``calibration_inputs(trainer)`` (``calibration``), an eval-mode CPU copy of the module (``float_model``) and the
+``keep_float`` of the conversion. Hooks, all optional:
 
-* ``onnx_quantization(trainer, pl_module, keep_float)``: how the ``"onnx"`` format is made. Return ``None`` (default)
-  to export the converted model as is, or an :class:`~lightning_quant.export.OrtStaticQuantization` /
-  :class:`~lightning_quant.export.OrtDynamicQuantization` to export the float model and let ONNX Runtime
-  quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
-* ``artifact_models(trainer, pl_module, keep_float)``: ``{format: model}`` for formats that must be made from another
+* ``calibration_inputs(trainer) -> list[ModelInputs]``: the batches conversion calibrates on (default none).
+* ``convert(pl_module, inputs, calibration, keep_float) -> nn.Module``: the converted *reference* model on
+  CPU. Default: :func:`lightning_quant.pipeline.convert` of a CPU copy with ``self.config``. It must not
+  modify ``pl_module`` and must leave the modules named in ``keep_float`` in float (names relative to
+  ``pl_module``). Any exception it raises reaches the user as a :class:`QuantizationError` naming the
+  callback, the module and the reason, with the path of the float checkpoint (saved before ``convert``
+  runs). Zero quantized ops in an int8 result is such an error.
+* ``onnx_quantization(calibration, keep_float)``: how the ``"onnx"`` format is made. ``None`` exports the
+  converted model as is; an :class:`~lightning_quant.export.OrtStaticQuantization` /
+  :class:`~lightning_quant.export.OrtDynamicQuantization` exports the float model and lets ONNX Runtime
+  quantize it (its own QDQ placement is what runs fast in ONNX Runtime). Default: what
+  :func:`~lightning_quant.deploy` does for ``self.config`` (:func:`lightning_quant.pipeline.ort_quantization`).
+* ``artifact_models(pl_module, keep_float)``: ``{format: model}`` for formats that must be made from another
   model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
   Those files, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
-* ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
+* ``manifest_details(float_model, inputs, calibration)``: a dict merged into ``manifest.json`` (observer,
+  calibration batches, notes...), computed from its arguments.
 * ``quantizable_layers(pl_module)``: the module names the accuracy budget's search may return to float
   (default: Conv and Linear modules outside ``keep_float``).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
 Helpers available to subclasses: ``self.model_inputs(trainer, "train" | "val", limit)`` (real input batches for
-calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy safe to modify).
+calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy of the float model, safe to modify).
 
 After fit: ``callback.quantized_model`` (the fast int8 model: AOTInductor-lowered when ``"aoti"`` is among
 the formats, else the reference model) and ``callback.manifest`` (the dict written to ``manifest.json``).
@@ -45,8 +53,9 @@ import inspect
 import math
 import os
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -60,7 +69,15 @@ from torchmetrics import Metric
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
-from lightning_quant.pipeline import DeploymentError, InferenceModel, failure, raise_failures, ship
+from lightning_quant.pipeline import (
+    DeploymentError,
+    InferenceModel,
+    failure,
+    ort_quantization,
+    raise_failures,
+    ship,
+)
+from lightning_quant.pipeline import convert as pipeline_convert
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
 from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
@@ -123,6 +140,8 @@ class QuantizationCallback(Callback, ABC):
     backend: ClassVar[str]
     supported_formats: ClassVar[tuple[str, ...]] = FORMATS
     default_formats: ClassVar[tuple[str, ...]] = ("aoti", "onnx")
+    #: what :func:`lightning_quant.pipeline.convert` converts with (``keep_float`` replaced); ``None``: float
+    config: Any = None
 
     def __init__(
         self,
@@ -171,26 +190,41 @@ class QuantizationCallback(Callback, ABC):
         self.manifest: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ subclass API
-    @abstractmethod
+    def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
+        """The real input batches conversion calibrates on, read once per fit end (default: none)."""
+        return []
+
     def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+        self,
+        pl_module: LightningModule,
+        inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
+        keep_float: Sequence[str],
     ) -> nn.Module:
-        """Return the converted int8 reference model (CPU, eval mode); see the module docstring."""
+        """The converted reference model (CPU, eval mode): :func:`lightning_quant.pipeline.convert` of a CPU copy
+        of ``pl_module`` with ``self.config`` (its ``keep_float`` replaced); see the module docstring."""
+        return pipeline_convert(self.cpu_copy(pl_module), self.config_keeping_float(keep_float), inputs, calibration)
+
+    def config_keeping_float(self, keep_float: Sequence[str]) -> Any:
+        """``self.config`` with ``keep_float`` replaced (``None`` stays ``None``: nothing is quantized)."""
+        return None if self.config is None else replace(self.config, keep_float=tuple(keep_float))
 
     def onnx_quantization(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+        self, calibration: Sequence[ModelInputs], keep_float: Sequence[str]
     ) -> Optional[OnnxQuantization]:
-        """How the ONNX file is quantized; ``None`` exports the converted model as is."""
-        return None
+        """How the ONNX file is quantized (``None``: the converted model is exported as is). Default: as
+        :func:`~lightning_quant.deploy` does for ``self.config``."""
+        return ort_quantization(self.config_keeping_float(keep_float), calibration)
 
-    def artifact_models(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
-    ) -> dict[str, nn.Module]:
+    def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
         """Models to export instead of the converted one, by format (default: none)."""
         return {}
 
-    def manifest_details(self) -> dict[str, Any]:
-        """Approach-specific entries for ``manifest.json``."""
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
+        """Approach-specific entries for ``manifest.json``, from the fit end's float model (an eval-mode CPU copy),
+        example input and calibration batches."""
         return {}
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
@@ -421,18 +455,19 @@ class QuantizationCallback(Callback, ABC):
                 try:
                     inputs = self._resolve_example_inputs(pl_module)
                     float_model = self.cpu_copy(pl_module)
+                    calibration = self.calibration_inputs(trainer)
                     budget_report, float_metrics = None, None
                     keep_float = list(self.keep_float)
                     if self.budget is None:
-                        reference = self.convert(trainer, pl_module, inputs, keep_float)
+                        reference = self.convert(pl_module, inputs, calibration, keep_float)
                     else:
                         reference, keep_float, budget_report, float_metrics = self._convert_within_budget(
-                            trainer, pl_module, float_model, inputs, self.budget
+                            trainer, pl_module, float_model, inputs, calibration, self.budget
                         )
                         self.budget_float_layers = keep_float[len(self.keep_float) :]
-                    onnx = self.onnx_quantization(trainer, pl_module, keep_float)
-                    models = self.artifact_models(trainer, pl_module, keep_float)
-                    details = self.manifest_details()
+                    onnx = self.onnx_quantization(calibration, keep_float)
+                    models = self.artifact_models(pl_module, keep_float)
+                    details = self.manifest_details(float_model, inputs, calibration)
                     timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
                         self.model_inputs(trainer, "train", limit=1), None
                     )
@@ -491,6 +526,7 @@ class QuantizationCallback(Callback, ABC):
         pl_module: LightningModule,
         float_model: nn.Module,
         inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
         budget: MetricBudget,
     ) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, float]]:
         """Convert, and while the budget's metric dropped too far, convert again with more layers in float.
@@ -516,7 +552,7 @@ class QuantizationCallback(Callback, ABC):
             return results[budget.metric]
 
         def quantize_with(names: Sequence[str]) -> nn.Module:
-            return self.convert(trainer, pl_module, inputs, [*self.keep_float, *names])
+            return self.convert(pl_module, inputs, calibration, [*self.keep_float, *names])
 
         result = fallback_search(
             float_model,
