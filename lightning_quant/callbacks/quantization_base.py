@@ -66,6 +66,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_quant.callbacks._view import module_view
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
@@ -625,7 +626,8 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
 def evaluate_validation(
     pl_module: LightningModule, model: Callable[..., Any], loaders: Sequence[Any], limits: Sequence[float]
 ) -> dict[str, float]:
-    """Run ``pl_module.validation_step`` with ``forward`` replaced by ``model``; return what it logs.
+    """Run ``pl_module``'s ``validation_step`` with ``model`` as its forward (on a :func:`module_view`: the module
+    itself is not modified); return what it logs.
 
     The module's own code computes the metrics: torchmetrics objects it logs are computed over all batches,
     plain values are averaged weighted by batch size. Metric states are reset before and after.
@@ -634,27 +636,13 @@ def evaluate_validation(
     recorded_metrics: dict[str, Metric] = {}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    current_batch_size = [1]
-
-    def record(name: str, value: Any, *args: Any, batch_size: Optional[int] = None, **kwargs: Any) -> None:
-        if isinstance(value, Metric):
-            recorded_metrics[name] = value
-            return
-        weight = batch_size or current_batch_size[0]
-        sums[name] = sums.get(name, 0.0) + float(value) * weight
-        counts[name] = counts.get(name, 0.0) + weight
-
-    def record_dict(values: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        for name, value in values.items():
-            record(name, value, **{k: v for k, v in kwargs.items() if k == "batch_size"})
-
-    takes_dataloader_idx = "dataloader_idx" in inspect.signature(pl_module.validation_step).parameters
+    view = module_view(pl_module, model)
+    takes_dataloader_idx = "dataloader_idx" in inspect.signature(view.validation_step).parameters
     for metric in metrics:
         metric.reset()
     saved_sync = [(m, m.sync_on_compute) for m in metrics]
     for metric in metrics:
         metric.sync_on_compute = False  # only rank zero evaluates: a sync would wait for the others forever
-    pl_module.__dict__.update(forward=lambda *a, **k: model(*a, **k), log=record, log_dict=record_dict)
     try:
         with torch.no_grad():
             for index, (loader, limit) in enumerate(zip(loaders, limits)):
@@ -663,14 +651,21 @@ def evaluate_validation(
                         break
                     batch = _to_cpu(batch)
                     tensors = [t for t in _leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
-                    current_batch_size[0] = int(tensors[0].shape[0]) if tensors else 1
+                    current_batch_size = int(tensors[0].shape[0]) if tensors else 1
                     extra = {"dataloader_idx": index} if takes_dataloader_idx and len(loaders) > 1 else {}
-                    pl_module.validation_step(batch, batch_idx, **extra)
+                    view.validation_step(batch, batch_idx, **extra)
+                    for name, calls in view.logged.items():
+                        for value, batch_size in calls:
+                            if isinstance(value, Metric):
+                                recorded_metrics[name] = value
+                                continue
+                            weight = batch_size or current_batch_size
+                            sums[name] = sums.get(name, 0.0) + float(value) * weight
+                            counts[name] = counts.get(name, 0.0) + weight
+                    view.logged.clear()
         results = {name: float(metric.compute()) for name, metric in recorded_metrics.items()}
         results.update({name: sums[name] / counts[name] for name in sums})
     finally:
-        for attribute in ("forward", "log", "log_dict"):
-            pl_module.__dict__.pop(attribute, None)
         for metric, sync in saved_sync:
             metric.sync_on_compute = sync
             metric.reset()
