@@ -60,6 +60,7 @@ class OptimizeForInference(QuantizationCallback):
     backend = "float (AOTInductor with freezing; ONNX Runtime)"
     supported_formats = ("aoti", "onnx", "torch_export")
     default_formats = ("aoti", "onnx", "torch_export")
+    config = None  # nothing is quantized: the shared path exports the float model, as deploy(model, None) does
 
     def __init__(
         self,

@@ -87,7 +87,8 @@ _DATALOADERS = ("train", "val")
 
 
 class QuantizationCallback(Callback, ABC):
-    r"""Base of the callbacks that turn the trained float model into verified int8 artifacts at fit end.
+    r"""Base of the callbacks that turn the trained float model into verified artifacts at fit end: int8 (or
+    weight-only) by ``config``, or the float model itself when ``config`` is ``None``.
 
     At fit end (rank zero does the work; all ranks wait for it):
 
@@ -310,7 +311,8 @@ class QuantizationCallback(Callback, ABC):
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]  # type: ignore[attr-defined]  # set by Lightning's callback connector
-        int8 = [c for c in others if c.approach != "float"] if self.approach != "float" else []
+        # config None exports the float model (OptimizeForInference): beside one that quantizes, it is no conflict
+        int8 = [c for c in others if c.config is not None] if self.config is not None else []
         same_dir = [
             c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == self.output_dir.resolve()
         ]
