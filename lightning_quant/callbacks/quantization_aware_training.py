@@ -157,11 +157,8 @@ class QuantizationAwareTraining(QuantizationCallback):
                 "no fake-quant model to convert. Lower start_epoch, or use PostTrainingQuantization."
             )
         self.qat.sync_observers()  # every rank, before rank zero converts
-        self.qat.detach()  # the base copies the float module and evaluates it: give it the float forward
-        try:
-            super().on_fit_end(trainer, pl_module)
-        finally:
-            self.qat.attach()
+        # the shared path copies, binds and evaluates the module's own (float) forward: the graph stays attached
+        super().on_fit_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ ranges move only where allowed
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

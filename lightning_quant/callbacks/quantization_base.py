@@ -48,7 +48,6 @@ the formats, else the reference model) and ``callback.manifest`` (the dict writt
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
@@ -74,7 +73,9 @@ from lightning_quant.pipeline import (
     DeploymentError,
     InferenceModel,
     failure,
+    float_copy,
     ort_quantization,
+    own_forward,
     raise_failures,
     ship,
 )
@@ -376,27 +377,29 @@ class QuantizationCallback(Callback, ABC):
         a batch that cannot be bound raises an error naming ``batch_to_input``. By default a tuple batch is
         ``(input, target)``; when ``forward`` needs more than ``batch[0]`` (``forward(inputs, target)`` in
         Lightning's demo Transformer), the whole tuple is its arguments."""
+        forward = own_forward(pl_module)
         candidates = [self.batch_to_input(batch)]
         if self.batch_to_input is default_batch_to_input and isinstance(batch, (tuple, list)) and len(batch) > 1:
             candidates.append(tuple(batch))
         errors = []
         for candidate in candidates:
             try:
-                return ModelInputs.from_value(candidate).matching(pl_module.forward).bind(pl_module.forward)
+                return ModelInputs.from_value(candidate).matching(forward).bind(forward)
             except TypeError as err:
                 errors.append(err)
         kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
         raise ValueError(
             f"{type(self).__name__}: a batch of the {dataloader} dataloader ({kind}) does not fit "
-            f"{type(pl_module).__name__}.forward{inspect.signature(pl_module.forward)}: {errors[0]}. Pass "
+            f"{type(pl_module).__name__}.forward{inspect.signature(forward)}: {errors[0]}. Pass "
             "batch_to_input=lambda batch: ... returning what forward takes (a tensor, a tuple of arguments or a "
             "dict of keywords)."
         ) from errors[0]
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
-        """An eval-mode CPU deep copy of the module (the copy is detached from the trainer)."""
-        return copy.deepcopy(pl_module).cpu().eval()
+        """An eval-mode CPU deep copy of the float module (detached from the trainer; a ``forward`` set on the
+        instance, such as QAT's fake-quant graph, is not copied: the copy runs the class's forward)."""
+        return float_copy(pl_module).cpu().eval()  # type: ignore[return-value]  # a copy of a LightningModule
 
     def _dataloaders(self, trainer: Trainer, which: str) -> list[Any]:
         if which not in _DATALOADERS:
@@ -416,7 +419,7 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
                 "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
             )
-        return example_inputs_for_export(value, pl_module.forward, self.dynamic_batch)
+        return example_inputs_for_export(value, own_forward(pl_module), self.dynamic_batch)
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
@@ -548,7 +551,7 @@ class QuantizationCallback(Callback, ABC):
                 results = evaluate_validation(pl_module, float_model, loaders, limits)
                 float_metrics.update(results)
             else:
-                reference = InferenceModel(pl_module.forward, model, None, None, self.approach)
+                reference = InferenceModel(own_forward(pl_module), model, None, None, self.approach)
                 results = evaluate_validation(pl_module, reference, loaders, limits)
             if budget.metric not in results:
                 raise ValueError(_unknown_metric(type(self).__name__, budget.metric, sorted(results)))
