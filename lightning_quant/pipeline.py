@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 import warnings
@@ -52,6 +53,7 @@ from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.qat import QATGraph
 from lightning_quant.quantization.weight_only import WeightOnlyConfig
 from lightning_quant.target import DEFAULT_TARGET, resolve_target
 
@@ -71,6 +73,8 @@ _APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
         "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)",
         ("onnx", "torch_export"),
     ),
+    # a QAT-trained graph (prepare_qat, then training): converted with the ranges it learned
+    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx")),
     type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
 }
 
@@ -98,7 +102,7 @@ class Deployment:
 
 def deploy(
     model: nn.Module,
-    config: Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig, None],
+    config: Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig, QATGraph, None],
     example_inputs: Any,
     calibration_data: Optional[Iterable[Any]] = None,
     *,
@@ -113,8 +117,10 @@ def deploy(
         model: the float model (switched to eval mode, otherwise not modified).
         config: :class:`~lightning_quant.quantization.StaticQuantConfig` (needs ``calibration_data``),
             :class:`~lightning_quant.quantization.DynamicQuantConfig`,
-            :class:`~lightning_quant.quantization.WeightOnlyConfig` (int4/int8 weights of Linear layers), or
-            ``None`` to export the float model itself for inference.
+            :class:`~lightning_quant.quantization.WeightOnlyConfig` (int4/int8 weights of Linear layers), the
+            :class:`~lightning_quant.quantization.qat.QATGraph` that trained ``model`` (``prepare_qat``, then
+            training: converted with its ranges; ``model`` may stay attached to it, the float model is a copy
+            without the fake-quant graph), or ``None`` to export the float model itself for inference.
         example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
             batch of 2 or more: export treats a dimension of size 1 as a constant).
         calibration_data: static only: real input batches in the same form.
@@ -130,9 +136,11 @@ def deploy(
     """
     if type(config) not in _APPROACHES:
         raise TypeError(
-            "config must be a StaticQuantConfig, a DynamicQuantConfig, a WeightOnlyConfig or None (float), got "
-            f"{type(config).__name__}"
+            "config must be a WeightOnlyConfig, a trained QATGraph, a StaticQuantConfig, a DynamicQuantConfig or "
+            f"None (float), got {type(config).__name__}"
         )
+    if isinstance(config, QATGraph) and config.model is not model:
+        raise ValueError("the QATGraph was prepared from another model: pass the model it trained (qat.model) with it")
     approach, backend, default_formats = _APPROACHES[type(config)]
     if isinstance(config, StaticQuantConfig) and calibration_data is None:
         raise ValueError(
@@ -142,26 +150,17 @@ def deploy(
     dirpath = Path(dirpath)
     dirpath.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    float_model = model.eval()
-    inputs = example_inputs_for_export(example_inputs, model.forward, dynamic_batch)
-    calibration = [ModelInputs.from_value(batch).bind(model.forward) for batch in calibration_data or ()]
+    float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
+    forward = own_forward(model)
+    inputs = example_inputs_for_export(example_inputs, forward, dynamic_batch)
+    calibration = [ModelInputs.from_value(batch).bind(forward) for batch in calibration_data or ()]
     try:
         with torch.no_grad():
-            reference = model if config is None else quantize(model, config, inputs, calibration)
+            reference = convert(model, config, inputs, calibration)
     except Exception as err:
         raise failure(
             err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend, model_name=type(model).__name__
         ) from err
-    onnx: Optional[OnnxQuantization] = None
-    if isinstance(config, StaticQuantConfig):
-        onnx = OrtStaticQuantization(
-            calibration_inputs=calibration,
-            per_channel=config.per_channel,
-            observer=config.observer,
-            keep_float=tuple(config.keep_float),
-        )
-    elif isinstance(config, DynamicQuantConfig):
-        onnx = OrtDynamicQuantization(keep_float=tuple(config.keep_float))
     deployment = ship(
         reference,
         float_model,
@@ -173,7 +172,7 @@ def deploy(
         timing_inputs=calibration[0] if calibration else None,
         dynamic_batch=dynamic_batch,
         target=target,
-        onnx_quantization=onnx,
+        onnx_quantization=ort_quantization(config, calibration),
         keep_float=getattr(config, "keep_float", ()),
         details={"bits": config.bits, "group_size": config.group_size}
         if isinstance(config, WeightOnlyConfig)
@@ -183,6 +182,52 @@ def deploy(
     )
     raise_failures(deployment, owner="deploy", model_name=type(model).__name__)
     return deployment
+
+
+def convert(
+    model: nn.Module,
+    config: Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig, QATGraph, None],
+    inputs: ModelInputs,
+    calibration: Sequence[ModelInputs] = (),
+) -> nn.Module:
+    """The model :func:`deploy` exports for ``config``: ``model`` itself for ``None`` (float), the converted graph
+    of a trained ``QATGraph``, else the quantized copy (:func:`~lightning_quant.quantization.quantize`;
+    ``calibration`` is read by static int8 only)."""
+    if config is None:
+        return model
+    if isinstance(config, QATGraph):
+        return config.convert()
+    return quantize(model, config, inputs, calibration)
+
+
+def own_forward(model: nn.Module) -> Callable[..., Any]:
+    """``model``'s own ``forward`` (its class's), not one set on the instance such as an attached QAT graph."""
+    return type(model).forward.__get__(model)
+
+
+def float_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` that computes with its class's own ``forward``: a ``forward`` set on the instance
+    (an attached QAT graph) is neither copied nor kept."""
+    override = vars(model).get("forward")
+    copied = copy.deepcopy(model, {} if override is None else {id(override): None})
+    vars(copied).pop("forward", None)
+    return copied
+
+
+def ort_quantization(config: Any, calibration: Sequence[ModelInputs] = ()) -> Optional[OnnxQuantization]:
+    """How the ``"onnx"`` file of ``config`` is made: ONNX Runtime's own quantization of the float model for static
+    (on ``calibration``) and dynamic int8, whose QDQ placement is what runs fast there; ``None`` (export the
+    converted model as is) for the others."""
+    if isinstance(config, StaticQuantConfig):
+        return OrtStaticQuantization(
+            calibration_inputs=list(calibration),
+            per_channel=config.per_channel,
+            observer=config.observer,
+            keep_float=tuple(config.keep_float),
+        )
+    if isinstance(config, DynamicQuantConfig):
+        return OrtDynamicQuantization(keep_float=tuple(config.keep_float))
+    return None
 
 
 def ship(

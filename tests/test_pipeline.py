@@ -79,3 +79,22 @@ def test_a_failed_quantization_writes_a_failed_manifest_and_the_full_report(tmp_
     assert manifest["status"] == "failed" and manifest["approach"] == "dynamic"
     assert manifest == caught.value.manifest
     assert "produced no quantized op" in (tmp_path / "errors.log").read_text()
+
+
+def test_deploy_a_trained_qat_graph_keeps_the_model_attached(tmp_path):
+    from lightning_quant.quantization.qat import prepare_qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    qat = prepare_qat(model, torch.rand(4, 1, 8, 8))
+    qat.attach()
+    model.train()
+    for _ in range(4):
+        model(torch.rand(16, 1, 8, 8))  # training steps: the ranges see data
+    with pytest.raises(ValueError, match="prepared from another model"):
+        deploy(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), qat, torch.rand(4, 1, 8, 8), dirpath=tmp_path)
+    deployment = deploy(model, qat, torch.rand(4, 1, 8, 8), dirpath=tmp_path, formats=["torch_export"])
+    assert deployment.manifest["approach"] == "qat" and sum(deployment.manifest["quantized_ops"].values()) > 0
+    assert qat.attached  # the model still runs its fake-quant graph
+    x = torch.rand(6, 1, 8, 8)
+    torch.testing.assert_close(load(tmp_path)(x), qat.convert()(x), rtol=1e-4, atol=1e-4)

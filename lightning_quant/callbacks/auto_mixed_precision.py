@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torchmetrics import Metric
 
+from lightning_quant.callbacks._view import ModuleView, module_view
 from lightning_quant.precision import BF16_MIXED, FLOAT32, FP16_MIXED, preferred_mixed_precision
 
 _DTYPES: dict[str, Any] = {"auto": None, "bf16": BF16_MIXED, "fp16": FP16_MIXED}
@@ -145,13 +146,13 @@ class AutoMixedPrecision(Callback):
     ) -> dict[str, list[float]]:
         device = trainer.strategy.root_device
         seconds: dict[str, list[float]] = {name: [] for name in plugins}
-        with _leaves_no_trace(pl_module, device):
+        with _leaves_no_trace(pl_module, device) as view:
             batch = _training_batch(trainer)
             # Interleaved rounds, so load from other processes hits every candidate alike; round 0 warms up
             # (allocations, kernel selection) and is not kept.
             for round_ in range(self.measure_steps + 1):
                 for name, plugin in plugins.items():
-                    elapsed = _time_forward_backward(pl_module, batch, plugin, device)
+                    elapsed = _time_forward_backward(view, batch, plugin, device)
                     if round_:
                         seconds[name].append(elapsed)
         return seconds
@@ -202,14 +203,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _drop_log(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
 @contextmanager
-def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Iterator[None]:
-    """Passes run inside change nothing: no optimizer step, and buffers (BatchNorm statistics), torchmetrics
-    states, gradients and random state are put back; ``self.log`` calls are dropped."""
+def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Iterator[ModuleView]:
+    """Passes run inside, on the view it yields, change nothing: no optimizer step, and buffers (BatchNorm
+    statistics), torchmetrics states, gradients and random state are put back; ``self.log`` calls go to the view
+    (:func:`module_view`: the module itself is not modified) and are dropped."""
     buffers = {name: buffer.detach().clone() for name, buffer in pl_module.named_buffers()}
     grads = {param: param.grad for param in pl_module.parameters()}
     metrics = [
@@ -219,11 +217,9 @@ def _leaves_no_trace(pl_module: pl.LightningModule, device: torch.device) -> Ite
     ]
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
-        pl_module.log = pl_module.log_dict = _drop_log  # type: ignore[method-assign]
         try:
-            yield
+            yield module_view(pl_module)
         finally:
-            del pl_module.log, pl_module.log_dict
             with torch.no_grad():
                 for name, buffer in pl_module.named_buffers():
                     buffer.copy_(buffers[name])

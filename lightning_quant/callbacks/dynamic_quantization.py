@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -12,9 +11,9 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
-from lightning_quant.export import FORMATS, OrtDynamicQuantization
+from lightning_quant.export import FORMATS
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization import DynamicQuantConfig, quantize
+from lightning_quant.quantization import DynamicQuantConfig
 from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
 from lightning_quant.target import DEFAULT_TARGET
@@ -54,6 +53,7 @@ class DynamicQuantization(QuantizationCallback):
     backend = "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)"
     supported_formats = FORMATS
     default_formats = ("aoti", "onnx")
+    config: DynamicQuantConfig
 
     def __init__(
         self,
@@ -72,35 +72,34 @@ class DynamicQuantization(QuantizationCallback):
         )
         self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=target)
         self._formats_given = formats is not None
-        self._recurrent_layers: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit" or not self.config.recurrent:
+        if stage != "fit":
             return
-        self._recurrent_layers = [
-            name
-            for name, module in pl_module.named_modules()
-            if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
-        ]
+        recurrent_layers = self._recurrent_layers(pl_module)
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
-        if not self._recurrent_layers or not blocked:
+        if not recurrent_layers or not blocked:
             return
         if not self._formats_given:  # the defaults: pick the formats that carry an int8 LSTM
             self.formats = ["onnx", "torchscript"]
             return
         raise ValueError(
-            f"{type(pl_module).__name__} has recurrent layers {self._recurrent_layers}: their int8 version (legacy "
+            f"{type(pl_module).__name__} has recurrent layers {recurrent_layers}: their int8 version (legacy "
             f"torch.ao) cannot be captured by torch.export, so formats {blocked} are impossible. Use "
             "formats=['onnx', 'torchscript'], or recurrent=False to keep them float (int8 LSTM gives no speed "
             "on x86 CPUs anyway)."
         )
 
-    def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
-    ) -> nn.Module:
-        config = replace(self.config, keep_float=tuple(keep_float))
-        return quantize(self.cpu_copy(pl_module), config, inputs)
+    def _recurrent_layers(self, model: nn.Module) -> list[str]:
+        """The LSTM/GRU layers made int8 (none with ``recurrent=False``)."""
+        if not self.config.recurrent:
+            return []
+        return [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
+        ]
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
         return [
@@ -110,14 +109,7 @@ class DynamicQuantization(QuantizationCallback):
             if not isinstance(pl_module.get_submodule(name), NonDynamicallyQuantizableLinear)
         ]
 
-    def onnx_quantization(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
-    ) -> OrtDynamicQuantization:
-        return OrtDynamicQuantization(keep_float=tuple(keep_float))
-
-    def artifact_models(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
-    ) -> dict[str, nn.Module]:
+    def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
         if "torchscript" not in self.formats:
             return {}
         legacy = self.cpu_copy(pl_module)
@@ -127,7 +119,9 @@ class DynamicQuantization(QuantizationCallback):
     def _layer_types(self) -> tuple[type[nn.Module], ...]:
         return (nn.Linear, *RECURRENT_TYPES) if self.config.recurrent else (nn.Linear,)
 
-    def manifest_details(self) -> dict[str, Any]:
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
         notes = [
             "Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
             "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."
@@ -137,8 +131,9 @@ class DynamicQuantization(QuantizationCallback):
                 "'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
                 "tensors); its numerics differ slightly, so it is verified against the float model."
             )
-        if self._recurrent_layers:
+        recurrent_layers = self._recurrent_layers(float_model)
+        if recurrent_layers:
             notes.append(RECURRENT_NOTE)
         elif not self.config.recurrent:
             notes.append("recurrent=False: LSTM/GRU layers stay float.")
-        return {"recurrent_layers_int8": self._recurrent_layers, "notes": notes}
+        return {"recurrent_layers_int8": recurrent_layers, "notes": notes}

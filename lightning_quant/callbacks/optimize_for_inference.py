@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from torch.utils._pytree import tree_map
@@ -60,6 +60,7 @@ class OptimizeForInference(QuantizationCallback):
     backend = "float (AOTInductor with freezing; ONNX Runtime)"
     supported_formats = ("aoti", "onnx", "torch_export")
     default_formats = ("aoti", "onnx", "torch_export")
+    config = None  # nothing is quantized: the shared path exports the float model, as deploy(model, None) does
 
     def __init__(
         self,
@@ -82,7 +83,6 @@ class OptimizeForInference(QuantizationCallback):
                 )
         super().__init__(dirpath, formats, example_input, (), batch_to_input, dynamic_batch, target=target)
         self.dtype = dtype
-        self.manual_attention: list[str] = []
 
     @property
     def optimized_model(self) -> Optional[nn.Module]:
@@ -90,16 +90,13 @@ class OptimizeForInference(QuantizationCallback):
         return self.quantized_model
 
     def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+        self,
+        pl_module: LightningModule,
+        inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
+        keep_float: Sequence[str],
     ) -> nn.Module:
-        model = self.cpu_copy(pl_module)
-        self.manual_attention = find_manual_attention(model, *inputs.args, **inputs.kwargs)
-        if self.manual_attention:
-            rank_zero_warn(
-                f"{type(pl_module).__name__} computes attention by hand (softmax(q @ k^T) @ v) at "
-                f"{', '.join(self.manual_attention)}: torch.nn.functional.scaled_dot_product_attention does the "
-                "same in one fused kernel (faster, less memory), and exports as one op."
-            )
+        model = super().convert(pl_module, inputs, calibration, keep_float)  # config None: a float copy
         if self.dtype == "bfloat16":
             # hooks, not a wrapper: forward keeps its signature, and torch.export traces the casts
             model.to(torch.bfloat16)
@@ -107,10 +104,19 @@ class OptimizeForInference(QuantizationCallback):
             model.register_forward_hook(_outputs_to_float32)
         return model
 
-    def manifest_details(self) -> dict[str, Any]:
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
+        manual_attention = find_manual_attention(float_model, *inputs.args, **inputs.kwargs)
+        if manual_attention:
+            rank_zero_warn(
+                f"{type(float_model).__name__} computes attention by hand (softmax(q @ k^T) @ v) at "
+                f"{', '.join(manual_attention)}: torch.nn.functional.scaled_dot_product_attention does the "
+                "same in one fused kernel (faster, less memory), and exports as one op."
+            )
         return {
             "dtype": self.dtype,
-            "manual_attention": self.manual_attention,
+            "manual_attention": manual_attention,
             "notes": [
                 "No quantization: the trained model itself, exported for inference (torch.export, AOTInductor "
                 "with freezing, ONNX). 'quantized' in latency_ms/size_bytes/metrics means this optimized model."

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -12,9 +11,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
-from lightning_quant.export import OrtStaticQuantization
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization import StaticQuantConfig, quantize, single_input_channel_convs
+from lightning_quant.quantization import StaticQuantConfig, single_input_channel_convs
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.target import DEFAULT_TARGET
 
@@ -56,6 +54,7 @@ class PostTrainingQuantization(QuantizationCallback):
     backend = "x86_inductor"
     supported_formats = ("aoti", "onnx", "torch_export")
     default_formats = ("aoti", "onnx")
+    config: StaticQuantConfig
 
     def __init__(
         self,
@@ -90,8 +89,6 @@ class PostTrainingQuantization(QuantizationCallback):
         )
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader
-        self._calibration: list[ModelInputs] = []
-        self._kept_float_automatically: list[str] = []
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
@@ -108,27 +105,17 @@ class PostTrainingQuantization(QuantizationCallback):
                 "calibrate activation ranges on"
             )
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._calibration = []  # read again for this fit's model, once: every convert of it calibrates alike
-        super().on_fit_end(trainer, pl_module)
+    def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
+        # read once per fit end: every conversion of this fit's model (the accuracy budget's too) calibrates alike
+        calibration = list(self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches))
+        if len(calibration) < self.num_calibration_batches:
+            rank_zero_warn(self._short_calibration_note(calibration))
+        return calibration
 
-    def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
-    ) -> nn.Module:
-        if not self._calibration:
-            self._calibration = list(
-                self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches)
-            )
-            if len(self._calibration) < self.num_calibration_batches:
-                rank_zero_warn(self._short_calibration_note())
-        self._kept_float_automatically = single_input_channel_convs(pl_module)
-        config = replace(self.config, keep_float=tuple(keep_float))
-        return quantize(self.cpu_copy(pl_module), config, inputs, self._calibration)
-
-    def _short_calibration_note(self) -> str:
-        samples = sum(inputs.batch_size() or 0 for inputs in self._calibration)
+    def _short_calibration_note(self, calibration: Sequence[ModelInputs]) -> str:
+        samples = sum(inputs.batch_size() or 0 for inputs in calibration)
         return (
-            f"Calibrated on {len(self._calibration)} batch(es) ({samples} samples) of the {self.calibration_dataloader} "
+            f"Calibrated on {len(calibration)} batch(es) ({samples} samples) of the {self.calibration_dataloader} "
             f"dataloader, fewer than num_calibration_batches={self.num_calibration_batches}: activation ranges seen "
             "on so little data may clip real inputs. Give the dataloader more data (or "
             "calibration_dataloader='train'/'val', whichever is larger), or lower num_calibration_batches."
@@ -138,34 +125,27 @@ class PostTrainingQuantization(QuantizationCallback):
         automatic = set(single_input_channel_convs(pl_module))
         return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
-    def onnx_quantization(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
-    ) -> Optional[OrtStaticQuantization]:
-        return OrtStaticQuantization(
-            calibration_inputs=self._calibration,
-            per_channel=self.config.per_channel,
-            observer=self.config.observer,
-            keep_float=tuple(keep_float),
-        )
-
-    def manifest_details(self) -> dict[str, Any]:
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
         notes = []
         onnx_note = (
             "'onnx' is ONNX Runtime quantize_static (QDQ) of the float model on the same calibration batches, "
             "because the PT2E graph exported as is runs slowly in ONNX Runtime; its scales come from ONNX "
             "Runtime's calibrator, so it is verified against the float model."
         )
-        if len(self._calibration) < self.num_calibration_batches:
-            notes.append(self._short_calibration_note())
-        if self._kept_float_automatically:
+        if len(calibration) < self.num_calibration_batches:
+            notes.append(self._short_calibration_note(calibration))
+        kept_float_automatically = single_input_channel_convs(float_model)
+        if kept_float_automatically:
             notes.append(
-                f"Kept float automatically: {self._kept_float_automatically} (convolutions with one input channel: "
+                f"Kept float automatically: {kept_float_automatically} (convolutions with one input channel: "
                 "torch 2.13's AOTInductor miscompiles the int8 conv after them with a dynamic batch)."
             )
         return {
             "calibration": {
                 "dataloader": self.calibration_dataloader,
-                "batches": len(self._calibration),
+                "batches": len(calibration),
                 "batches_requested": self.num_calibration_batches,
                 "observer": self.config.observer,
                 "per_channel_weights": self.config.per_channel,

@@ -72,6 +72,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     backend = "x86_inductor"
     supported_formats = ("aoti", "onnx", "torch_export")
     default_formats = ("aoti", "onnx")
+    config: QATConfig
 
     def __init__(
         self,
@@ -156,11 +157,8 @@ class QuantizationAwareTraining(QuantizationCallback):
                 "no fake-quant model to convert. Lower start_epoch, or use PostTrainingQuantization."
             )
         self.qat.sync_observers()  # every rank, before rank zero converts
-        self.qat.detach()  # the base copies the float module and evaluates it: give it the float forward
-        try:
-            super().on_fit_end(trainer, pl_module)
-        finally:
-            self.qat.attach()
+        # the shared path copies, binds and evaluates the module's own (float) forward: the graph stays attached
+        super().on_fit_end(trainer, pl_module)
 
     # ------------------------------------------------------------------ ranges move only where allowed
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -217,7 +215,11 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     # ------------------------------------------------------------------ QuantizationCallback
     def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+        self,
+        pl_module: LightningModule,
+        inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
+        keep_float: Sequence[str],
     ) -> nn.Module:
         if self.qat is None:  # on_fit_end refuses this case first, with the fix
             raise QuantizationError("QuantizationAwareTraining: no fake-quant model to convert")
@@ -230,7 +232,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         automatic = set(single_input_channel_convs(pl_module))
         return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
 
-    def manifest_details(self) -> dict[str, Any]:
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
         return {
             "qat": {
                 "started_epoch": self._started_epoch,
@@ -242,7 +246,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                 "observer_enabled_stages": list(self.observer_enabled_stages),
                 "fake_quant_modules": self.qat.num_fake_quantizers if self.qat is not None else 0,
                 # as in static int8: torch 2.13's AOTInductor miscompiles the int8 conv after such a conv
-                "kept_float_automatically": single_input_channel_convs(self.qat.model) if self.qat is not None else [],
+                "kept_float_automatically": single_input_channel_convs(float_model),
             },
             "notes": [
                 "'float' metrics are the QAT-trained weights run without fake-quant; 'quantized' is the int8 model "

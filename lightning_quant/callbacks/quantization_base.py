@@ -1,38 +1,46 @@
 """The shared Lightning side of the int8 callbacks (static, dynamic, QAT): what happens at fit end.
 
-Subclass contract (``PostTrainingQuantization``, ``DynamicQuantization``, ``QuantizationAwareTraining``)
----------------------------------------------------------------------------------------------------------
-Set three class attributes and implement one method:
+Subclass contract (``PostTrainingQuantization``, ``DynamicQuantization``, ``QuantizationAwareTraining``, ...)
+--------------------------------------------------------------------------------------------------------------
+Set three class attributes and, in ``__init__``, ``self.config``:
 
-* ``approach``: ``"static"``, ``"dynamic"`` or ``"qat"`` (written to the manifest).
-* ``backend``: what runs the int8 kernels, e.g. ``"x86_inductor"`` (written to the manifest).
+* ``approach``: ``"static"``, ``"dynamic"``, ``"qat"``, ``"float"``... (written to the manifest).
+* ``backend``: what runs the kernels, e.g. ``"x86_inductor"`` (written to the manifest).
 * ``supported_formats``: the formats of :data:`lightning_quant.export.FORMATS` this approach can export;
   ``default_formats`` (optional) the ones used when the user passes none.
-* ``convert(trainer, pl_module, inputs, keep_float) -> nn.Module``: return the converted int8 *reference*
-  model on CPU, e.g. the ``GraphModule`` from ``convert_pt2e`` or a copy quantized with ``quantize_``. It must
-  take ``inputs`` (the example input of ``pl_module.forward``, a :class:`ModelInputs`), must not modify
-  ``pl_module`` and must leave the modules named in ``keep_float`` in float (the user's ``keep_float`` plus
-  those the accuracy budget returned to float; names relative to ``pl_module``).
-  Any exception it raises reaches the user as a :class:`QuantizationError` naming the callback, the module
-  and the reason, with the path of the float checkpoint (saved before ``convert`` runs). Zero quantized
-  ops in the result is such an error.
+* ``config``: what :func:`lightning_quant.pipeline.convert` converts with, as :func:`~lightning_quant.deploy`
+  takes it (a :class:`~lightning_quant.quantization.StaticQuantConfig`, ``DynamicQuantConfig``,
+  ``WeightOnlyConfig``, or ``None``: the float model itself). Each conversion uses it with ``keep_float``
+  replaced (the user's names plus those the accuracy budget returned to float).
 
-Optional hooks:
+Fit end reads its data once and passes it down (nothing is kept on the callback between hooks): the example
+input (``inputs``, a :class:`ModelInputs` of ``pl_module.forward``), the real batches of
+``calibration_inputs(trainer)`` (``calibration``), an eval-mode CPU copy of the module (``float_model``) and the
+``keep_float`` of the conversion. Hooks, all optional:
 
-* ``onnx_quantization(trainer, pl_module, keep_float)``: how the ``"onnx"`` format is made. Return ``None`` (default)
-  to export the converted model as is, or an :class:`~lightning_quant.export.OrtStaticQuantization` /
-  :class:`~lightning_quant.export.OrtDynamicQuantization` to export the float model and let ONNX Runtime
-  quantize it (its own QDQ placement is what runs fast in ONNX Runtime).
-* ``artifact_models(trainer, pl_module, keep_float)``: ``{format: model}`` for formats that must be made from another
+* ``calibration_inputs(trainer) -> list[ModelInputs]``: the batches conversion calibrates on (default none).
+* ``convert(pl_module, inputs, calibration, keep_float) -> nn.Module``: the converted *reference* model on
+  CPU. Default: :func:`lightning_quant.pipeline.convert` of a CPU copy with ``self.config``. It must not
+  modify ``pl_module`` and must leave the modules named in ``keep_float`` in float (names relative to
+  ``pl_module``). Any exception it raises reaches the user as a :class:`QuantizationError` naming the
+  callback, the module and the reason, with the path of the float checkpoint (saved before ``convert``
+  runs). Zero quantized ops in an int8 result is such an error.
+* ``onnx_quantization(calibration, keep_float)``: how the ``"onnx"`` format is made. ``None`` exports the
+  converted model as is; an :class:`~lightning_quant.export.OrtStaticQuantization` /
+  :class:`~lightning_quant.export.OrtDynamicQuantization` exports the float model and lets ONNX Runtime
+  quantize it (its own QDQ placement is what runs fast in ONNX Runtime). Default: what
+  :func:`~lightning_quant.deploy` does for ``self.config`` (:func:`lightning_quant.pipeline.ort_quantization`).
+* ``artifact_models(pl_module, keep_float)``: ``{format: model}`` for formats that must be made from another
   model than the converted one (e.g. a legacy-quantized copy for ``"torchscript"``); default ``{}``.
   Those files, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
-* ``manifest_details()``: a dict merged into ``manifest.json`` (observer, calibration batches, notes...).
+* ``manifest_details(float_model, inputs, calibration)``: a dict merged into ``manifest.json`` (observer,
+  calibration batches, notes...), computed from its arguments.
 * ``quantizable_layers(pl_module)``: the module names the accuracy budget's search may return to float
   (default: Conv and Linear modules outside ``keep_float``).
 * ``setup`` / ``on_train_start``: validate more, call ``super()`` first.
 
 Helpers available to subclasses: ``self.model_inputs(trainer, "train" | "val", limit)`` (real input batches for
-calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy safe to modify).
+calibration), ``self.cpu_copy(pl_module)`` (an eval-mode CPU deep copy of the float model, safe to modify).
 
 After fit: ``callback.quantized_model`` (the fast int8 model: AOTInductor-lowered when ``"aoti"`` is among
 the formats, else the reference model) and ``callback.manifest`` (the dict written to ``manifest.json``).
@@ -40,13 +48,13 @@ the formats, else the reference model) and ``callback.manifest`` (the dict writt
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
 import time
-from abc import ABC, abstractmethod
+from abc import ABC
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Union
 
@@ -57,10 +65,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_quant.callbacks._view import module_view
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
-from lightning_quant.pipeline import DeploymentError, InferenceModel, failure, raise_failures, ship
+from lightning_quant.pipeline import (
+    DeploymentError,
+    InferenceModel,
+    failure,
+    float_copy,
+    ort_quantization,
+    own_forward,
+    raise_failures,
+    ship,
+)
+from lightning_quant.pipeline import convert as pipeline_convert
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
 from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
@@ -69,7 +88,8 @@ _DATALOADERS = ("train", "val")
 
 
 class QuantizationCallback(Callback, ABC):
-    r"""Base of the callbacks that turn the trained float model into verified int8 artifacts at fit end.
+    r"""Base of the callbacks that turn the trained float model into verified artifacts at fit end: int8 (or
+    weight-only) by ``config``, or the float model itself when ``config`` is ``None``.
 
     At fit end (rank zero does the work; all ranks wait for it):
 
@@ -123,6 +143,8 @@ class QuantizationCallback(Callback, ABC):
     backend: ClassVar[str]
     supported_formats: ClassVar[tuple[str, ...]] = FORMATS
     default_formats: ClassVar[tuple[str, ...]] = ("aoti", "onnx")
+    #: what :func:`lightning_quant.pipeline.convert` converts with (``keep_float`` replaced); ``None``: float
+    config: Any = None
 
     def __init__(
         self,
@@ -171,26 +193,41 @@ class QuantizationCallback(Callback, ABC):
         self.manifest: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ subclass API
-    @abstractmethod
+    def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
+        """The real input batches conversion calibrates on, read once per fit end (default: none)."""
+        return []
+
     def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
+        self,
+        pl_module: LightningModule,
+        inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
+        keep_float: Sequence[str],
     ) -> nn.Module:
-        """Return the converted int8 reference model (CPU, eval mode); see the module docstring."""
+        """The converted reference model (CPU, eval mode): :func:`lightning_quant.pipeline.convert` of a CPU copy
+        of ``pl_module`` with ``self.config`` (its ``keep_float`` replaced); see the module docstring."""
+        return pipeline_convert(self.cpu_copy(pl_module), self.config_keeping_float(keep_float), inputs, calibration)
+
+    def config_keeping_float(self, keep_float: Sequence[str]) -> Any:
+        """``self.config`` with ``keep_float`` replaced (``None`` stays ``None``: nothing is quantized)."""
+        return None if self.config is None else replace(self.config, keep_float=tuple(keep_float))
 
     def onnx_quantization(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
+        self, calibration: Sequence[ModelInputs], keep_float: Sequence[str]
     ) -> Optional[OnnxQuantization]:
-        """How the ONNX file is quantized; ``None`` exports the converted model as is."""
-        return None
+        """How the ONNX file is quantized (``None``: the converted model is exported as is). Default: as
+        :func:`~lightning_quant.deploy` does for ``self.config``."""
+        return ort_quantization(self.config_keeping_float(keep_float), calibration)
 
-    def artifact_models(
-        self, trainer: Trainer, pl_module: LightningModule, keep_float: Sequence[str]
-    ) -> dict[str, nn.Module]:
+    def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
         """Models to export instead of the converted one, by format (default: none)."""
         return {}
 
-    def manifest_details(self) -> dict[str, Any]:
-        """Approach-specific entries for ``manifest.json``."""
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
+        """Approach-specific entries for ``manifest.json``, from the fit end's float model (an eval-mode CPU copy),
+        example input and calibration batches."""
         return {}
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
@@ -275,7 +312,8 @@ class QuantizationCallback(Callback, ABC):
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]  # type: ignore[attr-defined]  # set by Lightning's callback connector
-        int8 = [c for c in others if c.approach != "float"] if self.approach != "float" else []
+        # config None exports the float model (OptimizeForInference): beside one that quantizes, it is no conflict
+        int8 = [c for c in others if c.config is not None] if self.config is not None else []
         same_dir = [
             c for c in others if c.dirpath is not None and Path(c.dirpath).resolve() == self.output_dir.resolve()
         ]
@@ -339,27 +377,29 @@ class QuantizationCallback(Callback, ABC):
         a batch that cannot be bound raises an error naming ``batch_to_input``. By default a tuple batch is
         ``(input, target)``; when ``forward`` needs more than ``batch[0]`` (``forward(inputs, target)`` in
         Lightning's demo Transformer), the whole tuple is its arguments."""
+        forward = own_forward(pl_module)
         candidates = [self.batch_to_input(batch)]
         if self.batch_to_input is default_batch_to_input and isinstance(batch, (tuple, list)) and len(batch) > 1:
             candidates.append(tuple(batch))
         errors = []
         for candidate in candidates:
             try:
-                return ModelInputs.from_value(candidate).matching(pl_module.forward).bind(pl_module.forward)
+                return ModelInputs.from_value(candidate).matching(forward).bind(forward)
             except TypeError as err:
                 errors.append(err)
         kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
         raise ValueError(
             f"{type(self).__name__}: a batch of the {dataloader} dataloader ({kind}) does not fit "
-            f"{type(pl_module).__name__}.forward{inspect.signature(pl_module.forward)}: {errors[0]}. Pass "
+            f"{type(pl_module).__name__}.forward{inspect.signature(forward)}: {errors[0]}. Pass "
             "batch_to_input=lambda batch: ... returning what forward takes (a tensor, a tuple of arguments or a "
             "dict of keywords)."
         ) from errors[0]
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
-        """An eval-mode CPU deep copy of the module (the copy is detached from the trainer)."""
-        return copy.deepcopy(pl_module).cpu().eval()
+        """An eval-mode CPU deep copy of the float module (detached from the trainer; a ``forward`` set on the
+        instance, such as QAT's fake-quant graph, is not copied: the copy runs the class's forward)."""
+        return float_copy(pl_module).cpu().eval()  # type: ignore[return-value]  # a copy of a LightningModule
 
     def _dataloaders(self, trainer: Trainer, which: str) -> list[Any]:
         if which not in _DATALOADERS:
@@ -379,7 +419,7 @@ class QuantizationCallback(Callback, ABC):
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
                 "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
             )
-        return example_inputs_for_export(value, pl_module.forward, self.dynamic_batch)
+        return example_inputs_for_export(value, own_forward(pl_module), self.dynamic_batch)
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
@@ -421,18 +461,19 @@ class QuantizationCallback(Callback, ABC):
                 try:
                     inputs = self._resolve_example_inputs(pl_module)
                     float_model = self.cpu_copy(pl_module)
+                    calibration = self.calibration_inputs(trainer)
                     budget_report, float_metrics = None, None
                     keep_float = list(self.keep_float)
                     if self.budget is None:
-                        reference = self.convert(trainer, pl_module, inputs, keep_float)
+                        reference = self.convert(pl_module, inputs, calibration, keep_float)
                     else:
                         reference, keep_float, budget_report, float_metrics = self._convert_within_budget(
-                            trainer, pl_module, float_model, inputs, self.budget
+                            trainer, pl_module, float_model, inputs, calibration, self.budget
                         )
                         self.budget_float_layers = keep_float[len(self.keep_float) :]
-                    onnx = self.onnx_quantization(trainer, pl_module, keep_float)
-                    models = self.artifact_models(trainer, pl_module, keep_float)
-                    details = self.manifest_details()
+                    onnx = self.onnx_quantization(calibration, keep_float)
+                    models = self.artifact_models(pl_module, keep_float)
+                    details = self.manifest_details(float_model, inputs, calibration)
                     timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
                         self.model_inputs(trainer, "train", limit=1), None
                     )
@@ -491,6 +532,7 @@ class QuantizationCallback(Callback, ABC):
         pl_module: LightningModule,
         float_model: nn.Module,
         inputs: ModelInputs,
+        calibration: Sequence[ModelInputs],
         budget: MetricBudget,
     ) -> tuple[nn.Module, list[str], dict[str, Any], dict[str, float]]:
         """Convert, and while the budget's metric dropped too far, convert again with more layers in float.
@@ -509,14 +551,14 @@ class QuantizationCallback(Callback, ABC):
                 results = evaluate_validation(pl_module, float_model, loaders, limits)
                 float_metrics.update(results)
             else:
-                reference = InferenceModel(pl_module.forward, model, None, None, self.approach)
+                reference = InferenceModel(own_forward(pl_module), model, None, None, self.approach)
                 results = evaluate_validation(pl_module, reference, loaders, limits)
             if budget.metric not in results:
                 raise ValueError(_unknown_metric(type(self).__name__, budget.metric, sorted(results)))
             return results[budget.metric]
 
         def quantize_with(names: Sequence[str]) -> nn.Module:
-            return self.convert(trainer, pl_module, inputs, [*self.keep_float, *names])
+            return self.convert(pl_module, inputs, calibration, [*self.keep_float, *names])
 
         result = fallback_search(
             float_model,
@@ -589,7 +631,8 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
 def evaluate_validation(
     pl_module: LightningModule, model: Callable[..., Any], loaders: Sequence[Any], limits: Sequence[float]
 ) -> dict[str, float]:
-    """Run ``pl_module.validation_step`` with ``forward`` replaced by ``model``; return what it logs.
+    """Run ``pl_module``'s ``validation_step`` with ``model`` as its forward (on a :func:`module_view`: the module
+    itself is not modified); return what it logs.
 
     The module's own code computes the metrics: torchmetrics objects it logs are computed over all batches,
     plain values are averaged weighted by batch size. Metric states are reset before and after.
@@ -598,27 +641,13 @@ def evaluate_validation(
     recorded_metrics: dict[str, Metric] = {}
     sums: dict[str, float] = {}
     counts: dict[str, float] = {}
-    current_batch_size = [1]
-
-    def record(name: str, value: Any, *args: Any, batch_size: Optional[int] = None, **kwargs: Any) -> None:
-        if isinstance(value, Metric):
-            recorded_metrics[name] = value
-            return
-        weight = batch_size or current_batch_size[0]
-        sums[name] = sums.get(name, 0.0) + float(value) * weight
-        counts[name] = counts.get(name, 0.0) + weight
-
-    def record_dict(values: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-        for name, value in values.items():
-            record(name, value, **{k: v for k, v in kwargs.items() if k == "batch_size"})
-
-    takes_dataloader_idx = "dataloader_idx" in inspect.signature(pl_module.validation_step).parameters
+    view = module_view(pl_module, model)
+    takes_dataloader_idx = "dataloader_idx" in inspect.signature(view.validation_step).parameters
     for metric in metrics:
         metric.reset()
     saved_sync = [(m, m.sync_on_compute) for m in metrics]
     for metric in metrics:
         metric.sync_on_compute = False  # only rank zero evaluates: a sync would wait for the others forever
-    pl_module.__dict__.update(forward=lambda *a, **k: model(*a, **k), log=record, log_dict=record_dict)
     try:
         with torch.no_grad():
             for index, (loader, limit) in enumerate(zip(loaders, limits)):
@@ -627,14 +656,21 @@ def evaluate_validation(
                         break
                     batch = _to_cpu(batch)
                     tensors = [t for t in _leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
-                    current_batch_size[0] = int(tensors[0].shape[0]) if tensors else 1
+                    current_batch_size = int(tensors[0].shape[0]) if tensors else 1
                     extra = {"dataloader_idx": index} if takes_dataloader_idx and len(loaders) > 1 else {}
-                    pl_module.validation_step(batch, batch_idx, **extra)
+                    view.validation_step(batch, batch_idx, **extra)
+                    for name, calls in view.logged.items():
+                        for value, batch_size in calls:
+                            if isinstance(value, Metric):
+                                recorded_metrics[name] = value
+                                continue
+                            weight = batch_size or current_batch_size
+                            sums[name] = sums.get(name, 0.0) + float(value) * weight
+                            counts[name] = counts.get(name, 0.0) + weight
+                    view.logged.clear()
         results = {name: float(metric.compute()) for name, metric in recorded_metrics.items()}
         results.update({name: sums[name] / counts[name] for name in sums})
     finally:
-        for attribute in ("forward", "log", "log_dict"):
-            pl_module.__dict__.pop(attribute, None)
         for metric, sync in saved_sync:
             metric.sync_on_compute = sync
             metric.reset()

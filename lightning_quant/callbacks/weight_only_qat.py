@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning.pytorch import LightningModule, Trainer
+from torch import nn
 
 from lightning_quant.callbacks.weight_only_quantization import WeightOnlyQuantization
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.quantization.weight_only import prepare_qat, remove_qat
 from lightning_quant.target import DEFAULT_TARGET
@@ -78,7 +80,9 @@ class WeightOnlyQAT(WeightOnlyQuantization):
         remove_qat(pl_module)
         super().on_fit_end(trainer, pl_module)
 
-    def manifest_details(self) -> dict[str, Any]:
-        details = super().manifest_details()
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
+        details = super().manifest_details(float_model, inputs, calibration)
         details["qat"] = {"start_epoch": self.start_epoch}
         return details

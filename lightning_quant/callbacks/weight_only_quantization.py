@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization import WeightOnlyConfig, quantize
+from lightning_quant.quantization import WeightOnlyConfig
 from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.quantization.weight_only import quantizable_linears
 from lightning_quant.target import DEFAULT_TARGET
@@ -44,6 +43,7 @@ class WeightOnlyQuantization(QuantizationCallback):
     backend = "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)"
     supported_formats = ("onnx", "torch_export", "aoti")
     default_formats = ("onnx", "torch_export")
+    config: WeightOnlyConfig
 
     def __init__(
         self,
@@ -63,15 +63,12 @@ class WeightOnlyQuantization(QuantizationCallback):
         )
         self.config = WeightOnlyConfig(bits=bits, group_size=group_size, keep_float=tuple(self.keep_float))
 
-    def convert(
-        self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs, keep_float: Sequence[str]
-    ) -> nn.Module:
-        return quantize(self.cpu_copy(pl_module), replace(self.config, keep_float=tuple(keep_float)), inputs)
-
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
         return quantizable_linears(pl_module, self.config)
 
-    def manifest_details(self) -> dict[str, Any]:
+    def manifest_details(
+        self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
+    ) -> dict[str, Any]:
         return {
             "bits": self.config.bits,
             "group_size": self.config.group_size,
