@@ -55,7 +55,7 @@ def load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
 
 def check_artifacts(manifest: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
     """Each artifact with ``status``: ``ok``, ``missing`` or ``sha256 mismatch`` (the file changed since export)."""
-    from lightning_quant.export.files import sha256
+    from lightning_quant.files import sha256
 
     checked = []
     for artifact in manifest.get("artifacts", []):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_quant.export import load_artifact
-from lightning_quant.export.files import sha256
+from lightning_quant.files import sha256
 from lightning_quant.manifest import FILENAME, check_format_version
 from lightning_quant.target import cpu_info
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_quant.export.files import atomic_path
+from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import CpuTarget, cpu_info
 

@@ -32,9 +32,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +43,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from lightning_quant.files import atomic_write
 
 STATUS_FILE = "job_status.json"
 COLUMNS = (
@@ -113,7 +113,7 @@ def record_job_status(job_dir: Path, job_return: JobReturn) -> None:
         "traceback": "".join(traceback.format_exception(error)) if isinstance(error, BaseException) else None,
         "return_value": job_return._return_value if _is_number(job_return._return_value) else None,
     }
-    _write_atomic(job_dir / STATUS_FILE, json.dumps(status, indent=2))
+    atomic_write(job_dir / STATUS_FILE, json.dumps(status, indent=2))
 
 
 def compare_sweep(sweep_dir: str | Path, metric: str = "val/acc") -> list[dict[str, Any]]:
@@ -228,9 +228,9 @@ def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], s
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(sweep_dir / f"{stem}.csv", buffer.getvalue())
-    _write_atomic(sweep_dir / f"{stem}.md", markdown_table(rows))
-    _write_atomic(sweep_dir / f"{stem}.png", plot_png(rows))
+    atomic_write(sweep_dir / f"{stem}.csv", buffer.getvalue())
+    atomic_write(sweep_dir / f"{stem}.md", markdown_table(rows))
+    atomic_write(sweep_dir / f"{stem}.png", plot_png(rows))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -389,19 +389,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

@@ -269,7 +269,7 @@ def layer_sensitivity(
 def save_sensitivity(rows: Sequence[Mapping[str, Any]], dirpath: Union[str, Path], title: str = "") -> dict[str, Path]:
     """Write ``sensitivity.csv``, ``sensitivity.md`` and ``sensitivity.png`` (bar chart of each layer's
     relative output error, quantized alone) into ``dirpath``, atomically; return their paths by suffix."""
-    from lightning_quant.export.files import atomic_path
+    from lightning_quant.files import atomic_path
 
     dirpath = Path(dirpath)
     columns = ["rank", "layer", "relative_error", "sqnr_db", "metric", "note"]
