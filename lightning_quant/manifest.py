@@ -184,6 +184,19 @@ def check_format_version(version: Any, what: str) -> None:
         )
 
 
+def read_manifest(path: Path | str, advice: str = ": the file is damaged; export again.") -> Any:
+    """The parsed JSON of the manifest file at ``path``.
+
+    Raises:
+        ValueError: the file is not valid JSON; the message names it, the parser's error, then ``advice``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}){advice}") from err
+
+
 def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:
     """Write ``manifest.json`` into ``dirpath`` atomically; return its path."""
     path = Path(dirpath) / FILENAME
