@@ -182,7 +182,7 @@ def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape:
 
 
 def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
-    import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types inside saved programs)
+    import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
     from lightning_quant.export import load_artifact
 
     if not path.is_file():

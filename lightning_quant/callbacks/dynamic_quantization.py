@@ -15,7 +15,8 @@ from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import FORMATS, OrtDynamicQuantization
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig, quantize
-from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
+from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
 from lightning_quant.target import DEFAULT_TARGET
 
@@ -81,7 +82,7 @@ class DynamicQuantization(QuantizationCallback):
         self._recurrent_layers = [
             name
             for name, module in pl_module.named_modules()
-            if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
+            if isinstance(module, RECURRENT_TYPES) and not is_kept_float(name, tuple(self.keep_float))
         ]
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
         if not self._recurrent_layers or not blocked:

@@ -305,7 +305,7 @@ def _main(request_path: str) -> None:
 
     request = torch.load(request_path, weights_only=True)
     if any(format == "torch_export" for format, _ in request["artifacts"]):
-        import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
+        import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, in saved programs)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None

@@ -64,6 +64,17 @@ class DynamicQuantConfig:
         check_target_name(self.target)
 
 
+def is_kept_float(name: str, keep_float: Sequence[str]) -> bool:
+    """Whether the module ``name`` stays float: it is one of ``keep_float`` or inside one of them.
+
+    Example::
+
+        >>> is_kept_float("net.head.0", ("net.head",)), is_kept_float("net.header", ("net.head",))
+        (True, False)
+    """
+    return any(name == kept or name.startswith(kept + ".") for kept in keep_float)
+
+
 def check_keep_float(names: Sequence[str]) -> None:
     """``keep_float`` is a list of module names (a bare string would be read letter by letter)."""
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization._legacy import _kept
+from lightning_quant.quantization.config import is_kept_float
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 _BUDGET_FIELDS = ("metric", "max_drop", "relative", "higher_is_better", "max_evaluations", "max_float_fraction")
@@ -200,7 +200,7 @@ def quantizable_layers(
     return [
         name
         for name, module in model.named_modules()
-        if name and isinstance(module, types) and not _kept(name, tuple(keep_float))
+        if name and isinstance(module, types) and not is_kept_float(name, tuple(keep_float))
     ]
 
 

@@ -55,7 +55,7 @@ def route_quantized_encoder_layers(model: nn.Module) -> list[str]:
     """Let ``nn.TransformerEncoder`` models with int8 Linears run inference; return the layers routed.
 
     Call after legacy dynamic quantization (``torch.ao.quantization.quantize_dynamic``; the project's
-    :func:`~lightning_quant.quantization._legacy.legacy_quantize_dynamic` calls it itself). Every ``nn.TransformerEncoderLayer`` whose
+    :func:`~lightning_quant.quantization.legacy.legacy_quantize_dynamic` calls it itself). Every ``nn.TransformerEncoderLayer`` whose
     attention or feed-forward weights are no longer float tensors runs module by module (attention fused,
     Linears int8) instead of crashing in the fused-layer check, and its ``nn.TransformerEncoder`` stops
     converting padded batches to nested tensors (that check reads the same weights). Float layers keep the
