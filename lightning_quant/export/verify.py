@@ -18,10 +18,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_quant.errors import QuantizationError
-from lightning_quant.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs, tensors_in
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
@@ -296,7 +295,7 @@ def _relative_error(expected: list[list[torch.Tensor]], got: list[list[torch.Ten
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
-    return [leaf.detach().cpu() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+    return [t.detach().cpu() for t in tensors_in(output)]
 
 
 def _main(request_path: str) -> None:

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_quant.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs, tensors_in
 from lightning_quant.quantization.config import is_kept_float
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
@@ -387,11 +387,7 @@ def _better(value: float, best: float, budget: MetricBudget) -> bool:
 
 
 def _float_leaves(output: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    return [
-        t.detach().float() for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
-    ]
+    return [t.detach().float() for t in tensors_in(output) if t.is_floating_point()]
 
 
 def _cell(value: Any) -> str:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from lightning_quant.inputs import tensors_in
 
 FUSED_ENCODER_LAYER = "aten._transformer_encoder_layer_fwd"
 FUSED_ATTENTION = "aten._native_multi_head_attention"
@@ -156,7 +157,7 @@ class _AttentionPatternMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        tensors = tensors_in((args, kwargs))
         if func in _MATMULS:
             if any(id(t) in self.weights for t in tensors):
                 self.found.append(_user_code_location())
