@@ -28,7 +28,6 @@ Rebuild the comparison of a sweep folder by hand::
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -44,6 +43,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from lightning_quant import report
 from lightning_quant.files import atomic_write
 
 STATUS_FILE = "job_status.json"
@@ -223,47 +223,37 @@ def mark_pareto_front(rows: Sequence[dict[str, Any]]) -> None:
 
 def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], stem: str = "comparison") -> None:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into ``sweep_dir`` (each atomically)."""
-    sweep_dir = Path(sweep_dir)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(sweep_dir / f"{stem}.csv", buffer.getvalue())
-    atomic_write(sweep_dir / f"{stem}.md", markdown_table(rows))
-    atomic_write(sweep_dir / f"{stem}.png", plot_png(rows))
+    report.write_table(sweep_dir, stem, rows, COLUMNS, markdown_table(rows), plot_png(rows))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["job", "status", "model", "callbacks", "approach", "acc float", "acc int8", "latency float (ms)",
               "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "smallest file (KiB)",
               "recommended file", "objective", "Pareto", "overrides"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    table = []
     for row in rows:
-        cells = [
-            row["job"],
-            row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
-            row.get("model"),
-            row.get("callbacks"),
-            row.get("approach"),
-            _fmt(row.get("acc_float"), "{:.4f}"),
-            _fmt(row.get("acc_int8"), "{:.4f}"),
-            _fmt(row.get("latency_float_ms"), "{:.3f}"),
-            _fmt(row.get("latency_int8_ms"), "{:.3f}"),
-            _fmt(row.get("speedup"), "{:.2f}x"),
-            _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
-            _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
-            _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
-            row.get("shipped_file") or "none faster than float",
-            _fmt(row.get("objective"), "{:.4f}"),
-            {True: "yes", False: "", None: ""}[row.get("pareto")],
-            f"`{row['overrides']}`" if row.get("overrides") else "",
-        ]
-        lines.append(
-            "| "
-            + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells)
-            + " |"
+        table.append(
+            [
+                row["job"],
+                row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
+                row.get("model"),
+                row.get("callbacks"),
+                row.get("approach"),
+                _fmt(row.get("acc_float"), "{:.4f}"),
+                _fmt(row.get("acc_int8"), "{:.4f}"),
+                _fmt(row.get("latency_float_ms"), "{:.3f}"),
+                _fmt(row.get("latency_int8_ms"), "{:.3f}"),
+                _fmt(row.get("speedup"), "{:.2f}x"),
+                _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
+                _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
+                _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
+                row.get("shipped_file") or "none faster than float",
+                _fmt(row.get("objective"), "{:.4f}"),
+                {True: "yes", False: "", None: ""}[row.get("pareto")],
+                f"`{row['overrides']}`" if row.get("overrides") else "",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return report.markdown_table(header, table)
 
 
 _LABEL_OFFSETS = ((5, 5), (5, -11), (-11, 5), (-11, -11))  # turn by turn, so close points' labels do not overlap
