@@ -6,7 +6,7 @@ import copy
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -16,6 +16,8 @@ from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization._torchao import (
+    FakeQuantize,
+    FusedMovingAvgObsFakeQuantize,
     HistogramObserver,
     Int8DynamicActivationInt8WeightConfig,
     MinMaxObserver,
@@ -34,6 +36,9 @@ from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize
 from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyLinear
 from lightning_quant.quantization.weight_only import convert as weight_only_convert
 from lightning_quant.target import resolve_target
+
+if TYPE_CHECKING:
+    from lightning_quant.quantization.qat import QATConfig
 
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig]
 
@@ -100,33 +105,50 @@ def quantize(
     return quantized
 
 
-def x86_quantizer(config: StaticQuantConfig, model: Optional[nn.Module] = None) -> X86InductorQuantizer:
+def x86_quantizer(
+    config: StaticQuantConfig | QATConfig,
+    model: Optional[nn.Module] = None,
+    *,
+    is_qat: bool = False,
+    quantizer: Optional[X86InductorQuantizer] = None,
+) -> X86InductorQuantizer:
     """``X86InductorQuantizer`` with the config's observer, weight granularity, float modules and the weight
     range of its target (7-bit for ``"avx2"``: see :mod:`lightning_quant.target`).
 
     Given ``model``, its convolutions with a single input channel also stay float (see
-    :func:`single_input_channel_convs`).
+    :func:`single_input_channel_convs`). With ``is_qat`` (what
+    :func:`~lightning_quant.quantization.qat.make_qat_quantizer` asks for), fake-quant modules take the
+    observers' place: activations use torchao's QAT default (a moving average fused with fake-quant) unless
+    ``config.observer`` names another, per-tensor weights a fused moving-average fake-quant. ``quantizer``:
+    the (empty) quantizer to configure, default a new ``X86InductorQuantizer``.
     """
-    default = get_default_x86_inductor_quantization_config()
-    activation = QuantizationSpec(
-        dtype=torch.uint8,
-        quant_min=0,
-        quant_max=255,
-        qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=2**-12),
-    )
+    eps = 2**-12  # torchao's x86 default: keeps the scale of an all-zero tensor finite
+    default = get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    if not is_qat:
+        activation = QuantizationSpec(
+            dtype=torch.uint8,
+            quant_min=0,
+            quant_max=255,
+            qscheme=torch.per_tensor_affine,
+            observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=eps),
+        )
+        per_tensor_weight = MinMaxObserver.with_args(eps=eps)
+    else:
+        activation = default.input_activation  # moving average, fused with fake-quant
+        if config.observer != "moving_average":
+            observer = _OBSERVERS[config.observer]
+            activation = replace(
+                activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=eps)
+            )
+        per_tensor_weight = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=eps)
     quant_min, quant_max = resolve_target(config.target).weight_range
     weight = replace(default.weight, quant_min=quant_min, quant_max=quant_max)
     if not config.per_channel:
-        weight = QuantizationSpec(
-            dtype=torch.int8,
-            quant_min=quant_min,
-            quant_max=quant_max,
-            qscheme=torch.per_tensor_symmetric,
-            observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12),
+        weight = replace(
+            weight, qscheme=torch.per_tensor_symmetric, ch_axis=None, observer_or_fake_quant_ctr=per_tensor_weight
         )
-    quantizer = X86InductorQuantizer()
-    quantizer.set_global(QuantizationConfig(activation, activation, weight, default.bias, False))
+    quantizer = X86InductorQuantizer() if quantizer is None else quantizer
+    quantizer.set_global(QuantizationConfig(activation, activation, weight, default.bias, is_qat))
     for name in (*config.keep_float, *(single_input_channel_convs(model) if model is not None else ())):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
