@@ -9,10 +9,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from lightning_quant.quantization._torchao import X86InductorQuantizer
-from lightning_quant.quantization.config import OBSERVERS, check_keep_float
+from lightning_quant.quantization.config import check_observed_config
 from lightning_quant.quantization.graph_ops import CONVS, is_call
 from lightning_quant.quantization.quantize import x86_quantizer
-from lightning_quant.target import DEFAULT_TARGET, check_target_name
+from lightning_quant.target import DEFAULT_TARGET
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,7 @@ class QATConfig:
     target: str = DEFAULT_TARGET
 
     def __post_init__(self) -> None:
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
-        check_keep_float(self.keep_float)
-        check_target_name(self.target)
+        check_observed_config(self.observer, self.keep_float, self.target)
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
 
