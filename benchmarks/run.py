@@ -52,7 +52,7 @@ from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, LS
 from lightning_quant.export import OrtDynamicQuantization, OrtStaticQuantization, export, load_artifact  # noqa: E402
 from lightning_quant.export.aoti import export_aoti  # noqa: E402
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, StaticQuantConfig, quantize  # noqa: E402
-from lightning_quant.quantization._legacy import RECURRENT_TYPES, legacy_api, legacy_quantize_dynamic  # noqa: E402
+from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_api, legacy_quantize_dynamic  # noqa: E402
 from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers  # noqa: E402
 
 HERE = Path(__file__).parent

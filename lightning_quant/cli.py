@@ -47,15 +47,23 @@ def load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     manifest_path = find_manifest(path)
     if manifest_path is None:
         raise CliError(f"no manifest.json at {path}: pass a manifest.json or the directory a callback wrote")
+    return manifest_path, read_json(manifest_path)
+
+
+def read_json(manifest_path: Path) -> Any:
+    """The manifest at ``manifest_path`` (see :func:`lightning_quant.manifest.read_manifest`); bad JSON is a
+    :class:`CliError`."""
+    from lightning_quant.manifest import read_manifest
+
     try:
-        return manifest_path, json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CliError(f"{manifest_path} is not valid JSON ({err}); was it written by lightning-quant?") from err
+        return read_manifest(manifest_path, advice="; was it written by lightning-quant?")
+    except ValueError as err:
+        raise CliError(str(err)) from err
 
 
 def check_artifacts(manifest: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
     """Each artifact with ``status``: ``ok``, ``missing`` or ``sha256 mismatch`` (the file changed since export)."""
-    from lightning_quant.export.files import sha256
+    from lightning_quant.files import sha256
 
     checked = []
     for artifact in manifest.get("artifacts", []):
@@ -125,7 +133,7 @@ def artifact_format(path: Path, given: Optional[str] = None) -> str:
         return given
     manifest_path = find_manifest(path)
     if manifest_path is not None:
-        for artifact in json.loads(manifest_path.read_text()).get("artifacts", []):
+        for artifact in read_json(manifest_path).get("artifacts", []):
             if (manifest_path.parent / artifact["path"]).resolve() == path.resolve():
                 return artifact["format"]
     if path.name in FORMAT_BY_NAME:
@@ -153,7 +161,7 @@ def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape:
         manifest_path = find_manifest(path)
         if manifest_path is None:
             continue
-        tensors = json.loads(manifest_path.read_text()).get("input", {}).get("tensors", [])
+        tensors = read_json(manifest_path).get("input", {}).get("tensors", [])
         args, kwargs = [], {}
         for spec in tensors:
             shape = list(spec["shape"])
@@ -174,7 +182,7 @@ def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape:
 
 
 def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
-    import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types inside saved programs)
+    import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
     from lightning_quant.export import load_artifact
 
     if not path.is_file():

@@ -73,8 +73,7 @@ class ModelInputs(NamedTuple):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor in the call, in the order export flattens them."""
-        leaves, _ = tree_flatten((self.args, self.kwargs))
-        return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        return tensors_in((self.args, self.kwargs))
 
     def to(self, device: torch.device | str) -> ModelInputs:
         return self.map(lambda t: t.to(device))
@@ -105,6 +104,19 @@ class ModelInputs(NamedTuple):
     def __call__(self, model: Callable[..., Any]) -> Any:
         """Call ``model`` with these inputs: ``inputs(model)``."""
         return model(*self.args, **self.kwargs)
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """Every tensor in ``value`` (a tensor, or tuples, lists, dicts and other pytrees holding tensors), in the
+    order ``torch.export`` flattens them; everything else is skipped.
+
+    Example::
+
+        >>> [list(t.shape) for t in tensors_in((torch.zeros(2), {"mask": torch.ones(3), "label": "cat"}))]
+        [[2], [3]]
+    """
+    leaves, _ = tree_flatten(value)
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_batch: bool = True) -> ModelInputs:

@@ -10,13 +10,12 @@ Example::
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from lightning_quant.export import load_artifact
-from lightning_quant.export.files import sha256
-from lightning_quant.manifest import FILENAME, check_format_version
+from lightning_quant.files import sha256
+from lightning_quant.manifest import FILENAME, check_format_version, read_manifest
 from lightning_quant.target import cpu_info
 
 
@@ -52,10 +51,7 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"No {FILENAME} at {manifest_path}: lightning_quant.load checks every file against the manifest its "
             "export wrote. Pass the export directory (with its manifest.json) or a file inside it."
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{manifest_path} is not valid JSON ({err}): the file is damaged; export again.") from err
+    manifest = read_manifest(manifest_path)
     check_format_version(manifest.get("format_version") if isinstance(manifest, dict) else None, str(manifest_path))
     artifacts = manifest.get("artifacts", [])
     if not artifacts:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from lightning_quant.export.files import atomic_path
+from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import CpuTarget, cpu_info
 
@@ -182,6 +182,19 @@ def check_format_version(version: Any, what: str) -> None:
             f"{what} has format_version {version}, newer than this lightning-quant reads "
             f"({FORMAT_VERSION}): upgrade lightning-quant to read it."
         )
+
+
+def read_manifest(path: Path | str, advice: str = ": the file is damaged; export again.") -> Any:
+    """The parsed JSON of the manifest file at ``path``.
+
+    Raises:
+        ValueError: the file is not valid JSON; the message names it, the parser's error, then ``advice``.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}){advice}") from err
 
 
 def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:

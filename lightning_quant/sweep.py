@@ -28,13 +28,10 @@ Rebuild the comparison of a sweep folder by hand::
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +42,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
+
+from lightning_quant import report
+from lightning_quant.files import atomic_write
 
 STATUS_FILE = "job_status.json"
 COLUMNS = (
@@ -113,7 +113,7 @@ def record_job_status(job_dir: Path, job_return: JobReturn) -> None:
         "traceback": "".join(traceback.format_exception(error)) if isinstance(error, BaseException) else None,
         "return_value": job_return._return_value if _is_number(job_return._return_value) else None,
     }
-    _write_atomic(job_dir / STATUS_FILE, json.dumps(status, indent=2))
+    atomic_write(job_dir / STATUS_FILE, json.dumps(status, indent=2))
 
 
 def compare_sweep(sweep_dir: str | Path, metric: str = "val/acc") -> list[dict[str, Any]]:
@@ -223,47 +223,37 @@ def mark_pareto_front(rows: Sequence[dict[str, Any]]) -> None:
 
 def write_comparison(sweep_dir: str | Path, rows: Sequence[Mapping[str, Any]], stem: str = "comparison") -> None:
     """Write ``<stem>.csv``, ``<stem>.md`` and ``<stem>.png`` into ``sweep_dir`` (each atomically)."""
-    sweep_dir = Path(sweep_dir)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_atomic(sweep_dir / f"{stem}.csv", buffer.getvalue())
-    _write_atomic(sweep_dir / f"{stem}.md", markdown_table(rows))
-    _write_atomic(sweep_dir / f"{stem}.png", plot_png(rows))
+    report.write_table(sweep_dir, stem, rows, COLUMNS, markdown_table(rows), plot_png(rows))
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     header = ["job", "status", "model", "callbacks", "approach", "acc float", "acc int8", "latency float (ms)",
               "latency int8 (ms)", "speedup", "size float (KiB)", "size int8 (KiB)", "smallest file (KiB)",
               "recommended file", "objective", "Pareto", "overrides"]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    table = []
     for row in rows:
-        cells = [
-            row["job"],
-            row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
-            row.get("model"),
-            row.get("callbacks"),
-            row.get("approach"),
-            _fmt(row.get("acc_float"), "{:.4f}"),
-            _fmt(row.get("acc_int8"), "{:.4f}"),
-            _fmt(row.get("latency_float_ms"), "{:.3f}"),
-            _fmt(row.get("latency_int8_ms"), "{:.3f}"),
-            _fmt(row.get("speedup"), "{:.2f}x"),
-            _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
-            _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
-            _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
-            row.get("shipped_file") or "none faster than float",
-            _fmt(row.get("objective"), "{:.4f}"),
-            {True: "yes", False: "", None: ""}[row.get("pareto")],
-            f"`{row['overrides']}`" if row.get("overrides") else "",
-        ]
-        lines.append(
-            "| "
-            + " | ".join(str(c if c is not None else "").replace("|", "\\|").replace("\n", " ") for c in cells)
-            + " |"
+        table.append(
+            [
+                row["job"],
+                row["status"] if row["status"] == "ok" else f"**{row['status']}**: {row.get('error') or ''}",
+                row.get("model"),
+                row.get("callbacks"),
+                row.get("approach"),
+                _fmt(row.get("acc_float"), "{:.4f}"),
+                _fmt(row.get("acc_int8"), "{:.4f}"),
+                _fmt(row.get("latency_float_ms"), "{:.3f}"),
+                _fmt(row.get("latency_int8_ms"), "{:.3f}"),
+                _fmt(row.get("speedup"), "{:.2f}x"),
+                _fmt(row.get("size_float_bytes"), "{:.1f}", scale=1 / 1024),
+                _fmt(row.get("size_int8_bytes"), "{:.1f}", scale=1 / 1024),
+                _fmt(row.get("smallest_file_bytes"), "{:.1f}", scale=1 / 1024),
+                row.get("shipped_file") or "none faster than float",
+                _fmt(row.get("objective"), "{:.4f}"),
+                {True: "yes", False: "", None: ""}[row.get("pareto")],
+                f"`{row['overrides']}`" if row.get("overrides") else "",
+            ]
         )
-    return "\n".join(lines) + "\n"
+    return report.markdown_table(header, table)
 
 
 _LABEL_OFFSETS = ((5, 5), (5, -11), (-11, 5), (-11, -11))  # turn by turn, so close points' labels do not overlap
@@ -389,19 +379,6 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError):
         return None
-
-
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager

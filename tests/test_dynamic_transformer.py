@@ -13,7 +13,7 @@ from torch import nn
 from lightning_quant import DynamicQuantization, load
 from lightning_quant.demo import DigitsClassifier, DigitsDataModule, TransformerNet
 from lightning_quant.quantization import DynamicQuantConfig, count_quantized_ops, quantize
-from lightning_quant.quantization._legacy import legacy_quantize_dynamic
+from lightning_quant.quantization.legacy import legacy_quantize_dynamic
 from lightning_quant.quantization.transformer_fastpath import FUSED_ATTENTION, inference_operators
 
 # embed + head + linear1/linear2 of each of the 2 encoder layers; the attention out_proj stays float

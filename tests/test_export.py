@@ -23,7 +23,7 @@ from lightning_quant.export import (
 )
 from lightning_quant.export.verify import rounding_noise_floor
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, QuantizationError, StaticQuantConfig, quantize
-from lightning_quant.quantization._legacy import legacy_quantize_dynamic
+from lightning_quant.quantization.legacy import legacy_quantize_dynamic
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
+from torchao.quantization.pt2e import FakeQuantizeBase
 
 from lightning_quant.quantization import count_quantized_ops
-from lightning_quant.quantization._torchao import FakeQuantizeBase
 from lightning_quant.quantization.qat import QATConfig, prepare_qat
 
 BN_EPS, BN_MOMENTUM, DROPOUT = 1e-2, 0.03, 0.25

@@ -14,7 +14,8 @@ from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.export import FORMATS
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig
-from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
+from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
 from lightning_quant.target import DEFAULT_TARGET
 
@@ -98,7 +99,7 @@ class DynamicQuantization(QuantizationCallback):
         return [
             name
             for name, module in model.named_modules()
-            if isinstance(module, RECURRENT_TYPES) and not _kept(name, tuple(self.keep_float))
+            if isinstance(module, RECURRENT_TYPES) and not is_kept_float(name, tuple(self.keep_float))
         ]
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:

@@ -67,7 +67,7 @@ from torchmetrics import Metric
 
 from lightning_quant.callbacks._view import module_view
 from lightning_quant.export import FORMATS, OnnxQuantization
-from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
+from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export, tensors_in
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
 from lightning_quant.pipeline import (
     DeploymentError,
@@ -655,7 +655,7 @@ def evaluate_validation(
                     if batch_idx >= limit:
                         break
                     batch = _to_cpu(batch)
-                    tensors = [t for t in _leaves(batch) if isinstance(t, torch.Tensor) and t.dim() > 0]
+                    tensors = [t for t in tensors_in(batch) if t.dim() > 0]
                     current_batch_size = int(tensors[0].shape[0]) if tensors else 1
                     extra = {"dataloader_idx": index} if takes_dataloader_idx and len(loaders) > 1 else {}
                     view.validation_step(batch, batch_idx, **extra)
@@ -705,12 +705,6 @@ def _check_writable(dirpath: Path, owner: str) -> None:
             f"{owner} cannot write into dirpath {str(dirpath)!r} ({type(err).__name__}: {err.strerror or err}): "
             "pass a writable dirpath= (or fix the directory's permissions) before training."
         ) from err
-
-
-def _leaves(batch: Any) -> list[Any]:
-    from torch.utils._pytree import tree_flatten
-
-    return tree_flatten(batch)[0]
 
 
 def _to_cpu(batch: Any) -> Any:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lightning_quant.capture import capture
-from lightning_quant.export.files import atomic_path
+from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.memory_format import with_contiguous_weights
 from lightning_quant.target import TARGETS, CpuTarget

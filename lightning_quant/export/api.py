@@ -15,8 +15,8 @@ from torch import nn
 from lightning_quant.capture import CaptureError
 from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import aoti, onnx, torch_export, torchscript
-from lightning_quant.export.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.export.onnx import OnnxQuantization
+from lightning_quant.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 

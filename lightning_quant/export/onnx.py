@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_quant.capture import capture
-from lightning_quant.export.files import atomic_path
+from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
 from lightning_quant.weight_packing import onnx_translations

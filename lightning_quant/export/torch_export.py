@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_quant.capture import capture
-from lightning_quant.export.files import atomic_write_bytes
+from lightning_quant.files import atomic_write
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.weight_packing import weight_only_linear  # noqa: F401  registers the op a weight-only program calls
 
@@ -25,7 +25,7 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
     captured = capture(model, inputs, dynamic_batch)
     buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
     torch.export.save(captured.program, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
     return {
         "how": "torch.export -> torch.export.save (unlowered program)",
         "load": "torch.export.load(path).module()(*args, **kwargs)",

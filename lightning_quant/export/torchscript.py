@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from lightning_quant.deprecated import legacy_api
-from lightning_quant.export.files import atomic_write_bytes
+from lightning_quant.files import atomic_write
 from lightning_quant.inputs import ModelInputs
 
 SUFFIX = ".ts"
@@ -43,7 +43,7 @@ def export_torchscript(model: nn.Module, inputs: ModelInputs, path: Path, dynami
         traced = torch.jit.trace(_FlatTensors(model, inputs).eval(), tuple(inputs.tensors()), check_trace=False)
         buffer = io.BytesIO()  # torch.jit.save to a path may abort the process if the disk fills mid-write
         torch.jit.save(traced, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write(path, buffer.getvalue())
     return {"how": "torch.jit.trace (legacy)", "load": "torch.jit.load(path)(*input_tensors)"}
 
 

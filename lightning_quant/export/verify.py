@@ -18,10 +18,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from lightning_quant.errors import QuantizationError
-from lightning_quant.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs, tensors_in
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
@@ -296,7 +295,7 @@ def _relative_error(expected: list[list[torch.Tensor]], got: list[list[torch.Ten
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
-    return [leaf.detach().cpu() for leaf in tree_flatten(output)[0] if isinstance(leaf, torch.Tensor)]
+    return [t.detach().cpu() for t in tensors_in(output)]
 
 
 def _main(request_path: str) -> None:
@@ -305,7 +304,7 @@ def _main(request_path: str) -> None:
 
     request = torch.load(request_path, weights_only=True)
     if any(format == "torch_export" for format, _ in request["artifacts"]):
-        import lightning_quant.quantization._torchao  # noqa: F401  (torchao tensor types in saved programs)
+        import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, in saved programs)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None

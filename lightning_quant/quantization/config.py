@@ -34,10 +34,7 @@ class StaticQuantConfig:
     target: str = DEFAULT_TARGET
 
     def __post_init__(self) -> None:
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"Unknown observer {self.observer!r}; choose one of {list(OBSERVERS)}")
-        check_keep_float(self.keep_float)
-        check_target_name(self.target)
+        check_observed_config(self.observer, self.keep_float, self.target)
 
 
 @dataclass(frozen=True)
@@ -62,6 +59,25 @@ class DynamicQuantConfig:
     def __post_init__(self) -> None:
         check_keep_float(self.keep_float)
         check_target_name(self.target)
+
+
+def is_kept_float(name: str, keep_float: Sequence[str]) -> bool:
+    """Whether the module ``name`` stays float: it is one of ``keep_float`` or inside one of them.
+
+    Example::
+
+        >>> is_kept_float("net.head.0", ("net.head",)), is_kept_float("net.header", ("net.head",))
+        (True, False)
+    """
+    return any(name == kept or name.startswith(kept + ".") for kept in keep_float)
+
+
+def check_observed_config(observer: str, keep_float: Sequence[str], target: str) -> None:
+    """The fields static int8 and QAT configs share: a known observer, module names, a known target."""
+    if observer not in OBSERVERS:
+        raise ValueError(f"Unknown observer {observer!r}; choose one of {list(OBSERVERS)}")
+    check_keep_float(keep_float)
+    check_target_name(target)
 
 
 def check_keep_float(names: Sequence[str]) -> None:

@@ -15,10 +15,10 @@ from typing import Any
 
 from torch.fx import GraphModule, Node
 
-from lightning_quant.quantization._legacy import _kept
 from lightning_quant.quantization._torchao import FakeQuantizeBase
+from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.quantization.graph_ops import COMPUTE_OPS, op_name
 from lightning_quant.quantization.qat import QATGraph
-from lightning_quant.quantization.quantize import _COMPUTE_OPS, _op_name
 
 
 def convert_keeping_float(qat: QATGraph, keep_float: Sequence[str]) -> GraphModule:
@@ -55,10 +55,10 @@ def bypass_fake_quant(graph: GraphModule, keep_float: Sequence[str]) -> list[str
     keep = tuple(keep_float)
     bypassed = []
     for node in graph.graph.nodes:
-        if node.op != "call_function" or _op_name(node.target) not in _COMPUTE_OPS:
+        if node.op != "call_function" or op_name(node.target) not in COMPUTE_OPS:
             continue
         paths = [path for path, _ in node.meta.get("nn_module_stack", {}).values()]
-        if not any(_kept(_normalize(path), keep) for path in paths):
+        if not any(is_kept_float(_normalize(path), keep) for path in paths):
             continue
         node.args = tuple(_around_fake_quant(graph, arg) for arg in node.args)
         bypassed.append(node.name)

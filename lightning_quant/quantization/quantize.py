@@ -6,7 +6,7 @@ import copy
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -15,20 +15,37 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization import _torchao as ao
-from lightning_quant.quantization._legacy import RECURRENT_TYPES, _kept, legacy_quantize_dynamic
-from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization._torchao import (
+    FakeQuantize,
+    FusedMovingAvgObsFakeQuantize,
+    HistogramObserver,
+    Int8DynamicActivationInt8WeightConfig,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    QuantizationConfig,
+    QuantizationSpec,
+    X86InductorQuantizer,
+    convert_pt2e,
+    get_default_x86_inductor_quantization_config,
+    prepare_pt2e,
+    quantize_,
+)
+from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig, is_kept_float
+from lightning_quant.quantization.graph_ops import COMPUTE_OPS, op_name
+from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyLinear
 from lightning_quant.quantization.weight_only import convert as weight_only_convert
 from lightning_quant.target import resolve_target
 
+if TYPE_CHECKING:
+    from lightning_quant.quantization.qat import QATConfig
+
 QuantConfig = Union[StaticQuantConfig, DynamicQuantConfig, WeightOnlyConfig]
 
-_COMPUTE_OPS = {"aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear", "aten.matmul", "aten.addmm", "aten.mm"}
 _OBSERVERS = {
-    "minmax": ao.MinMaxObserver,
-    "moving_average": ao.MovingAverageMinMaxObserver,
-    "histogram": ao.HistogramObserver,
+    "minmax": MinMaxObserver,
+    "moving_average": MovingAverageMinMaxObserver,
+    "histogram": HistogramObserver,
 }
 
 
@@ -88,33 +105,50 @@ def quantize(
     return quantized
 
 
-def x86_quantizer(config: StaticQuantConfig, model: Optional[nn.Module] = None) -> ao.X86InductorQuantizer:
+def x86_quantizer(
+    config: StaticQuantConfig | QATConfig,
+    model: Optional[nn.Module] = None,
+    *,
+    is_qat: bool = False,
+    quantizer: Optional[X86InductorQuantizer] = None,
+) -> X86InductorQuantizer:
     """``X86InductorQuantizer`` with the config's observer, weight granularity, float modules and the weight
     range of its target (7-bit for ``"avx2"``: see :mod:`lightning_quant.target`).
 
     Given ``model``, its convolutions with a single input channel also stay float (see
-    :func:`single_input_channel_convs`).
+    :func:`single_input_channel_convs`). With ``is_qat`` (what
+    :func:`~lightning_quant.quantization.qat.make_qat_quantizer` asks for), fake-quant modules take the
+    observers' place: activations use torchao's QAT default (a moving average fused with fake-quant) unless
+    ``config.observer`` names another, per-tensor weights a fused moving-average fake-quant. ``quantizer``:
+    the (empty) quantizer to configure, default a new ``X86InductorQuantizer``.
     """
-    default = ao.get_default_x86_inductor_quantization_config()
-    activation = ao.QuantizationSpec(
-        dtype=torch.uint8,
-        quant_min=0,
-        quant_max=255,
-        qscheme=torch.per_tensor_affine,
-        observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=2**-12),
-    )
+    eps = 2**-12  # torchao's x86 default: keeps the scale of an all-zero tensor finite
+    default = get_default_x86_inductor_quantization_config(is_qat=is_qat)
+    if not is_qat:
+        activation = QuantizationSpec(
+            dtype=torch.uint8,
+            quant_min=0,
+            quant_max=255,
+            qscheme=torch.per_tensor_affine,
+            observer_or_fake_quant_ctr=_OBSERVERS[config.observer].with_args(eps=eps),
+        )
+        per_tensor_weight = MinMaxObserver.with_args(eps=eps)
+    else:
+        activation = default.input_activation  # moving average, fused with fake-quant
+        if config.observer != "moving_average":
+            observer = _OBSERVERS[config.observer]
+            activation = replace(
+                activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(observer=observer, eps=eps)
+            )
+        per_tensor_weight = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=eps)
     quant_min, quant_max = resolve_target(config.target).weight_range
     weight = replace(default.weight, quant_min=quant_min, quant_max=quant_max)
     if not config.per_channel:
-        weight = ao.QuantizationSpec(
-            dtype=torch.int8,
-            quant_min=quant_min,
-            quant_max=quant_max,
-            qscheme=torch.per_tensor_symmetric,
-            observer_or_fake_quant_ctr=ao.MinMaxObserver.with_args(eps=2**-12),
+        weight = replace(
+            weight, qscheme=torch.per_tensor_symmetric, ch_axis=None, observer_or_fake_quant_ctr=per_tensor_weight
         )
-    quantizer = ao.X86InductorQuantizer()
-    quantizer.set_global(ao.QuantizationConfig(activation, activation, weight, default.bias, False))
+    quantizer = X86InductorQuantizer() if quantizer is None else quantizer
+    quantizer.set_global(QuantizationConfig(activation, activation, weight, default.bias, is_qat))
     for name in (*config.keep_float, *(single_input_channel_convs(model) if model is not None else ())):
         quantizer.set_module_name_qconfig(name, None)
     return quantizer
@@ -169,7 +203,7 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
 def _quantize_static(
     model: nn.Module, config: StaticQuantConfig, inputs: ModelInputs, calibration_data: Iterable[Any]
 ) -> fx.GraphModule:
-    prepared = ao.prepare_pt2e(capture_for_quantization(model, inputs), x86_quantizer(config, model))
+    prepared = prepare_pt2e(capture_for_quantization(model, inputs), x86_quantizer(config, model))
     batches = 0
     with torch.no_grad():
         for batch in calibration_data:
@@ -177,7 +211,7 @@ def _quantize_static(
             batches += 1
     if batches == 0:
         raise ValueError("calibration_data yielded no batch: static int8 needs real batches to calibrate on")
-    converted = ao.convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
     converted.meta.setdefault(NOTES_KEY, prepared.meta.get(NOTES_KEY, ()))
     return converted
 
@@ -186,8 +220,8 @@ def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module
     quantized = copy.deepcopy(model).eval()
     keep = tuple(config.keep_float)
     # reduce_range: 7-bit weights and activations, whose u8 x s8 pair sums fit the int16 of non-VNNI kernels
-    int8 = ao.Int8DynamicActivationInt8WeightConfig(reduce_range=resolve_target(config.target).weight_bits == 7)
-    ao.quantize_(quantized, int8, filter_fn=_dynamic_linear_filter(keep))
+    int8 = Int8DynamicActivationInt8WeightConfig(reduce_range=resolve_target(config.target).weight_bits == 7)
+    quantize_(quantized, int8, filter_fn=_dynamic_linear_filter(keep))
     if config.recurrent:
         legacy_quantize_dynamic(quantized, RECURRENT_TYPES, keep)
     return quantized
@@ -207,7 +241,7 @@ def _dynamic_linear_filter(keep_float: tuple[str, ...]) -> Callable[[nn.Module, 
     return lambda module, fqn: (
         isinstance(module, nn.Linear)
         and not isinstance(module, NonDynamicallyQuantizableLinear)
-        and not _kept(fqn, keep_float)
+        and not is_kept_float(fqn, keep_float)
     )
 
 
@@ -243,18 +277,12 @@ def _graph_quantized_ops(graph: fx.Graph) -> Counter[str]:
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        target = _op_name(node.target)
+        target = op_name(node.target)
         if target.startswith(("onednn.q", "quantized.", "aten._int_mm", "aten._weight_int8pack_mm")):
             counts[target] += 1
-        elif target in _COMPUTE_OPS and any(
-            isinstance(arg, fx.Node) and _op_name(arg.target).startswith("quantized_decomposed.dequantize")
+        elif target in COMPUTE_OPS and any(
+            isinstance(arg, fx.Node) and op_name(arg.target).startswith("quantized_decomposed.dequantize")
             for arg in node.args[1:2]  # the weight
         ):
             counts[f"{target} (int8 weight)"] += 1
     return counts
-
-
-def _op_name(target: Any) -> str:
-    """``aten.linear`` for ``torch.ops.aten.linear.default``."""
-    name = str(target)
-    return name.rsplit(".", 1)[0] if name.count(".") >= 2 else name

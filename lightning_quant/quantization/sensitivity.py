@@ -36,7 +36,6 @@ Example (dynamic int8 of a small MLP, accuracy on random data)::
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,8 +46,9 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization._legacy import _kept
+from lightning_quant.inputs import ModelInputs, tensors_in
+from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.report import markdown_table, write_table
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 _BUDGET_FIELDS = ("metric", "max_drop", "relative", "higher_is_better", "max_evaluations", "max_float_fraction")
@@ -200,7 +200,7 @@ def quantizable_layers(
     return [
         name
         for name, module in model.named_modules()
-        if name and isinstance(module, types) and not _kept(name, tuple(keep_float))
+        if name and isinstance(module, types) and not is_kept_float(name, tuple(keep_float))
     ]
 
 
@@ -269,28 +269,9 @@ def layer_sensitivity(
 def save_sensitivity(rows: Sequence[Mapping[str, Any]], dirpath: Union[str, Path], title: str = "") -> dict[str, Path]:
     """Write ``sensitivity.csv``, ``sensitivity.md`` and ``sensitivity.png`` (bar chart of each layer's
     relative output error, quantized alone) into ``dirpath``, atomically; return their paths by suffix."""
-    from lightning_quant.export.files import atomic_path
-
-    dirpath = Path(dirpath)
     columns = ["rank", "layer", "relative_error", "sqnr_db", "metric", "note"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    markdown = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    markdown += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    contents = {
-        "csv": text.getvalue().encode(),
-        "md": ("\n".join(markdown) + "\n").encode(),
-        "png": _bar_chart(rows, title),
-    }
-    paths = {}
-    for suffix, data in contents.items():
-        path = dirpath / f"sensitivity.{suffix}"
-        with atomic_path(path) as temporary:
-            temporary.write_bytes(data)
-        paths[suffix] = path
-    return paths
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    return write_table(dirpath, "sensitivity", rows, columns, markdown_table(columns, cells), _bar_chart(rows, title))
 
 
 def fallback_search(
@@ -387,19 +368,11 @@ def _better(value: float, best: float, budget: MetricBudget) -> bool:
 
 
 def _float_leaves(output: Any) -> list[torch.Tensor]:
-    from torch.utils._pytree import tree_flatten
-
-    return [
-        t.detach().float() for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()
-    ]
+    return [t.detach().float() for t in tensors_in(output) if t.is_floating_point()]
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+def _cell(value: Any) -> Any:
+    return f"{value:.4g}" if isinstance(value, float) else value
 
 
 def _bar_chart(rows: Sequence[Mapping[str, Any]], title: str) -> bytes:

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from lightning_quant.inputs import tensors_in
 
 FUSED_ENCODER_LAYER = "aten._transformer_encoder_layer_fwd"
 FUSED_ATTENTION = "aten._native_multi_head_attention"
@@ -55,7 +56,7 @@ def route_quantized_encoder_layers(model: nn.Module) -> list[str]:
     """Let ``nn.TransformerEncoder`` models with int8 Linears run inference; return the layers routed.
 
     Call after legacy dynamic quantization (``torch.ao.quantization.quantize_dynamic``; the project's
-    :func:`~lightning_quant.quantization._legacy.legacy_quantize_dynamic` calls it itself). Every ``nn.TransformerEncoderLayer`` whose
+    :func:`~lightning_quant.quantization.legacy.legacy_quantize_dynamic` calls it itself). Every ``nn.TransformerEncoderLayer`` whose
     attention or feed-forward weights are no longer float tensors runs module by module (attention fused,
     Linears int8) instead of crashing in the fused-layer check, and its ``nn.TransformerEncoder`` stops
     converting padded batches to nested tensors (that check reads the same weights). Float layers keep the
@@ -156,7 +157,7 @@ class _AttentionPatternMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+        tensors = tensors_in((args, kwargs))
         if func in _MATMULS:
             if any(id(t) in self.weights for t in tensors):
                 self.found.append(_user_code_location())

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lightning_quant.quantization.config import check_keep_float
+from lightning_quant.quantization.config import check_keep_float, is_kept_float
 from lightning_quant.weight_packing import dequantize, pack, quantize_weight
 
 BITS = (4, 8)
@@ -125,13 +125,12 @@ def quantizable_linears(model: nn.Module, config: WeightOnlyConfig) -> list[str]
     """Names of the ``nn.Linear`` layers ``config`` quantizes: outside ``keep_float``, with an input width that is a
     multiple of ``group_size``. Subclasses of ``nn.Linear`` are left alone: attention's output projection
     (``NonDynamicallyQuantizableLinear``) is read as a weight by ``nn.MultiheadAttention``, not called."""
-    kept = tuple(config.keep_float)
     return [
         name
         for name, module in model.named_modules()
         if type(module) in (nn.Linear, FakeQuantizedLinear)
         and module.in_features % config.group_size == 0
-        and not any(name == k or name.startswith(k + ".") for k in kept)
+        and not is_kept_float(name, tuple(config.keep_float))
     ]
 
 

@@ -35,7 +35,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Writers in C++ that write to a path (``torch.save``, ``torch.export.save``, ``torch.jit.save``) may abort
     the whole process when the disk fills mid-write; serialize those into memory and use
-    :func:`atomic_write_bytes`.
+    :func:`atomic_write`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,13 +52,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
             temporary.unlink()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text is UTF-8 encoded) to ``path`` atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as temporary:
-        temporary.write_bytes(data)
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def sha256(path: Path) -> str:
+    """The hex SHA-256 of the file at ``path``, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lightning_quant.deprecated import legacy_api
+from lightning_quant.quantization.config import is_kept_float
 from lightning_quant.quantization.transformer_fastpath import route_quantized_encoder_layers
 
 RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
@@ -26,7 +27,9 @@ def legacy_quantize_dynamic(
     TorchScript files (TorchScript cannot trace torchao's int8 tensors). ``nn.TransformerEncoderLayer`` modules
     whose Linears became int8 are routed off the fused layer kernel (see :mod:`.transformer_fastpath`).
     """
-    targets = {name for name, module in model.named_modules() if type(module) in types and not _kept(name, keep_float)}
+    targets = {
+        name for name, module in model.named_modules() if type(module) in types and not is_kept_float(name, keep_float)
+    }
     if not targets:
         return []
     with legacy_api("torch.ao.quantization.quantize_dynamic"):
@@ -40,7 +43,3 @@ def legacy_quantize_dynamic(
     # an nn.TransformerEncoderLayer with legacy int8 Linears crashes in its fast-path check (it reads .weight)
     route_quantized_encoder_layers(model)
     return sorted(targets)
-
-
-def _kept(name: str, keep_float: tuple[str, ...]) -> bool:
-    return any(name == kept or name.startswith(kept + ".") for kept in keep_float)
