@@ -88,18 +88,8 @@ def build_manifest(
     recommended = fastest if fastest is not None and speed["speedup_vs_float"][fastest] > 1 else None
     described = example_inputs.describe()
     described["dynamic_batch"] = dynamic_batch
-    checkpoint = float_checkpoint
-    if checkpoint and dirpath is not None:
-        checkpoint = os.path.relpath(checkpoint, dirpath)
     return {
-        "format_version": FORMAT_VERSION,
-        "status": "partial" if failures else "ok",
-        "failures": dict(failures or {}),
-        "approach": approach,
-        "backend": backend,
-        "model": model,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": library_versions(),
+        **_header("partial" if failures else "ok", approach, backend, model, failures),
         "machine": {"processor": platform.machine(), "threads": torch.get_num_threads()},
         "cpu": cpu_info(),
         "target": target.to_dict(),
@@ -134,7 +124,7 @@ def build_manifest(
         "quantized_ops": quantized_ops,
         "keep_float": list(keep_float),
         "accuracy_budget": accuracy_budget,
-        "float_checkpoint": checkpoint,
+        "float_checkpoint": _relative(float_checkpoint, dirpath),
         **(details or {}),
         "seconds": round(seconds, 2) if seconds is not None else None,
     }
@@ -151,23 +141,32 @@ def failed_manifest(
     failures: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
     """The manifest of a run that produced no artifact: what failed, why, and where the float weights are."""
-    checkpoint = float_checkpoint
-    if checkpoint and dirpath is not None:
-        checkpoint = os.path.relpath(checkpoint, dirpath)
+    return {
+        **_header("failed", approach, backend, model, failures),
+        "error": error,
+        "cpu": cpu_info(),
+        "artifacts": [],
+        "float_checkpoint": _relative(float_checkpoint, dirpath),
+    }
+
+
+def _header(status: str, approach: str, backend: str, model: str, failures: Optional[dict[str, str]]) -> dict[str, Any]:
+    """The fields every manifest starts with, written or failed."""
     return {
         "format_version": FORMAT_VERSION,
-        "status": "failed",
-        "error": error,
+        "status": status,
         "failures": dict(failures or {}),
         "approach": approach,
         "backend": backend,
         "model": model,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": library_versions(),
-        "cpu": cpu_info(),
-        "artifacts": [],
-        "float_checkpoint": checkpoint,
     }
+
+
+def _relative(checkpoint: Optional[str], dirpath: Optional[Path]) -> Optional[str]:
+    """The float checkpoint's path as seen from the manifest's folder (the two move together)."""
+    return os.path.relpath(checkpoint, dirpath) if checkpoint and dirpath is not None else checkpoint
 
 
 def check_format_version(version: Any, what: str) -> None:
