@@ -574,7 +574,7 @@ class QuantizationCallback(Callback, ABC):
             save_sensitivity(
                 result.sensitivity,
                 self.output_dir,
-                title=f"{type(pl_module).__name__}, {self.approach} int8: "
+                title=f"{type(pl_module).__name__}, {self.approach}: "
                 "relative output error with one layer quantized (most sensitive on top)",
             )
             report["sensitivity"] = "sensitivity.csv"
@@ -620,11 +620,11 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
     layers = [layer["name"] for layer in report["float_layers"]]
     return (
         f"{owner}: accuracy budget NOT met: {report['metric']} went from {report['float']:.4g} (float) to "
-        f"{report['after']:.4g} (int8), a drop of {report['drop']:.4g} against max_drop={unit}; fully int8 it "
+        f"{report['after']:.4g} (quantized), a drop of {report['drop']:.4g} against max_drop={unit}; fully quantized it "
         f"was {report['before']:.4g}. The search stopped: {report['stopped']}, after {report['evaluations']} "
         f"validation passes. The best model found (float layers: {layers}) was exported anyway and marked "
         f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
-        "keep_float the layers you know are fragile, or try QuantizationAwareTraining."
+        "keep_float the layers you know are fragile, or train quantization-aware (QuantizationAwareTraining, WeightOnlyQAT)."
     )
 
 
