@@ -18,7 +18,8 @@ from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import faulthandler, signal, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning_quant import QuantizationAwareTraining
@@ -66,7 +67,15 @@ def test_interrupted_qat_resumes_from_its_checkpoint_with_ranges_restored(tmp_pa
         assert last.exists(), process.communicate(timeout=5)[0][-3000:] if process.poll() is not None else "timeout"
         time.sleep(0.3)  # into the next epoch: interrupted mid-QAT, between checkpoints
         process.send_signal(signum)
-        output = process.communicate(timeout=120)[0]
+        try:
+            output = process.communicate(timeout=120)[0]
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGUSR1)  # where it hangs, for the failure message
+            time.sleep(2)
+            process.kill()
+            pytest.fail(
+                "the training process did not stop within 120 s of the signal:\n" + process.communicate()[0][-6000:]
+            )
     finally:
         if process.poll() is None:
             process.kill()
