@@ -84,7 +84,8 @@ def fit(callback: L.Callback, epochs: int, max_bytes: int | None, scratch: Path)
     )
     trainer.fit(model, data)
     manifest = json.loads((Path(callback.dirpath) / "manifest.json").read_text())
-    int4 = quantize(model, WeightOnlyConfig(bits=4, group_size=32), torch.zeros(2, 128, dtype=torch.long))
+    group_size = callback.config.group_size  # type: ignore[attr-defined]
+    int4 = quantize(model, WeightOnlyConfig(bits=4, group_size=group_size), torch.zeros(2, 128, dtype=torch.long))
     return {
         "model": model,
         "val_perplexity": {k: manifest["metrics"][k]["val/perplexity"] for k in ("float", "quantized")},
@@ -96,7 +97,7 @@ def fit(callback: L.Callback, epochs: int, max_bytes: int | None, scratch: Path)
 def train(args: argparse.Namespace) -> dict[str, Any]:
     max_bytes = 30_000 if args.quick else None
     with tempfile.TemporaryDirectory() as scratch:
-        formats = dict(formats=["onnx"], bits=4, group_size=32)
+        formats = dict(formats=["onnx"], bits=4, group_size=args.group_size)
         ptq = fit(WeightOnlyQuantization(dirpath=f"{scratch}/ptq", **formats), args.epochs, max_bytes, Path(scratch))
         qat = fit(
             WeightOnlyQAT(start_epoch=args.qat_start, dirpath=f"{scratch}/qat", **formats),
@@ -112,6 +113,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     late = slice(args.qat_start, args.epochs)
     return {
+        "group_size": args.group_size,
         "epochs": args.epochs,
         "qat_start": args.qat_start,
         "quick": args.quick,
@@ -199,13 +201,13 @@ def write(results: dict[str, Any]) -> None:
         f"CPU: {cpu['model']} ({', '.join(cpu['flags'])}); 2 threads; torch {torch.__version__}, "
         f"onnxruntime {ort.__version__}. Written by `benchmarks/bench_weight_only.py`.",
     ]
-    trained = results.get("train")
-    if trained:
+    for key in sorted((k for k in results if k.startswith("train_g")), key=lambda k: int(k[len("train_g") :])):
+        trained = results[key]
         ptq, qat = trained["ptq"], trained["qat"]
         lines += [
             "",
-            f"## Perplexity per byte ({trained['epochs']} epochs; QAT from epoch {trained['qat_start']}"
-            f"{'; --quick: 30 KB of training text' if trained['quick'] else ''})",
+            f"## Perplexity per byte, int4 in groups of {trained['group_size']} ({trained['epochs']} epochs; QAT from "
+            f"epoch {trained['qat_start']}{'; --quick: 30 KB of training text' if trained['quick'] else ''})",
             "",
             "| | float | int4 PTQ | int4 QAT | PTQ loss | QAT loss | share of PTQ's loss QAT recovers |",
             "| --- | --- | --- | --- | --- | --- | --- |",
@@ -264,6 +266,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--qat-start", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--group-size", type=int, default=32, help="int4 weights per float scale (PTQ and QAT)")
     parser.add_argument("--latency", action="store_true", help="only the latency table")
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
@@ -272,7 +275,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     results = json.loads(SAVED.read_text()) if SAVED.exists() else {}
     if not args.latency:
-        results["train"] = train(args)
+        results[f"train_g{args.group_size}"] = train(args)
     results["latency"] = latency(args.repeats)
     SAVED.write_text(json.dumps(results, indent=1, default=float))
     write(results)
