@@ -124,7 +124,7 @@ def test_unreachable_budget_still_exports_marked_over_budget(tmp_path):
         formats=["torch_export"], max_metric_drop=MetricBudget("val/acc", max_drop=0.01, max_float_fraction=0.0)
     )
     with pytest.warns(
-        UserWarning, match=r"accuracy budget NOT met: val/acc went from 1 \(float\) to 0\.\d+ \(int8\)"
+        UserWarning, match=r"accuracy budget NOT met: val/acc went from 1 \(float\) to 0\.\d+ \(quantized\)"
     ) as record:
         manifest = fit_fragile(callback, tmp_path)
     message = str(next(w.message for w in record if "NOT met" in str(w.message)))

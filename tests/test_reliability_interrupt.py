@@ -59,6 +59,10 @@ def test_interrupted_qat_resumes_from_its_checkpoint_with_ranges_restored(tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # as from a terminal: Ctrl-C's default action. A child inherits an ignored SIGINT, and Python then never
+        # raises KeyboardInterrupt; Lightning ignores SIGINT for good once a fit in this test process was
+        # interrupted, which made this test hang after other tests in the same session.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.monotonic() + 240
