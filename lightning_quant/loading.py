@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 from lightning_quant.export import load_artifact
 from lightning_quant.files import sha256
 from lightning_quant.manifest import FILENAME, check_format_version, read_manifest
-from lightning_quant.target import cpu_info
+from lightning_quant.target import cpu_info, flags_known
 
 
 def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> Any:
@@ -78,7 +78,8 @@ def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
     target = manifest.get("target")
     if not target:  # written before targets existed: built for the exporting machine
         return
-    missing = [flag for flag in target["requires"] if flag not in cpu_info()["flags"]]
+    cpu = cpu_info()
+    missing = [flag for flag in target["requires"] if flag not in cpu["flags"]] if flags_known(cpu) else []
     if missing:
         raise RuntimeError(
             f"{file} was built for target {target['name']!r} (CPU flags {target['requires']}) "

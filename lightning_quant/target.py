@@ -120,6 +120,11 @@ def resolve_target(target: Union[str, CpuTarget]) -> CpuTarget:
     check_target_name(target)
     if target != "native":
         return TARGETS[target]
+    if not flags_known():
+        raise ValueError(
+            "target='native': this CPU's instruction sets could not be read (no flags in /proc/cpuinfo, no CPUID "
+            "answer from torch), so there is no 'native' to build for; pass target='avx2' (any x86-64 CPU with AVX2)."
+        )
     flags = set(cpu_info()["flags"])
     runnable = [t for t in TARGETS.values() if set(t.requires) <= flags]
     if not runnable:
@@ -141,19 +146,55 @@ def cpu_info() -> dict[str, Any]:
             key = key.strip()
             if key in ("vendor_id", "model name", "flags") and key not in fields:
                 fields[key] = value.strip()
-    flags = set(fields.get("flags", "").split())
+    flags, source = set(fields.get("flags", "").split()), "/proc/cpuinfo"
+    if not flags:  # no readable /proc/cpuinfo (some sandboxes, other OSes): ask the CPU itself, as PyTorch does
+        flags, source = _cpuid_flags(), "cpuid (torch.cpu)"
+    if not flags:
+        source = "unknown"
     return {
         "vendor": fields.get("vendor_id", platform.processor() or "unknown"),
         "model": fields.get("model name", platform.machine()),
         "architecture": platform.machine(),
         "flags": [flag for flag in ISA_FLAGS if flag in flags],
+        "flags_source": source,
     }
 
 
+def _cpuid_flags() -> set[str]:
+    """The :data:`ISA_FLAGS` PyTorch's CPUID probes report (empty if it has none). Its AVX-512 probe is F, BW,
+    DQ and VL together; AVX2 CPUs all have FMA, AMX-tile CPUs all have AMX-INT8."""
+    import torch
+
+    probes = {
+        "_is_avx2_supported": ("avx2", "fma"),
+        "_is_avx512_supported": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
+        "_is_vnni_supported": ("avx512_vnni",),
+        "_is_avx512_bf16_supported": ("avx512_bf16",),
+        "_is_amx_tile_supported": ("amx_tile", "amx_int8"),
+    }
+    found: set[str] = set()
+    for probe, flags in probes.items():
+        try:
+            if getattr(torch.cpu, probe)():
+                found.update(flags)
+        except (AttributeError, RuntimeError):  # a torch build without the probe
+            continue
+    return found
+
+
+def flags_known(cpu: Optional[dict[str, Any]] = None) -> bool:
+    """False when neither /proc/cpuinfo nor CPUID told which instructions the CPU has."""
+    return (cpu or cpu_info()).get("flags_source", "/proc/cpuinfo") != "unknown"
+
+
 def missing_flags(target: Union[str, CpuTarget], cpu: Optional[dict[str, Any]] = None) -> list[str]:
-    """The flags ``target`` requires that ``cpu`` (default: this machine) lacks; empty if it can run the files."""
-    have = set((cpu or cpu_info())["flags"])
-    return [flag for flag in resolve_target(target).requires if flag not in have]
+    """The flags ``target`` requires that ``cpu`` (default: this machine) lacks; empty if it can run the files, or
+    if the CPU's flags could not be read (then nothing is known to be missing: the files are still verified by
+    running them here)."""
+    cpu = cpu or cpu_info()
+    if not flags_known(cpu):
+        return []
+    return [flag for flag in resolve_target(target).requires if flag not in set(cpu["flags"])]
 
 
 def check_runs_here(target: Union[str, CpuTarget], what: str, fix: str) -> None:
@@ -170,6 +211,8 @@ def check_runs_here(target: Union[str, CpuTarget], what: str, fix: str) -> None:
 def emulates_narrower_isa(target: CpuTarget) -> bool:
     """True when this CPU has more than ``target`` (e.g. VNNI for an ``"avx2"`` target), so oneDNN's numerics
     for the target differ from this machine's and are checked under ``ONEDNN_MAX_CPU_ISA``."""
+    if not flags_known():
+        return True  # maybe wider: check under the target's ISA too (a cap above what the CPU has changes nothing)
     have = set(cpu_info()["flags"])
     wider = {flag for t in TARGETS.values() for flag in t.requires} - set(target.requires)
     return bool(have & wider)

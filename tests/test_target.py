@@ -18,7 +18,7 @@ from conftest import fast_trainer
 from onnx import numpy_helper
 from torch import nn
 
-from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, load
+from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, deploy, load
 from lightning_quant.benchmark import measure_speed, without_slower_files
 from lightning_quant.cli import main as cli_main
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
@@ -312,3 +312,31 @@ def test_load_and_cli_refuse_a_file_built_for_instructions_this_cpu_lacks(tmp_pa
     manifest["target"] = resolve_target("avx2").to_dict()  # the portable target's files load here
     (tmp_path / "manifest.json").write_text(json.dumps(manifest, default=str))
     assert load(tmp_path)(x).shape == (8, 16)
+
+
+def test_cpuid_reads_the_same_instruction_sets_as_proc_cpuinfo():
+    from lightning_quant.target import ISA_FLAGS, _cpuid_flags
+
+    if cpu_info()["flags_source"] != "/proc/cpuinfo":
+        pytest.skip("no /proc/cpuinfo flags on this machine to compare CPUID with")
+    probed = _cpuid_flags()
+    assert probed and probed <= set(ISA_FLAGS)
+    assert probed <= set(cpu_info()["flags"]) | {"amx_int8"}  # CPUID finds nothing the kernel does not list
+    assert ("avx512_vnni" in probed) == ("avx512_vnni" in cpu_info()["flags"])  # what decides 7 or 8 bits
+
+
+def test_a_cpu_whose_flags_cannot_be_read_is_not_refused_and_is_checked_as_the_narrowest(monkeypatch, tmp_path):
+    unknown = {"vendor": "unknown", "model": "x86_64", "architecture": "x86_64", "flags": [], "flags_source": "unknown"}
+    for module in ("target", "loading", "manifest", "export.verify"):
+        monkeypatch.setattr(f"lightning_quant.{module}.cpu_info", lambda: unknown)
+    assert missing_flags("amx") == []  # not known to be missing: the files are verified by running them here
+    assert emulates_narrower_isa(TARGETS["avx2"])  # maybe wider than AVX2: the AVX2 numerics are checked too
+    with pytest.raises(ValueError, match=r"could not be read.*target='avx2'"):
+        resolve_target("native")
+    model = PositiveLinear().eval()
+    x = positive_batches()[0]
+    int8 = quantize(model, DynamicQuantConfig(), x)
+    deployment = deploy(model, DynamicQuantConfig(), x, dirpath=tmp_path, formats=["torch_export"], target="amx")
+    assert deployment.manifest["cpu"]["flags_source"] == "unknown"
+    with torch.no_grad():
+        assert torch.allclose(load(tmp_path)(x), int8(x), atol=1e-4)
