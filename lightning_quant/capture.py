@@ -3,7 +3,8 @@
 Models users bring are not always capturable as written. ``capture`` tries what a careful engineer would, in order,
 and records each step it took in ``Capture.notes`` (the manifest shows them):
 
-1. ``torch.export.export(strict=False)`` with one dynamic batch dimension (:func:`batch_dynamic_shapes`).
+1. ``torch.export.export(strict=False)`` with one dynamic batch dimension (:func:`batch_dynamic_shapes`); an
+   example of batch 1 is captured as two copies of it (export treats a dimension of size 1 as a constant).
 2. A branch on a tensor's value (``if bool(mask.all())``; ``nn.Transformer`` checks its mask this way) cannot
    be traced. The model runs once on the example, records the value each such branch took, and is captured
    again with those values; the file checks at run time that the branch goes the same way (it raises if not).
@@ -76,6 +77,10 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
         (torch.Size([7, 2]), ())
     """
     shapes = batch_dynamic_shapes(model, inputs, dynamic_batch)
+    example = inputs
+    if shapes is not None and inputs.batch_size() == 1:
+        # export treats a dimension of size 1 as a constant: captured on two copies, the program takes any batch
+        inputs = inputs.map(lambda t: torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t)
     # a graph captured before (PT2E quantization) keeps what was changed then; its files say so too
     notes: list[str] = list(getattr(model, "meta", {}).get(NOTES_KEY, ()))
     branches: Optional[dict[Site, list[bool]]] = None
@@ -93,7 +98,7 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
                 if branches:
                     continue
             if shapes is not None and _batch_pinned(err):
-                shapes = None
+                shapes, inputs = None, example
                 notes.append(
                     f"the batch size is fixed to {inputs.batch_size()} (the example's): the model's code "
                     f"pins it ({_pinning_reason(err)})"

@@ -83,6 +83,19 @@ class ModelInputs(NamedTuple):
         args, kwargs = tree_map(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs))
         return ModelInputs(tuple(args), dict(kwargs))
 
+    def form(self) -> Any:
+        """The call's structure: where tensors are (``True``) and what else is passed (``False``).
+
+        Example::
+
+            >>> cache = (torch.zeros(1, 4), torch.zeros(1, 4))
+            >>> ModelInputs((torch.zeros(2, 3), None), {}).form() == ModelInputs((torch.ones(5, 3), None), {}).form()
+            True
+            >>> ModelInputs((torch.zeros(2, 3), None), {}).form() == ModelInputs((torch.zeros(2, 3), cache), {}).form()
+            False
+        """
+        return tree_map(lambda value: isinstance(value, torch.Tensor), (self.args, self.kwargs))
+
     def batch_size(self) -> int | None:
         """The leading dimension of the first tensor (the batch), if there is one."""
         tensors = [t for t in self.tensors() if t.dim() > 0]
@@ -119,17 +132,19 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
-def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_batch: bool = True) -> ModelInputs:
+def example_inputs_for_export(value: Any, forward: Callable[..., Any]) -> ModelInputs:
     """``value`` (Lightning's convention) bound to ``forward``, on CPU, checked for export: it must fit
-    ``forward``, hold a tensor and, with a dynamic batch, have a batch of 2 or more.
+    ``forward`` and hold a tensor.
 
     Example::
 
         >>> def forward(x, scale=1.0): ...
         >>> example_inputs_for_export(torch.zeros(1, 3), forward)
+        ModelInputs(args=(tensor([[0., 0., 0.]]), 1.0), kwargs={})
+        >>> example_inputs_for_export({"y": torch.zeros(1, 3)}, forward)
         Traceback (most recent call last):
         ...
-        ValueError: example_input has batch size 1, which export treats as a constant: use a batch of 2 or more, or dynamic_batch=False
+        ValueError: example_input does not match forward: missing a required argument: 'x'
     """
     name = getattr(forward, "__qualname__", "forward")
     try:
@@ -138,11 +153,6 @@ def example_inputs_for_export(value: Any, forward: Callable[..., Any], dynamic_b
         raise ValueError(f"example_input does not match {name}: {err}") from err
     if not inputs.tensors():
         raise ValueError("example_input holds no tensor; pass the tensors forward takes")
-    if dynamic_batch and inputs.batch_size() == 1:
-        raise ValueError(
-            "example_input has batch size 1, which export treats as a constant: use a batch of "
-            "2 or more, or dynamic_batch=False"
-        )
     return inputs.to("cpu")
 
 

@@ -152,7 +152,7 @@ def deploy(
     started = time.perf_counter()
     float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
     forward = own_forward(model)
-    inputs = example_inputs_for_export(example_inputs, forward, dynamic_batch)
+    inputs = example_inputs_for_export(example_inputs, forward)
     calibration = [ModelInputs.from_value(batch).bind(forward) for batch in calibration_data or ()]
     try:
         with torch.no_grad():
@@ -310,6 +310,7 @@ def ship(
                 speed["fastest"],
                 approach,
                 output_template=inputs(reference),
+                call_form=inputs.form(),
             )
         metrics = NO_EVALUATION if evaluate is None else evaluate(model)
     except Exception as err:
@@ -473,7 +474,9 @@ class InferenceModel(nn.Module):
     """The deployed model: same inputs as the float model's forward, no autograd.
 
     Calls go to the fastest verified file's runtime (``runtime``: its format, e.g. an ONNX Runtime session for
-    ``"onnx"``) when there is one, else to the converted reference model.
+    ``"onnx"``) when there is one, else to the converted reference model. A call of another form than the
+    example (``call_form``, see :meth:`ModelInputs.form`: a language model's whole sequences where the files are
+    its generation step) runs the converted reference model, which takes every call ``forward`` does.
     """
 
     def __init__(
@@ -484,6 +487,7 @@ class InferenceModel(nn.Module):
         runtime: Optional[str],
         approach: str,
         output_template: Any = None,
+        call_form: Any = None,
     ) -> None:
         super().__init__()
         self.reference = reference
@@ -492,6 +496,7 @@ class InferenceModel(nn.Module):
         self._output_template = output_template
         self.runtime = runtime if lowered is not None else None
         self._signature = inspect.signature(forward)
+        self._call_form = call_form
         self.approach = approach
 
     @property
@@ -502,8 +507,9 @@ class InferenceModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         bound = self._signature.bind(*args, **kwargs)
         bound.apply_defaults()
+        call = ModelInputs(tuple(bound.args), dict(bound.kwargs))
         with torch.no_grad():
-            if self._lowered is None:
+            if self._lowered is None or (self._call_form is not None and call.form() != self._call_form):
                 return self.reference(*bound.args, **bound.kwargs)
             return _like(self._output_template, self._lowered(*bound.args, **bound.kwargs))
 

@@ -26,6 +26,14 @@ def test_lightnings_demo_transformer_captures_with_its_causal_mask_check_resolve
         torch.testing.assert_close(captured.program.module()(tokens(3), tokens(3)), model(tokens(3), tokens(3)))
 
 
+def test_an_example_of_one_is_captured_with_a_batch_any_size_can_take():
+    model = nn.Linear(3, 2).eval()
+    captured = capture(model, ModelInputs.from_value(torch.ones(1, 3)))
+    assert captured.dynamic_batch and not captured.notes
+    with torch.no_grad():
+        torch.testing.assert_close(captured.program.module()(torch.ones(5, 3)), model(torch.ones(5, 3)))
+
+
 class PinnedBatch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(4, -1).sum(1)  # the batch of 4 is written into the code

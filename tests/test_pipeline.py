@@ -64,8 +64,8 @@ def test_deploy_names_what_is_wrong_with_its_arguments(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
     with pytest.raises(TypeError, match="StaticQuantConfig, a DynamicQuantConfig or None"):
         deploy(model, "static", torch.rand(4, 1, 8, 8), dirpath=tmp_path)
-    with pytest.raises(ValueError, match="batch size 1, which export treats as a constant"):
-        deploy(model, DynamicQuantConfig(), torch.rand(1, 1, 8, 8), dirpath=tmp_path)
+    with pytest.raises(ValueError, match="example_input does not match"):
+        deploy(model, DynamicQuantConfig(), {"inputs": torch.rand(4, 1, 8, 8)}, dirpath=tmp_path)
     with pytest.raises(ValueError, match="static int8 needs calibration_data"):
         deploy(model, StaticQuantConfig(), torch.rand(4, 1, 8, 8), dirpath=tmp_path)
     assert not (tmp_path / "manifest.json").exists()  # refused before anything was tried

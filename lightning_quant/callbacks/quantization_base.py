@@ -113,9 +113,10 @@ class QuantizationCallback(Callback, ABC):
         dirpath: where artifacts and ``manifest.json`` go. Default: ``<trainer.default_root_dir>/quantized``.
         formats: a list from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"`` (those the
             approach supports). Default: the approach's ``default_formats``.
-        example_input: the input of ``forward`` used to export: a tensor, a tuple of positional arguments
-            or a dict of keyword arguments. Default: the module's ``example_input_array``. Use a batch of
-            2 or more: export treats a dimension of size 1 as a constant.
+        example_input: the call of ``forward`` the files serve, used to export: a tensor, a tuple of positional
+            arguments or a dict of keyword arguments. Default: the module's ``example_input_array``. The files
+            are timed on the first validation batch, or on this input where batches are a different call
+            (a language model's example is one generation step, its batches whole sequences).
         keep_float: names of submodules (as in ``pl_module.named_modules()``) left in float.
         batch_to_input: picks the model input out of a batch (same convention as ``example_input``).
             Default: ``batch[0]`` of a tuple/list batch, else the batch.
@@ -395,6 +396,14 @@ class QuantizationCallback(Callback, ABC):
             "dict of keywords)."
         ) from errors[0]
 
+    def _timing_inputs(self, trainer: Trainer, inputs: ModelInputs) -> Optional[ModelInputs]:
+        """The first validation (else training) batch if it is the same call as the example; else ``None``: the
+        pipeline times the example itself."""
+        batch = next(self.model_inputs(trainer, "val", limit=1), None) or next(
+            self.model_inputs(trainer, "train", limit=1), None
+        )
+        return batch if batch is not None and batch.form() == inputs.form() else None
+
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
         """An eval-mode CPU deep copy of the float module (detached from the trainer; a ``forward`` set on the
@@ -417,9 +426,9 @@ class QuantizationCallback(Callback, ABC):
         if value is None:
             raise ValueError(
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
-                "`self.example_input_array` in the LightningModule or pass `example_input=` (a batch of 2 or more)."
+                "`self.example_input_array` in the LightningModule or pass `example_input=` (one call of forward)."
             )
-        return example_inputs_for_export(value, own_forward(pl_module), self.dynamic_batch)
+        return example_inputs_for_export(value, own_forward(pl_module))
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
@@ -474,9 +483,7 @@ class QuantizationCallback(Callback, ABC):
                     onnx = self.onnx_quantization(calibration, keep_float)
                     models = self.artifact_models(pl_module, keep_float)
                     details = self.manifest_details(float_model, inputs, calibration)
-                    timing_inputs = next(self.model_inputs(trainer, "val", limit=1), None) or next(
-                        self.model_inputs(trainer, "train", limit=1), None
-                    )
+                    timing_inputs = self._timing_inputs(trainer, inputs)
                 except Exception as err:
                     raise failure(
                         err,
