@@ -23,6 +23,8 @@ SUFFIX = ".pt2"
 
 def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_batch: bool = True) -> dict[str, Any]:
     captured = capture(model, inputs, dynamic_batch)
+    # torch.export.save stores the example inputs too (a language model's cache: megabytes); nothing reads them
+    captured.program.example_inputs = None
     buffer = io.BytesIO()  # torch.export.save to a path aborts the process if the disk fills mid-write
     torch.export.save(captured.program, buffer)
     atomic_write(path, buffer.getvalue())
