@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization, load
 from lightning_quant.demo import ByteLanguageModel, StdlibTextDataModule
+from lightning_quant.demo.language_model import generate
 from lightning_quant.export import export, verify_artifacts
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.manifest import format_table
@@ -131,8 +132,29 @@ def test_post_training_int4_callback_ships_the_language_model(tmp_path):
     assert manifest["quantized_ops"] == {"Linear (int4 weight-only)": len(linears)}
     assert "val/perplexity" in manifest["metrics"]["quantized"]
     assert all(type(m) is not FakeQuantizedLinear for m in model.modules())  # the user's module is unchanged
-    tokens = torch.randint(0, 256, (3, 32))
-    assert load(tmp_path / "int4")(tokens).shape == (3, 32, 256)
+    # the file is the generation step (timed as the example: one sequence, one byte), for any batch
+    assert manifest["latency_ms"]["input_shape"] == [1, 1]
+    step = load(tmp_path / "int4")
+    logits, *cache = step(torch.zeros(3, 1, dtype=torch.long), model.empty_cache(3), torch.tensor(0))
+    assert logits.shape == (3, 1, 256) and len(cache) == 2 and cache[0].shape == (3, 2, 32, 32)
+    int4 = quantize(model, WeightOnlyConfig(bits=4), model.example_input_array)
+    assert generate(step, b"import ", 12, model.empty_cache(1)) == generate(int4, b"import ", 12, model.empty_cache(1))
+
+
+def test_a_generation_step_with_the_cache_gives_the_logits_of_the_whole_sequence():
+    torch.manual_seed(0)
+    model = ByteLanguageModel(width=32, layers=2, heads=2, block_size=16).eval()
+    tokens = torch.randint(0, 256, (3, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        prompt, *cache = model(tokens[:, :5], model.empty_cache(3), torch.tensor(0))  # several bytes in one step
+        steps = [prompt]
+        for position in range(5, 12):
+            logits, *cache = model(tokens[:, position : position + 1], tuple(cache), torch.tensor(position))
+            steps.append(logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="both cache and position"):
+        model(tokens, model.empty_cache(3))
 
 
 def test_qat_trains_fake_quantized_from_start_epoch_and_ships_that_grid(tmp_path):
@@ -155,10 +177,11 @@ def test_qat_trains_fake_quantized_from_start_epoch_and_ships_that_grid(tmp_path
     assert set(checkpoint["state_dict"]) == set(model.state_dict())  # names unchanged: loads into the plain model
     manifest = json.loads((tmp_path / "int4" / "manifest.json").read_text())
     assert manifest["approach"] == "weight_only_qat" and manifest["qat"] == {"start_epoch": 1}
-    int4 = quantize(model, WeightOnlyConfig(bits=4), torch.zeros(2, 32, dtype=torch.long))
-    tokens = torch.randint(0, 256, (2, 32))
+    int4 = quantize(model, WeightOnlyConfig(bits=4), model.example_input_array)
+    step = (torch.randint(0, 256, (2, 1)), tuple(torch.randn(c.shape) for c in model.empty_cache(2)), torch.tensor(7))
     with torch.no_grad():
-        assert torch.allclose(load(tmp_path / "int4")(tokens), int4(tokens), atol=1e-4)
+        for file_output, model_output in zip(load(tmp_path / "int4")(*step), int4(*step)):
+            torch.testing.assert_close(file_output, model_output, atol=1e-4, rtol=1e-4)
 
 
 def test_the_language_model_experiment_composes_with_int4_qat():
