@@ -57,6 +57,23 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.T
     return (q.to(scales.dtype) * scales.unsqueeze(2)).flatten(1)
 
 
+def embedding_rows(indices: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """``F.embedding`` of the packed table: the rows at ``indices``, dequantized (``(*indices.shape, K)``). Plain
+    gather and integer arithmetic (no bit operations), so every exporter and runtime takes it as it is.
+
+    Example::
+
+        >>> q, scale = quantize_weight(torch.tensor([[0.5, -1.0, 0.25, 0.0], [1.0, 2.0, 3.0, -4.0]]), 4, 4)
+        >>> embedding_rows(torch.tensor([1, 0]), pack(q, 4, 4), scale, 4).tolist()
+        [[1.0, 2.0, 3.0, -4.0], [0.5, -1.0, 0.25, 0.0]]
+    """
+    rows = packed[indices].to(torch.int32)
+    if bits == 4:  # element 2i in the low nibble of byte i, as pack() writes it
+        rows = torch.stack((rows % 16, rows // 16), dim=-1).flatten(-2)
+    q = rows - 2 ** (bits - 1)
+    return (q.to(scales.dtype) * scales[indices].unsqueeze(-1)).flatten(-2)
+
+
 def linear_reference(
     input: torch.Tensor,
     packed: torch.Tensor,

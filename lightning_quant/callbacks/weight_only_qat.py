@@ -1,4 +1,4 @@
-"""Quantization-aware training for weight-only quantization: fake-quantized Linear weights from ``start_epoch``."""
+"""Quantization-aware training for weight-only quantization: fake-quantized Linear and Embedding weights from ``start_epoch``."""
 
 from __future__ import annotations
 
@@ -17,11 +17,11 @@ from lightning_quant.target import DEFAULT_TARGET
 
 
 class WeightOnlyQAT(WeightOnlyQuantization):
-    r"""Train the last epochs with Linear weights rounded to the ``bits``-bit grid (straight-through gradient),
+    r"""Train the last epochs with Linear and Embedding weights rounded to the ``bits``-bit grid (straight-through gradient),
     then ship them like :class:`WeightOnlyQuantization`: the rounding the model learned to absorb is exactly the
     one the files store.
 
-    From epoch ``start_epoch`` on, every quantizable ``nn.Linear`` computes with its weight fake-quantized; the
+    From epoch ``start_epoch`` on, every quantizable ``nn.Linear`` and ``nn.Embedding`` computes with its weight fake-quantized; the
     parameters themselves (what the optimizer updates and checkpoints hold) stay float and keep their names, so
     checkpoints load into the plain model and a resumed fit fake-quantizes again from ``start_epoch``. At fit end
     the fake quantization is removed from the module (it is the float model again, with the QAT-trained weights)

@@ -1,4 +1,4 @@
-"""Weight-only quantization after training: int4 (or int8) Linear weights in groups, float activations."""
+"""Weight-only quantization after training: int4 (or int8) Linear and Embedding weights in groups, float activations."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import WeightOnlyConfig
 from lightning_quant.quantization.sensitivity import MetricBudget
-from lightning_quant.quantization.weight_only import quantizable_linears
+from lightning_quant.quantization.weight_only import quantizable_layers
 from lightning_quant.target import DEFAULT_TARGET
 
 
 class WeightOnlyQuantization(QuantizationCallback):
-    r"""At fit end, store ``nn.Linear`` weights in ``bits`` bits (int4 by default), one float scale per group of
-    ``group_size`` input features; activations stay float. For language models and other Linear-heavy
-    networks, where weights dominate size and memory traffic.
+    r"""At fit end, store ``nn.Linear`` weights and ``nn.Embedding`` tables in ``bits`` bits (int4 by default), one
+    float scale per group of ``group_size`` input features (an embedding: of each row); activations stay float. For
+    language models and other Linear-heavy networks, where weights dominate size and memory traffic.
 
     The ``"onnx"`` file runs ONNX Runtime's ``MatMulNBits`` kernel (the packed weights, float compute: exact on
     every x86 CPU); ``"torch_export"`` is the same program as a ``.pt2`` (the op it calls is registered by
     importing ``lightning_quant``); ``"aoti"`` is allowed, and kept only where it is measured faster than float.
-    Layers whose input width is not a multiple of ``group_size`` stay float. Shared arguments (``dirpath``,
+    Embeddings are looked up from the packed table. Layers whose input width (``embedding_dim``) is not a multiple
+    of ``group_size`` stay float. Shared arguments (``dirpath``,
     ``formats``, ``example_input``, ``keep_float``, ``max_metric_drop``: an accuracy budget that returns the most
     sensitive layers to float, ...): see :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
 
@@ -64,7 +65,7 @@ class WeightOnlyQuantization(QuantizationCallback):
         self.config = WeightOnlyConfig(bits=bits, group_size=group_size, keep_float=tuple(self.keep_float))
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        return quantizable_linears(pl_module, self.config)
+        return quantizable_layers(pl_module, self.config)
 
     def manifest_details(
         self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
@@ -73,7 +74,7 @@ class WeightOnlyQuantization(QuantizationCallback):
             "bits": self.config.bits,
             "group_size": self.config.group_size,
             "notes": [
-                f"Linear weights: int{self.config.bits}, one float scale per {self.config.group_size} input "
+                f"Linear and Embedding weights: int{self.config.bits}, one float scale per {self.config.group_size} input "
                 "features (symmetric; the largest weight of each group exact); activations float. 'onnx': ONNX "
                 "Runtime MatMulNBits with float compute."
             ],

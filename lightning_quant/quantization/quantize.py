@@ -33,7 +33,7 @@ from lightning_quant.quantization._torchao import (
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig, is_kept_float
 from lightning_quant.quantization.graph_ops import COMPUTE_OPS, op_name
 from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
-from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyLinear
+from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyEmbedding, WeightOnlyLinear
 from lightning_quant.quantization.weight_only import convert as weight_only_convert
 from lightning_quant.target import resolve_target
 
@@ -68,7 +68,7 @@ def quantize(
     Returns:
         Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
         slow until lowered by AOTInductor with freezing or ONNX Runtime). Dynamic: a copy of ``model`` whose
-        Linear (and LSTM/GRU) layers are int8. Weight-only: a copy whose Linear layers are ``WeightOnlyLinear``.
+        Linear (and LSTM/GRU) layers are int8. Weight-only: a copy whose Linear and Embedding layers are ``WeightOnlyLinear``/``WeightOnlyEmbedding``.
 
     Raises:
         QuantizationError: the model cannot be exported (the message says why), or nothing was quantized.
@@ -261,8 +261,9 @@ def count_quantized_ops(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, fx.GraphModule):
             counts.update(_graph_quantized_ops(module.graph))
-        elif isinstance(module, WeightOnlyLinear):
-            counts[f"Linear (int{module.bits} weight-only)"] += 1
+        elif isinstance(module, (WeightOnlyLinear, WeightOnlyEmbedding)):
+            kind = "Linear" if isinstance(module, WeightOnlyLinear) else "Embedding"
+            counts[f"{kind} (int{module.bits} weight-only)"] += 1
         elif type(module).__module__.startswith("torch.ao.nn.quantized") and "Packed" not in type(module).__name__:
             counts[f"{type(module).__name__} (legacy torch.ao int8)"] += 1
         else:

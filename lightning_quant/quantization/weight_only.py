@@ -1,10 +1,12 @@
-"""Weight-only quantization (int4 or int8 weights in groups, float activations) for ``nn.Linear`` layers.
+"""Weight-only quantization (int4 or int8 weights in groups, float activations) for ``nn.Linear`` and
+``nn.Embedding`` layers.
 
 One grid everywhere: :func:`~lightning_quant.weight_packing.quantize_weight` rounds each group of ``group_size`` input weights to ``bits``-bit
 integers with one float scale, the signed element of largest magnitude landing exactly on ``-2**(bits-1)`` (ONNX
 Runtime's symmetric block quantization: all 16 int4 levels used, the largest weight kept exactly). Training
 with :func:`prepare_qat` fake-quantizes on that grid, :func:`convert` stores it, and the ONNX file runs it in
-ONNX Runtime's ``MatMulNBits`` kernel, so the weights a QAT run learned are the weights that ship.
+ONNX Runtime's ``MatMulNBits`` kernel, so the weights a QAT run learned are the weights that ship. An
+embedding table is grouped along its rows (``embedding_dim``) on the same grid and looked up packed.
 
 Why not torchao's ``Int4WeightOnlyConfig`` / ``QATConfig`` here: on x86 CPUs torchao 0.18 refuses its CPU int4
 packing and its int8 weight-only path ran 7x slower than float (``shared/MEASURED.md``), and its symmetric grid
@@ -34,20 +36,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_quant.quantization.config import check_keep_float, is_kept_float
-from lightning_quant.weight_packing import dequantize, pack, quantize_weight
+from lightning_quant.weight_packing import dequantize, embedding_rows, pack, quantize_weight
 
 BITS = (4, 8)
 
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
-    """Weight-only quantization of ``nn.Linear`` layers: ``bits``-bit weights (4 or 8) in groups of ``group_size``
-    input features, one float scale per group; activations stay float.
+    """Weight-only quantization of ``nn.Linear`` and ``nn.Embedding`` layers: ``bits``-bit weights (4 or 8) in
+    groups of ``group_size`` input features (an embedding: of each row), one float scale per group; activations
+    stay float.
 
     Args:
         bits: 4 (default) or 8.
         group_size: input features sharing one scale: a power of two, 16 to 256 (ONNX Runtime's ``MatMulNBits``
-            block sizes). Layers whose input width is not a multiple of it stay float.
+            block sizes). Layers whose input width (embedding_dim) is not a multiple of it stay float.
         keep_float: names of submodules left in float (as in ``model.named_modules()``).
 
     Example::
@@ -116,50 +119,101 @@ class WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
-def dequantize_linear(layer: WeightOnlyLinear) -> torch.Tensor:
-    """The float weight of a :class:`WeightOnlyLinear`."""
+class FakeQuantizedEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` that looks up its table rounded to the ``bits``-bit grid (straight-through gradient);
+    parameters and state-dict names as before, like :class:`FakeQuantizedLinear`."""
+
+    bits: int
+    group_size: int
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        table = fake_quantize_weight(self.weight, self.bits, self.group_size)
+        return F.embedding(input, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
+
+
+class WeightOnlyEmbedding(nn.Module):
+    """An embedding table stored like :class:`WeightOnlyLinear`'s weight (each row in groups of ``group_size``),
+    looked up packed and dequantized row by row (:func:`~lightning_quant.weight_packing.embedding_rows`)."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, embedding: nn.Embedding, bits: int, group_size: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.bits, self.group_size = bits, group_size
+        q, scale = quantize_weight(embedding.weight, bits, group_size)
+        self.register_buffer("packed", pack(q, bits, group_size))
+        self.register_buffer("scales", scale.to(embedding.weight.dtype))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return embedding_rows(input, self.packed, self.scales, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group_size={self.group_size}"
+
+
+_FAKE = {nn.Linear: FakeQuantizedLinear, nn.Embedding: FakeQuantizedEmbedding}
+_PLAIN = {fake: plain for plain, fake in _FAKE.items()}
+
+
+def dequantize_linear(layer: WeightOnlyLinear | WeightOnlyEmbedding) -> torch.Tensor:
+    """The float weight of a :class:`WeightOnlyLinear` (or table of a :class:`WeightOnlyEmbedding`)."""
     return dequantize(layer.packed, layer.scales, layer.bits)
 
 
-def quantizable_linears(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
-    """Names of the ``nn.Linear`` layers ``config`` quantizes: outside ``keep_float``, with an input width that is a
-    multiple of ``group_size``. Subclasses of ``nn.Linear`` are left alone: attention's output projection
+def quantizable_layers(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
+    """Names of the ``nn.Linear`` and ``nn.Embedding`` layers ``config`` quantizes: outside ``keep_float``, with an
+    input width (``embedding_dim``) that is a multiple of ``group_size``; embeddings without ``max_norm`` (which
+    rewrites the table on lookup). Subclasses are left alone: attention's output projection
     (``NonDynamicallyQuantizableLinear``) is read as a weight by ``nn.MultiheadAttention``, not called."""
     return [
         name
         for name, module in model.named_modules()
-        if type(module) in (nn.Linear, FakeQuantizedLinear)
-        and module.in_features % config.group_size == 0
+        if (
+            (type(module) in (nn.Linear, FakeQuantizedLinear) and module.in_features % config.group_size == 0)
+            or (
+                type(module) in (nn.Embedding, FakeQuantizedEmbedding)
+                and module.embedding_dim % config.group_size == 0
+                and module.max_norm is None
+            )
+        )
         and not is_kept_float(name, tuple(config.keep_float))
     ]
 
 
 def prepare_qat(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
-    """Make ``model``'s quantizable Linear layers fake-quantize their weights, in place; return their names.
-    The layers keep their parameters (the optimizer's and the checkpoint's), only their forward changes."""
-    names = quantizable_linears(model, config)
+    """Make ``model``'s quantizable Linear and Embedding layers fake-quantize their weights, in place; return their
+    names. The layers keep their parameters (the optimizer's and the checkpoint's), only their forward changes."""
+    names = quantizable_layers(model, config)
     for name in names:
         layer = model.get_submodule(name)
-        layer.__class__ = FakeQuantizedLinear  # the same object: parameters, hooks and state-dict names stay
+        # the same object: parameters, hooks and state-dict names stay
+        layer.__class__ = _FAKE.get(type(layer), type(layer))
         vars(layer).update(bits=config.bits, group_size=config.group_size)
     return names
 
 
 def remove_qat(model: nn.Module) -> None:
-    """Undo :func:`prepare_qat` in place (plain ``nn.Linear`` again)."""
+    """Undo :func:`prepare_qat` in place (plain ``nn.Linear``/``nn.Embedding`` again)."""
     for module in model.modules():
-        if isinstance(module, FakeQuantizedLinear):
-            module.__class__ = nn.Linear  # type: ignore[assignment]  # back to the plain layer it was
+        if type(module) in _PLAIN:
+            module.__class__ = _PLAIN[type(module)]
             del module.bits, module.group_size
 
 
 def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
-    """A copy of ``model`` whose quantizable Linear layers (plain or fake-quantized) are :class:`WeightOnlyLinear`."""
+    """A copy of ``model`` whose quantizable layers (plain or fake-quantized) are :class:`WeightOnlyLinear` and
+    :class:`WeightOnlyEmbedding`."""
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
-    for name in quantizable_linears(converted, config):
+    for name in quantizable_layers(converted, config):
         parent, _, child = name.rpartition(".")
         layer = converted.get_submodule(name)
-        assert isinstance(layer, nn.Linear)
-        setattr(converted.get_submodule(parent), child, WeightOnlyLinear(layer, config.bits, config.group_size))
+        stored: nn.Module = (
+            WeightOnlyLinear(layer, config.bits, config.group_size)
+            if isinstance(layer, nn.Linear)
+            else WeightOnlyEmbedding(layer, config.bits, config.group_size)  # type: ignore[arg-type]  # quantizable_layers
+        )
+        setattr(converted.get_submodule(parent), child, stored)
     return converted
