@@ -130,6 +130,65 @@ def test_signature_defaults_and_exclude():
         config_from_signature(Example, exclude=("flga",))
 
 
+class Base:
+    def __init__(self, size: int, ratio: float = 0.5, name: str = "base") -> None:
+        self.size, self.ratio, self.name = size, ratio, name
+
+
+class Middle(Base):
+    def __init__(self, depth: int = 2, name: str = "middle", **kwargs: Any) -> None:
+        super().__init__(name=name, **kwargs)
+        self.depth = depth
+
+
+class Inherits(Middle):
+    """No ``__init__`` of its own: Middle's applies."""
+
+
+class Top(Inherits):
+    def __init__(self, flag: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.flag = flag
+
+
+class Closed(Base):
+    def __init__(self, depth: int = 2) -> None:  # no **kwargs: Base's parameters are not Closed's
+        super().__init__(size=depth)
+
+
+def test_signature_follows_kwargs_up_the_mro():
+    schema = config_from_signature(Top)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    # the subclass's own parameters first; `name` is Middle's (its default wins over Base's)
+    assert {name: f.type for name, f in fields.items()} == {
+        "_target_": str,
+        "flag": bool,
+        "depth": int,
+        "name": str,
+        "size": int,
+        "ratio": float,
+    }
+    cfg = OmegaConf.structured(schema)
+    assert (cfg.flag, cfg.depth, cfg.name, cfg.ratio) == (False, 2, "middle", 0.5)
+    assert OmegaConf.is_missing(cfg, "size")
+    with pytest.raises(ValidationError, match="ratio"):
+        cfg.ratio = "half"  # a base's hint is checked as well
+    with pytest.raises(ConfigKeyError, match="sise"):
+        cfg["sise"] = 3
+    cfg.size, cfg.ratio = 3, 0.25
+    built = instantiate(cfg)
+    assert (built.flag, built.depth, built.name, built.size, built.ratio) == (False, 2, "middle", 3, 0.25)
+    assert OmegaConf.structured(config_from_signature(Top, defaults={"ratio": 0.9})).ratio == 0.9
+    assert [f.name for f in dataclasses.fields(config_from_signature(Inherits))] == [
+        "_target_",
+        "depth",
+        "name",
+        "size",
+        "ratio",
+    ]
+    assert [f.name for f in dataclasses.fields(config_from_signature(Closed))] == ["_target_", "depth"]
+
+
 def test_signature_by_dotted_path_keeps_the_path_as_target():
     cfg = OmegaConf.structured(config_from_signature("lightning.pytorch.callbacks.EarlyStopping"))
     assert cfg._target_ == "lightning.pytorch.callbacks.EarlyStopping"
@@ -162,11 +221,32 @@ def _locate_or_none(path: str) -> Any:
 def test_schema_matches_the_signature(name):
     schema = schema_of(name)
     target = OmegaConf.structured(schema)._target_
-    parameters = inspect.signature(_locate_or_none(target).__init__).parameters
-    accepted = {
-        p.name for p in parameters.values() if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    assert {f.name for f in dataclasses.fields(schema)} - {"_target_"} <= accepted
+    assert {f.name for f in dataclasses.fields(schema)} - {"_target_"} <= accepted_keywords(_locate_or_none(target))
+
+
+def accepted_keywords(cls: type) -> set[str]:
+    """The keywords ``cls(...)`` accepts: its ``__init__``'s, and while one takes ``**kwargs``, its base's."""
+    accepted: set[str] = set()
+    for base in cls.__mro__:
+        if base is object or "__init__" not in base.__dict__:
+            continue
+        parameters = inspect.signature(base.__dict__["__init__"]).parameters.values()
+        accepted |= {
+            p.name for p in parameters if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return accepted
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in schema_names() if OmegaConf.structured(schema_of(n))._target_.startswith("lightning_quant.")]
+)
+def test_schema_of_a_lightning_quant_callback_covers_every_keyword(name):
+    """A keyword the callback takes (its own or its base's, through **kwargs) can be set from a config."""
+    schema = schema_of(name)
+    target = _locate_or_none(OmegaConf.structured(schema)._target_)
+    assert accepted_keywords(target) <= {f.name for f in dataclasses.fields(schema)}
 
 
 @pytest.mark.parametrize("name", schema_names())

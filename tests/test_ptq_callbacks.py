@@ -14,7 +14,14 @@ from test_quantization import TwoInputs, two_inputs
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import DynamicQuantization, PostTrainingQuantization
+from lightning_quant import (
+    DynamicQuantization,
+    OptimizeForInference,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    WeightOnlyQAT,
+    WeightOnlyQuantization,
+)
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule, LSTMNet, MLPNet
 from lightning_quant.quantization import QuantizationError
 
@@ -247,6 +254,44 @@ def test_a_fit_without_checkpointing_still_saves_the_float_checkpoint_first(tmp_
 def test_bad_arguments_fail_at_construction(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+ALL_CALLBACKS = [
+    PostTrainingQuantization,
+    DynamicQuantization,
+    QuantizationAwareTraining,
+    WeightOnlyQuantization,
+    WeightOnlyQAT,
+    OptimizeForInference,
+]
+
+
+@pytest.mark.parametrize("callback", ALL_CALLBACKS)
+def test_an_unknown_keyword_is_a_type_error_naming_it(callback):
+    # the subclasses pass **kwargs up: the base's __init__, which takes no **kwargs, refuses a misspelling
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dynamic_batches'"):
+        callback(dynamic_batches=False)
+
+
+@pytest.mark.parametrize("callback", ALL_CALLBACKS)
+def test_shared_arguments_reach_the_base_class(callback, tmp_path):
+    made = callback(dirpath=tmp_path, formats=["onnx"], dynamic_batch=False, target="avx2")
+    assert (made.dirpath, made.formats, made.dynamic_batch, made.target) == (tmp_path, ["onnx"], False, "avx2")
+    assert made.config is None or getattr(made.config, "target", "avx2") == "avx2"
+
+
+def test_keep_float_and_the_budget_are_not_arguments_of_optimize_for_inference():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'keep_float'"):
+        OptimizeForInference(keep_float=["net.head"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_metric_drop'"):
+        OptimizeForInference(max_metric_drop={"metric": "val/acc", "max_drop": 0.01})
+
+
+def test_subclass_arguments_pass_through_two_levels():
+    qat = WeightOnlyQAT(start_epoch=1, bits=8, group_size=64, keep_float=["net.head"], formats=["onnx"])
+    assert (qat.start_epoch, qat.config.bits, qat.config.group_size) == (1, 8, 64)
+    assert qat.keep_float == ["net.head"] and qat.config.keep_float == ("net.head",)
+    assert WeightOnlyQAT().formats == list(WeightOnlyQuantization.default_formats)
 
 
 class NoExample(DigitsClassifier):

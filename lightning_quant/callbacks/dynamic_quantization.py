@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
@@ -16,8 +15,7 @@ from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig
 from lightning_quant.quantization.config import is_kept_float
 from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
-from lightning_quant.quantization.sensitivity import MetricBudget, quantizable_layers
-from lightning_quant.target import DEFAULT_TARGET
+from lightning_quant.quantization.sensitivity import quantizable_layers
 
 # torch.export cannot capture the legacy int8 LSTM/GRU (their packed weights are TorchScript objects)
 _NEEDS_TORCH_EXPORT = ("aoti", "torch_export")
@@ -59,20 +57,11 @@ class DynamicQuantization(QuantizationCallback):
     def __init__(
         self,
         recurrent: bool = True,
-        dirpath: Optional[Union[str, Path]] = None,
-        formats: Optional[Sequence[str]] = None,
-        example_input: Any = None,
-        keep_float: Sequence[str] = (),
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
-        dynamic_batch: bool = True,
-        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
-        target: str = DEFAULT_TARGET,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
-        )
-        self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=target)
-        self._formats_given = formats is not None
+        super().__init__(**kwargs)
+        self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=self.target)
+        self._formats_given = kwargs.get("formats") is not None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -81,7 +81,16 @@ class OptimizeForInference(QuantizationCallback):
                     "OptimizeForInference(dtype='bfloat16') cannot export 'onnx': ONNX Runtime's CPU kernels do not "
                     "run bf16. Use formats=['aoti', 'torch_export'], or dtype='float32' for ONNX."
                 )
-        super().__init__(dirpath, formats, example_input, (), batch_to_input, dynamic_batch, target=target)
+        # keep_float and max_metric_drop are not parameters: nothing is quantized (so the signature is explicit,
+        # not **kwargs, and the schema read from it has no such fields)
+        super().__init__(
+            dirpath=dirpath,
+            formats=formats,
+            example_input=example_input,
+            batch_to_input=batch_to_input,
+            dynamic_batch=dynamic_batch,
+            target=target,
+        )
         self.dtype = dtype
 
     @property

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -13,8 +12,6 @@ from torch import nn
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import StaticQuantConfig, single_input_channel_convs
-from lightning_quant.quantization.sensitivity import MetricBudget
-from lightning_quant.target import DEFAULT_TARGET
 
 _DATALOADERS = ("train", "val")
 
@@ -62,18 +59,9 @@ class PostTrainingQuantization(QuantizationCallback):
         calibration_dataloader: str = "train",
         observer: str = "histogram",
         per_channel: bool = True,
-        dirpath: Optional[Union[str, Path]] = None,
-        formats: Optional[Sequence[str]] = None,
-        example_input: Any = None,
-        keep_float: Sequence[str] = (),
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
-        dynamic_batch: bool = True,
-        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
-        target: str = DEFAULT_TARGET,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
-        )
+        super().__init__(**kwargs)
         if (
             isinstance(num_calibration_batches, bool)
             or not isinstance(num_calibration_batches, int)
@@ -85,7 +73,7 @@ class PostTrainingQuantization(QuantizationCallback):
                 f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}"
             )
         self.config = StaticQuantConfig(
-            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=self.target
         )
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -15,8 +14,6 @@ from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
-from lightning_quant.quantization.sensitivity import MetricBudget
-from lightning_quant.target import DEFAULT_TARGET
 
 STAGES = ("train", "validate", "test", "predict")
 
@@ -83,18 +80,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         per_channel: bool = True,
         observer_enabled_stages: Sequence[str] = ("train",),
         quantize_on_fit_end: bool = True,
-        dirpath: Optional[Union[str, Path]] = None,
-        formats: Optional[Sequence[str]] = None,
-        example_input: Any = None,
-        keep_float: Sequence[str] = (),
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
-        dynamic_batch: bool = True,
-        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
-        target: str = DEFAULT_TARGET,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
-        )
+        super().__init__(**kwargs)
         if not _is_epoch(start_epoch):
             raise ValueError(f"start_epoch must be an integer >= 0, got {start_epoch!r}")
         for name, epoch in (("freeze_bn_epoch", freeze_bn_epoch), ("freeze_observer_epoch", freeze_observer_epoch)):
@@ -103,7 +91,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                     f"{name} must be None (never) or an integer >= start_epoch ({start_epoch}), got {epoch!r}"
                 )
         self.config = QATConfig(
-            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=target
+            observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=self.target
         )
         stages = (observer_enabled_stages,) if isinstance(observer_enabled_stages, str) else observer_enabled_stages
         unknown = [s for s in stages if s not in STAGES]

@@ -13,6 +13,12 @@ Set three class attributes and, in ``__init__``, ``self.config``:
   ``WeightOnlyConfig``, or ``None``: the float model itself). Each conversion uses it with ``keep_float``
   replaced (the user's names plus those the accuracy budget returned to float).
 
+``__init__`` declares only the subclass's own parameters, then ``**kwargs`` passed on as
+``super().__init__(**kwargs)``: the shared ones (``dirpath``, ``formats``, ``keep_float``...) are declared, checked
+and documented here once, and the Hydra schemas (:func:`lightning_quant.configs.config_from_signature`) follow
+``**kwargs`` up to this signature. A subclass that needs a shared value reads it from ``self`` (``self.target``...)
+after ``super().__init__``.
+
 Fit end reads its data once and passes it down (nothing is kept on the callback between hooks): the example
 input (``inputs``, a :class:`ModelInputs` of ``pl_module.forward``), the real batches of
 ``calibration_inputs(trainer)`` (``calibration``), an eval-mode CPU copy of the module (``float_model``) and the

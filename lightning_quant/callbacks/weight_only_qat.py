@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
 from lightning_quant.callbacks.weight_only_quantization import WeightOnlyQuantization
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.quantization.weight_only import prepare_qat, remove_qat
-from lightning_quant.target import DEFAULT_TARGET
 
 
 class WeightOnlyQAT(WeightOnlyQuantization):
@@ -43,33 +40,13 @@ class WeightOnlyQAT(WeightOnlyQuantization):
     def __init__(
         self,
         start_epoch: int = 0,
-        bits: int = 4,
-        group_size: int = 32,
-        dirpath: Optional[Union[str, Path]] = None,
-        formats: Optional[Sequence[str]] = None,
-        example_input: Any = None,
-        keep_float: Sequence[str] = (),
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
-        dynamic_batch: bool = True,
-        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
-        target: str = DEFAULT_TARGET,
+        **kwargs: Any,
     ) -> None:
         if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
             raise ValueError(
                 f"start_epoch must be a non-negative integer (the first fake-quantized epoch), got {start_epoch!r}"
             )
-        super().__init__(
-            bits,
-            group_size,
-            dirpath,
-            formats,
-            example_input,
-            keep_float,
-            batch_to_input,
-            dynamic_batch,
-            max_metric_drop,
-            target,
-        )
+        super().__init__(**kwargs)
         self.start_epoch = start_epoch
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

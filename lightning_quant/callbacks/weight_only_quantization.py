@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -12,9 +11,7 @@ from torch import nn
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import WeightOnlyConfig
-from lightning_quant.quantization.sensitivity import MetricBudget
 from lightning_quant.quantization.weight_only import quantizable_layers
-from lightning_quant.target import DEFAULT_TARGET
 
 
 class WeightOnlyQuantization(QuantizationCallback):
@@ -50,18 +47,9 @@ class WeightOnlyQuantization(QuantizationCallback):
         self,
         bits: int = 4,
         group_size: int = 32,
-        dirpath: Optional[Union[str, Path]] = None,
-        formats: Optional[Sequence[str]] = None,
-        example_input: Any = None,
-        keep_float: Sequence[str] = (),
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
-        dynamic_batch: bool = True,
-        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
-        target: str = DEFAULT_TARGET,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            dirpath, formats, example_input, keep_float, batch_to_input, dynamic_batch, max_metric_drop, target
-        )
+        super().__init__(**kwargs)
         self.config = WeightOnlyConfig(bits=bits, group_size=group_size, keep_float=tuple(self.keep_float))
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:

@@ -4,7 +4,9 @@ A schema written by hand drifts from the code it describes; one read from the si
 parameter becomes a field: its type hint mapped to a type OmegaConf can check (``Any`` where OmegaConf
 has no such type), its default kept, parameters without a default ``MISSING``. ``_target_`` names the
 class, so ``hydra.utils.instantiate`` builds it. A parameter whose default cannot live in a config
-(an arbitrary object) is left out: the class's own default then applies.
+(an arbitrary object) is left out: the class's own default then applies. A class whose ``__init__`` takes
+``**kwargs`` (and passes them to its base's) also gets the fields of the next ``__init__`` up its MRO, and so
+on while those take ``**kwargs`` too; a parameter of the subclass wins over the base's of the same name.
 
 Example:
     >>> from omegaconf import OmegaConf
@@ -65,13 +67,7 @@ def config_from_signature(
     """
     target_path = target if isinstance(target, str) else _qualified_name(target)
     target = get_object(target) if isinstance(target, str) else target
-    signature = inspect.signature(target.__init__ if inspect.isclass(target) else target)
-    hints = _type_hints(target)
-    parameters = {
-        p.name: p
-        for p in list(signature.parameters.values())[1 if inspect.isclass(target) else 0 :]
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
+    parameters, hints = _parameters(target)
     defaults, exclude = dict(defaults or {}), set(exclude)
     unknown = sorted((set(defaults) | exclude) - set(parameters))
     if unknown:
@@ -103,9 +99,41 @@ def _qualified_name(target: Any) -> str:
     return f"{target.__module__}.{target.__qualname__}"
 
 
-def _type_hints(target: Any) -> dict[str, Any]:
-    """Resolved hints of ``__init__``; a hint that cannot be resolved (a TYPE_CHECKING-only name) is ``Any``."""
-    function = target.__init__ if inspect.isclass(target) else target
+def _parameters(target: Any) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """The parameters a config may set (by name, in signature order) and their type hints.
+
+    For a class: its ``__init__``'s parameters and, while an ``__init__`` takes ``**kwargs`` (which it passes
+    up), those of the next ``__init__`` up the MRO, each hinted by its own ``__init__``; a name already seen
+    (the subclass's) wins. ``*args`` and ``**kwargs`` themselves are never fields.
+    """
+    if not inspect.isclass(target):
+        return _named_parameters(inspect.signature(target), skip=0), _type_hints(target)
+    parameters: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    inits = [cls.__dict__["__init__"] for cls in target.__mro__ if cls is not object and "__init__" in cls.__dict__]
+    for depth, init in enumerate(inits):
+        signature = inspect.signature(init)
+        own = _named_parameters(signature, skip=1)
+        own_hints = _type_hints(init)
+        for name, parameter in own.items():
+            # a base's positional-only parameter cannot arrive through the subclass's **kwargs
+            if name not in parameters and (depth == 0 or parameter.kind is not parameter.POSITIONAL_ONLY):
+                parameters[name] = parameter
+                hints[name] = own_hints.get(name, Any)
+        if not any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
+            break
+    return parameters, hints
+
+
+def _named_parameters(signature: inspect.Signature, skip: int) -> dict[str, inspect.Parameter]:
+    """The signature's parameters but its first ``skip`` (``self``), ``*args`` and ``**kwargs``."""
+    return {
+        p.name: p for p in list(signature.parameters.values())[skip:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+
+
+def _type_hints(function: Any) -> dict[str, Any]:
+    """Resolved hints of ``function``; a hint that cannot be resolved (a TYPE_CHECKING-only name) is ``Any``."""
     try:
         return typing.get_type_hints(function)
     except Exception:
