@@ -125,8 +125,8 @@ def deploy(
             batch of 2 or more: export treats a dimension of size 1 as a constant).
         calibration_data: static only: real input batches in the same form.
         dirpath: where the files and ``manifest.json`` go.
-        formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``; default ``aoti`` and
-            ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
+        formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only);
+            default ``aoti`` and ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
         dynamic_batch: files take any batch size; ``False`` pins the example's.
         target: the CPUs the files are for (:mod:`lightning_quant.target`).
 

@@ -57,6 +57,15 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.T
     return (q.to(scales.dtype) * scales.unsqueeze(2)).flatten(1)
 
 
+def is_packed_layer(module: Any) -> bool:
+    """Whether ``module`` holds its weight packed by :func:`pack`: ``packed`` and ``scales`` tensors and ``bits`` and
+    ``group_size`` (``WeightOnlyLinear``, with ``in_features``, ``out_features`` and ``bias``; ``WeightOnlyEmbedding``,
+    with ``num_embeddings`` and ``embedding_dim``). Export formats read packed layers through this, not the classes."""
+    return all(isinstance(getattr(module, name, None), torch.Tensor) for name in ("packed", "scales")) and all(
+        isinstance(getattr(module, name, None), int) for name in ("bits", "group_size")
+    )
+
+
 def embedding_rows(indices: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
     """``F.embedding`` of the packed table: the rows at ``indices``, dequantized (``(*indices.shape, K)``). Plain
     gather and integer arithmetic (no bit operations), so every exporter and runtime takes it as it is.

@@ -116,6 +116,23 @@ def test_embedding_tables_are_stored_on_the_same_grid_looked_up_packed_and_train
     assert count_quantized_ops(int4) == {"Embedding (int4 weight-only)": 1, "Linear (int4 weight-only)": 1}
 
 
+def test_torchao_file_holds_the_same_grid_as_torchao_tensors_and_its_state_dict_loads_into_the_float_model(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 64), nn.Flatten(), nn.Linear(3 * 64, 10)).eval()
+    tokens = torch.randint(0, 50, (4, 3))
+    deployment = deploy(model, WeightOnlyConfig(bits=4), tokens, dirpath=tmp_path, formats=["onnx", "torchao"])
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    torchao_file = next(a for a in manifest["artifacts"] if a["format"] == "torchao")  # verified, not deleted as slow
+    assert torchao_file["path"] == "model_torchao.pt" and torchao_file["details"]["layers"] == 2
+    shipped = torch.load(tmp_path / "model_torchao.pt", weights_only=False)
+    assert {type(shipped[0].weight).__name__, type(shipped[2].weight).__name__} == {"IntxUnpackedToInt8Tensor"}
+    fresh = nn.Sequential(nn.Embedding(50, 64), nn.Flatten(), nn.Linear(3 * 64, 10)).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "model_torchao.pt", weights_only=False).state_dict(), assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), deployment.model.reference(tokens))
+    assert manifest["recommended"] == "onnx" or manifest["recommended"] is None  # a checkpoint, never the runtime pick
+
+
 def test_deploy_writes_verified_int4_files_a_quarter_of_float_that_load_reads(tmp_path):
     model = mlp()
     x = torch.randn(8, 64)

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
-from lightning_quant.export import FORMATS
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig
 from lightning_quant.quantization.config import is_kept_float
@@ -50,7 +49,7 @@ class DynamicQuantization(QuantizationCallback):
 
     approach = "dynamic"
     backend = "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)"
-    supported_formats = FORMATS
+    supported_formats = ("aoti", "onnx", "torch_export", "torchscript")
     default_formats = ("aoti", "onnx")
     config: DynamicQuantConfig
 

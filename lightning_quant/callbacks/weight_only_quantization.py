@@ -21,10 +21,11 @@ class WeightOnlyQuantization(QuantizationCallback):
 
     The ``"onnx"`` file runs ONNX Runtime's ``MatMulNBits`` kernel (the packed weights, float compute: exact on
     every x86 CPU); ``"torch_export"`` is the same program as a ``.pt2`` (the op it calls is registered by
-    importing ``lightning_quant``); ``"aoti"`` is allowed, and kept only where it is measured faster than float.
-    Embeddings are looked up from the packed table. Layers whose input width (``embedding_dim``) is not a multiple
-    of ``group_size`` stay float. Shared arguments (``dirpath``,
-    ``formats``, ``example_input``, ``keep_float``, ``max_metric_drop``: an accuracy budget that returns the most
+    importing ``lightning_quant``); ``"aoti"`` is allowed, and kept only where it is measured faster than float;
+    ``"torchao"`` is the model with torchao tensors for weights, for torchao users
+    (:mod:`~lightning_quant.export.torchao_checkpoint`). Embeddings are looked up from the packed table. Layers whose input width
+    (``embedding_dim``) is not a multiple of ``group_size`` stay float. Shared arguments (``dirpath``, ``formats``,
+    ``example_input``, ``keep_float``, ``max_metric_drop``: an accuracy budget that returns the most
     sensitive layers to float, ...): see :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
 
     Args:
@@ -39,7 +40,7 @@ class WeightOnlyQuantization(QuantizationCallback):
 
     approach = "weight_only"
     backend = "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)"
-    supported_formats = ("onnx", "torch_export", "aoti")
+    supported_formats = ("onnx", "torch_export", "aoti", "torchao")
     default_formats = ("onnx", "torch_export")
     config: WeightOnlyConfig
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_quant.capture import CaptureError
 from lightning_quant.errors import QuantizationError, first_lines, write_report
-from lightning_quant.export import aoti, onnx, torch_export, torchscript
+from lightning_quant.export import aoti, onnx, torch_export, torchao_checkpoint, torchscript
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.inputs import ModelInputs
@@ -26,10 +26,16 @@ _FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], A
     "onnx": ("model" + onnx.SUFFIX, onnx.export_onnx, onnx.load_onnx),
     "torch_export": ("model_program" + torch_export.SUFFIX, torch_export.export_program, torch_export.load_program),
     "torchscript": ("model" + torchscript.SUFFIX, torchscript.export_torchscript, torchscript.load_torchscript),
+    "torchao": (
+        "model_torchao" + torchao_checkpoint.SUFFIX,
+        torchao_checkpoint.export_torchao,
+        torchao_checkpoint.load_torchao,
+    ),
 }
 FORMATS: tuple[str, ...] = tuple(_FORMATS)
-# the unlowered program, for users to compile (AOTInductor, torch.compile): not a file to run as is
-UNLOWERED = ("torch_export",)
+# not files to run as they are, so never deleted as slower than float: the unlowered program (for users to compile:
+# AOTInductor, torch.compile) and the torchao checkpoint (for torchao's own kernels, e.g. on GPU)
+UNLOWERED = ("torch_export", "torchao")
 ERROR_LOG = "errors.log"  # beside the files: what failed, in full (tracebacks, compiler output, FX graphs)
 
 # Smallest tolerance on the relative error max |file - expected| / max |expected| (see verify_artifacts for
