@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchmetrics.text import Perplexity
 
+from lightning_quant.demo.module import adamw_with_cosine_schedule
 from lightning_quant.demo.text import VOCAB_SIZE
 
 
@@ -138,11 +139,7 @@ class ByteLanguageModel(L.LightningModule):
         self._evaluate(batch, "test", self.test_perplexity)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.trainer is None or not self.trainer.max_epochs or self.trainer.max_epochs < 0:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return adamw_with_cosine_schedule(self)
 
 
 def generate(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
 from torch import nn
@@ -57,8 +59,16 @@ class DigitsClassifier(L.LightningModule):
         return self(batch[0] if isinstance(batch, (list, tuple)) else batch).argmax(dim=1)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if self.trainer is None or not self.trainer.max_epochs or self.trainer.max_epochs < 0:
-            return optimizer
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.trainer.max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return adamw_with_cosine_schedule(self)
+
+
+def adamw_with_cosine_schedule(module: L.LightningModule) -> Any:
+    """AdamW (``module.hparams.lr``, ``weight_decay``) with the learning rate annealed over ``max_epochs`` (no
+    schedule when the trainer has no epoch limit): what the demo modules' ``configure_optimizers`` return."""
+    hparams = module.hparams
+    optimizer = torch.optim.AdamW(module.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"])
+    trainer = module._trainer  # None outside a fit (module.trainer raises then)
+    if trainer is None or not trainer.max_epochs or trainer.max_epochs < 0:
+        return optimizer
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=trainer.max_epochs)
+    return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -92,22 +92,32 @@ class FakeQuantizedLinear(nn.Linear):
         return F.linear(input, fake_quantize_weight(self.weight, self.bits, self.group_size), self.bias)
 
 
-class WeightOnlyLinear(nn.Module):
+class PackedWeight(nn.Module):
+    """Holds a weight on the ``bits``-bit grid in groups of ``group_size`` (per row), packed as ONNX Runtime's
+    ``MatMulNBits`` stores it (``packed``: uint8 ``(rows, groups, group_size * bits // 8)``, value
+    ``q + 2**(bits-1)``; ``scales``: float ``(rows, groups)``): what :class:`WeightOnlyLinear` and
+    :class:`WeightOnlyEmbedding` share."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int) -> None:
+        super().__init__()
+        self.bits, self.group_size = bits, group_size
+        q, scale = quantize_weight(weight, bits, group_size)
+        self.register_buffer("packed", pack(q, bits, group_size))
+        self.register_buffer("scales", scale.to(weight.dtype))
+
+
+class WeightOnlyLinear(PackedWeight):
     """A Linear layer with ``bits``-bit weights packed as ONNX Runtime's ``MatMulNBits`` stores them
     (``packed``: uint8 ``(out_features, groups, group_size * bits // 8)``, value ``q + 2**(bits-1)``;
     ``scales``: float ``(out_features, groups)``). Its forward calls the ``lightning_quant::weight_only_linear``
     op, which the ONNX export writes as one ``MatMulNBits`` node."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-
     def __init__(self, linear: nn.Linear, bits: int, group_size: int) -> None:
-        super().__init__()
+        super().__init__(linear.weight, bits, group_size)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits, self.group_size = bits, group_size
-        q, scale = quantize_weight(linear.weight, bits, group_size)
-        self.register_buffer("packed", pack(q, bits, group_size))
-        self.register_buffer("scales", scale.to(linear.weight.dtype))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -131,20 +141,13 @@ class FakeQuantizedEmbedding(nn.Embedding):
         return F.embedding(input, table, self.padding_idx, None, 2.0, self.scale_grad_by_freq, self.sparse)
 
 
-class WeightOnlyEmbedding(nn.Module):
+class WeightOnlyEmbedding(PackedWeight):
     """An embedding table stored like :class:`WeightOnlyLinear`'s weight (each row in groups of ``group_size``),
     looked up packed and dequantized row by row (:func:`~lightning_quant.weight_packing.embedding_rows`)."""
 
-    packed: torch.Tensor
-    scales: torch.Tensor
-
     def __init__(self, embedding: nn.Embedding, bits: int, group_size: int) -> None:
-        super().__init__()
+        super().__init__(embedding.weight, bits, group_size)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
-        self.bits, self.group_size = bits, group_size
-        q, scale = quantize_weight(embedding.weight, bits, group_size)
-        self.register_buffer("packed", pack(q, bits, group_size))
-        self.register_buffer("scales", scale.to(embedding.weight.dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return embedding_rows(input, self.packed, self.scales, self.bits)
@@ -157,7 +160,7 @@ _FAKE = {nn.Linear: FakeQuantizedLinear, nn.Embedding: FakeQuantizedEmbedding}
 _PLAIN = {fake: plain for plain, fake in _FAKE.items()}
 
 
-def dequantize_linear(layer: WeightOnlyLinear | WeightOnlyEmbedding) -> torch.Tensor:
+def dequantize_linear(layer: PackedWeight) -> torch.Tensor:
     """The float weight of a :class:`WeightOnlyLinear` (or table of a :class:`WeightOnlyEmbedding`)."""
     return dequantize(layer.packed, layer.scales, layer.bits)
 
