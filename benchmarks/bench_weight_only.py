@@ -11,8 +11,9 @@ Perplexity per byte on the held-out validation files (what the callbacks measure
 float model, int4 PTQ and int4 QAT (the quantized reference models, whose ONNX files agree to 1e-6). Recovered
 share = (PTQ - QAT) / (PTQ - float). Training cost: seconds per fake-quantized epoch over the same epochs in float.
 
-Latency (``--latency``, run on an idle machine: it says the load average): batch x tokens per call, eager float,
-ONNX Runtime float and ONNX Runtime int4 (``MatMulNBits``), each file timed alone, median of repeated calls::
+Latency (``--latency``, run on an idle machine: it says the load average): eager float, ONNX Runtime float and ONNX
+Runtime int4 (``MatMulNBits``), each file timed alone, median of repeated calls; for the generation step with its
+key/value cache (what the callbacks export: one new byte per call) and for whole sequences (batch x tokens)::
 
     python benchmarks/bench_weight_only.py              # two fits of 6 epochs: about 10 min on 2 idle cores
     python benchmarks/bench_weight_only.py --quick      # a smoke run (small data, 2 epochs)
@@ -39,6 +40,7 @@ import torch
 from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization
 from lightning_quant.demo import ByteLanguageModel, StdlibTextDataModule
 from lightning_quant.export import export
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import WeightOnlyConfig, quantize
 from lightning_quant.quantization.weight_only import prepare_qat
 from lightning_quant.target import cpu_info
@@ -153,7 +155,23 @@ def latency(repeats: int) -> dict[str, Any]:
                 feed = {session.get_inputs()[0].name: tokens.numpy()}
                 row[name] = median_ms(lambda: session.run(None, feed), repeats)
             rows.append(row)
+        steps = []
+        for name, source in (("onnx float", model), ("onnx int4", int4)):
+            artifact = export(source, model.example_input_array, ["onnx"], f"{scratch}/{name}-step")[0]
+            files[name] = Path(scratch, f"{name}-step", artifact.path)
+        for batch in (1, 4):
+            step = (torch.randint(0, 256, (batch, 1)), model.empty_cache(batch), torch.tensor(64))
+            row = {"shape": [batch, 1]}
+            with torch.no_grad():
+                row["eager float"] = median_ms(lambda: model(*step), repeats)
+            for name, path in files.items():
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                arrays = [t.numpy() for t in ModelInputs(step, {}).tensors()]
+                feed = dict(zip([i.name for i in session.get_inputs()], arrays))
+                row[name] = median_ms(lambda: session.run(None, feed), repeats)
+            steps.append(row)
     return {
+        "steps": steps,
         "rows": rows,
         "file_bytes": sizes,
         "load_average": os.getloadavg(),
@@ -237,6 +255,19 @@ def write(results: dict[str, Any]) -> None:
             "",
             f"## Latency, ms per call (median of {timed['repeats']}; load average "
             f"{[round(v, 2) for v in timed['load_average']]})",
+            "",
+            "The generation step (what the callbacks export and time: one new byte per sequence, the key/value cache "
+            "of 128 positions in and out):",
+            "",
+            "| sequences | eager float | ONNX Runtime float | ONNX Runtime int4 | int4 vs eager float | int4 vs ORT float |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for row in timed.get("steps", []):
+            e, f, q = row["eager float"], row["onnx float"], row["onnx int4"]
+            lines.append(f"| {row['shape'][0]} | {e:.2f} | {f:.2f} | {q:.2f} | {e / q:.2f}x | {f / q:.2f}x |")
+        lines += [
+            "",
+            "Whole sequences (``forward(tokens)``, no cache: scoring a text, or generating without a cache):",
             "",
             "| batch x tokens | eager float | ONNX Runtime float | ONNX Runtime int4 | int4 vs eager float | int4 vs ORT float |",
             "| --- | --- | --- | --- | --- | --- |",
