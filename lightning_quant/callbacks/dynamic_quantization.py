@@ -64,17 +64,20 @@ class DynamicQuantization(QuantizationCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
-        recurrent_layers = self._recurrent_layers(pl_module)
+        if stage == "fit":
+            self.formats_for(pl_module)  # formats a recurrent model cannot have fail before training
+
+    def formats_for(self, model: nn.Module) -> list[str]:
+        """The formats for ``model``: with int8 LSTM/GRU layers, which torch.export cannot capture, the default
+        formats become ``["onnx", "torchscript"]``; formats the user chose that need torch.export raise."""
+        recurrent_layers = self._recurrent_layers(model)
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
         if not recurrent_layers or not blocked:
-            return
-        if not self._formats_given:  # the defaults: pick the formats that carry an int8 LSTM
-            self.formats = ["onnx", "torchscript"]
-            return
+            return self.formats
+        if not self._formats_given:
+            return ["onnx", "torchscript"]
         raise ValueError(
-            f"{type(pl_module).__name__} has recurrent layers {recurrent_layers}: their int8 version (legacy "
+            f"{type(model).__name__} has recurrent layers {recurrent_layers}: their int8 version (legacy "
             f"torch.ao) cannot be captured by torch.export, so formats {blocked} are impossible. Use "
             "formats=['onnx', 'torchscript'], or recurrent=False to keep them float (int8 LSTM gives no speed "
             "on x86 CPUs anyway)."
@@ -99,7 +102,7 @@ class DynamicQuantization(QuantizationCallback):
         ]
 
     def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
-        if "torchscript" not in self.formats:
+        if "torchscript" not in self.formats_for(pl_module):
             return {}
         legacy = self.cpu_copy(pl_module)
         legacy_quantize_dynamic(legacy, self._layer_types(), tuple(keep_float))
@@ -115,7 +118,7 @@ class DynamicQuantization(QuantizationCallback):
             "Linear: torchao Int8DynamicActivationInt8WeightConfig (per-token int8 activations, per-channel "
             "int8 weights); fast once lowered ('aoti'). 'onnx': ONNX Runtime quantize_dynamic of the float model."
         ]
-        if "torchscript" in self.formats:
+        if "torchscript" in self.formats_for(float_model):
             notes.append(
                 "'torchscript': legacy torch.ao quantize_dynamic (TorchScript cannot trace torchao int8 "
                 "tensors); its numerics differ slightly, so it is verified against the float model."

@@ -200,6 +200,10 @@ class QuantizationCallback(Callback, ABC):
         self.manifest: Optional[dict[str, Any]] = None
 
     # ------------------------------------------------------------------ subclass API
+    def formats_for(self, model: nn.Module) -> list[str]:
+        """The formats to export ``model`` in (default: ``formats``; an approach may adapt its defaults)."""
+        return self.formats
+
     def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
         """The real input batches conversion calibrates on, read once per fit end (default: none)."""
         return []
@@ -505,7 +509,7 @@ class QuantizationCallback(Callback, ABC):
                     float_model,
                     inputs,
                     dirpath,
-                    self.formats,
+                    self.formats_for(pl_module),
                     approach=self.approach,
                     backend=self.backend,
                     owner=owner,
