@@ -87,6 +87,19 @@ class DeploymentError(QuantizationError):
         self.manifest = manifest
 
 
+@dataclass(frozen=True)
+class Run:
+    """Who ships which model where: what every error and manifest of one run names. ``owner``: ``"deploy"`` or the
+    callback's class name; ``float_checkpoint``: where the trained float weights are safe, if on disk."""
+
+    owner: str
+    dirpath: Path
+    approach: str
+    backend: str
+    model_name: str
+    float_checkpoint: Optional[str] = None
+
+
 @dataclass
 class Deployment:
     """What :func:`ship` made: the manifest (also in ``dirpath/manifest.json``), ``model`` (calls run the fastest
@@ -154,21 +167,18 @@ def deploy(
     forward = own_forward(model)
     inputs = example_inputs_for_export(example_inputs, forward)
     calibration = [ModelInputs.from_value(batch).bind(forward) for batch in calibration_data or ()]
+    run = Run("deploy", dirpath, approach, backend, type(model).__name__)
     try:
         with torch.no_grad():
             reference = convert(model, config, inputs, calibration)
     except Exception as err:
-        raise failure(
-            err, owner="deploy", dirpath=dirpath, approach=approach, backend=backend, model_name=type(model).__name__
-        ) from err
+        raise failure(err, run) from err
     deployment = ship(
         reference,
         float_model,
         inputs,
-        dirpath,
         list(formats or default_formats),
-        approach=approach,
-        backend=backend,
+        run,
         timing_inputs=calibration[0] if calibration else None,
         dynamic_batch=dynamic_batch,
         target=target,
@@ -177,10 +187,9 @@ def deploy(
         details={"bits": config.bits, "group_size": config.group_size}
         if isinstance(config, WeightOnlyConfig)
         else None,
-        owner="deploy",
         started=started,
     )
-    raise_failures(deployment, owner="deploy", model_name=type(model).__name__)
+    raise_failures(deployment, run)
     return deployment
 
 
@@ -234,12 +243,9 @@ def ship(
     reference: nn.Module,
     float_model: nn.Module,
     inputs: ModelInputs,
-    dirpath: Path,
     formats: Sequence[str],
+    run: Run,
     *,
-    approach: str,
-    backend: str,
-    owner: str,
     timing_inputs: Optional[ModelInputs] = None,
     dynamic_batch: bool = True,
     target: str = DEFAULT_TARGET,
@@ -249,26 +255,25 @@ def ship(
     keep_float: Sequence[str] = (),
     accuracy_budget: Optional[dict[str, Any]] = None,
     details: Optional[dict[str, Any]] = None,
-    float_checkpoint: Optional[str] = None,
     started: Optional[float] = None,
 ) -> Deployment:
     """Export ``reference`` (the converted model) in ``formats``, verify, time and evaluate the files, and write
-    ``manifest.json``. A format that fails is deleted and listed in ``failures``; a file clearly slower than
-    ``float_model`` is deleted and listed in ``slow`` (both under the manifest's ``failures``). Anything else
-    that fails writes a manifest with ``status: "failed"`` and ``errors.log``, and raises
-    :class:`QuantizationError` naming ``owner``.
+    ``manifest.json`` into ``run.dirpath``. A format that fails is deleted and listed in ``failures``; a file
+    clearly slower than ``float_model`` is deleted and listed in ``slow`` (both under the manifest's
+    ``failures``). Anything else that fails writes a manifest with ``status: "failed"`` and ``errors.log``, and
+    raises :class:`QuantizationError` naming ``run.owner``.
 
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
     ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them."""
     started = time.perf_counter() if started is None else started
-    model_name = type(float_model).__name__
+    dirpath, approach = run.dirpath, run.approach
     failures: dict[str, str] = {}
     try:
         quantized_ops = count_quantized_ops(reference)
         if sum(quantized_ops.values()) == 0 and approach != "float":
             raise QuantizationError(
-                f"{approach} quantization of {model_name} produced no quantized op: nothing would run "
+                f"{approach} quantization of {run.model_name} produced no quantized op: nothing would run "
                 "in int8. Check keep_float and that the model has layers this approach quantizes."
             )
         with torch.no_grad():
@@ -314,20 +319,11 @@ def ship(
             )
         metrics = NO_EVALUATION if evaluate is None else evaluate(model)
     except Exception as err:
-        raise failure(
-            err,
-            owner=owner,
-            dirpath=dirpath,
-            approach=approach,
-            backend=backend,
-            model_name=model_name,
-            float_checkpoint=float_checkpoint,
-            failures=failures,
-        ) from err
+        raise failure(err, run, failures) from err
     manifest = build_manifest(
         approach=approach,
-        backend=backend,
-        model=model_name,
+        backend=run.backend,
+        model=run.model_name,
         example_inputs=inputs,
         dynamic_batch=dynamic_batch,
         artifacts=artifacts,
@@ -338,7 +334,7 @@ def ship(
         target=resolve_target(target),
         size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
         quantized_ops=quantized_ops,
-        float_checkpoint=float_checkpoint,
+        float_checkpoint=run.float_checkpoint,
         keep_float=keep_float,
         accuracy_budget=accuracy_budget,
         details=details,
@@ -350,56 +346,45 @@ def ship(
     manifest_path = dirpath / FILENAME
     if slow:
         warnings.warn(
-            f"{owner}: "
+            f"{run.owner}: "
             + "; ".join(f"{name} {why}" for name, why in slow.items())
             + f". {manifest_path} records it under failures.",
             stacklevel=2,
         )
     if artifacts and manifest["recommended"] is None:
-        warnings.warn(_slower_than_float_message(owner, manifest, manifest_path), stacklevel=2)
+        warnings.warn(_slower_than_float_message(run.owner, manifest, manifest_path), stacklevel=2)
     return Deployment(manifest, model, dirpath, failures, slow)
 
 
-def raise_failures(
-    deployment: Deployment, *, owner: str, model_name: str, float_checkpoint: Optional[str] = None
-) -> None:
+def raise_failures(deployment: Deployment, run: Run) -> None:
     """Raise :class:`QuantizationError` listing the formats that failed, if any (the others are on disk)."""
     failures = deployment.failures
     if not failures:
         return
     formats = len(failures) + len(deployment.manifest["artifacts"]) + len(deployment.slow)
-    safe = f" The trained float model is safe: {float_checkpoint}" if float_checkpoint else ""
+    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
     raise QuantizationError(
-        f"{owner} could not produce {len(failures)} of {formats} format(s) for {model_name}:\n- "
+        f"{run.owner} could not produce {len(failures)} of {formats} format(s) for {run.model_name}:\n- "
         + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
         + f"\nThe other formats are complete and verified: {[a['format'] for a in deployment.manifest['artifacts']]}; "
         f"{deployment.dirpath / FILENAME} records every failure.{safe}"
     )
 
 
-def failure(
-    err: BaseException,
-    *,
-    owner: str,
-    dirpath: Path,
-    approach: str,
-    backend: str,
-    model_name: str,
-    float_checkpoint: Optional[str] = None,
-    failures: Optional[dict[str, str]] = None,
-) -> DeploymentError:
+def failure(err: BaseException, run: Run, failures: Optional[dict[str, str]] = None) -> DeploymentError:
     """The error that ends a failed run, after ``errors.log`` (the full report) and a ``status: "failed"``
     manifest are written; a manifest that cannot be written (a full disk) is only mentioned."""
+    dirpath = run.dirpath
     log = write_report(err, dirpath / ERROR_LOG)
     cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
-    safe = f" The trained float model is safe: {float_checkpoint}" if float_checkpoint else ""
-    message = f"{owner} failed on {model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
+    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
+    message = f"{run.owner} failed on {run.model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
     manifest = failed_manifest(
-        approach=approach,
-        backend=backend,
-        model=model_name,
+        approach=run.approach,
+        backend=run.backend,
+        model=run.model_name,
         error=message,
-        float_checkpoint=float_checkpoint,
+        float_checkpoint=run.float_checkpoint,
         dirpath=dirpath,
         failures=failures or {},
     )

@@ -78,6 +78,7 @@ from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_vers
 from lightning_quant.pipeline import (
     DeploymentError,
     InferenceModel,
+    Run,
     failure,
     float_copy,
     ort_quantization,
@@ -471,7 +472,7 @@ class QuantizationCallback(Callback, ABC):
         started = time.perf_counter()
         dirpath = self.output_dir
         dirpath.mkdir(parents=True, exist_ok=True)
-        owner, model_name = type(self).__name__, type(pl_module).__name__
+        run = Run(type(self).__name__, dirpath, self.approach, self.backend, type(pl_module).__name__, float_checkpoint)
         was_training = pl_module.training
         pl_module.eval()
         self.budget_float_layers = []
@@ -495,24 +496,13 @@ class QuantizationCallback(Callback, ABC):
                     details = self.manifest_details(float_model, inputs, calibration)
                     timing_inputs = self._timing_inputs(trainer, inputs)
                 except Exception as err:
-                    raise failure(
-                        err,
-                        owner=owner,
-                        dirpath=dirpath,
-                        approach=self.approach,
-                        backend=self.backend,
-                        model_name=model_name,
-                        float_checkpoint=float_checkpoint,
-                    ) from err
+                    raise failure(err, run) from err
                 deployment = ship(
                     reference,
                     float_model,
                     inputs,
-                    dirpath,
                     self.formats_for(pl_module),
-                    approach=self.approach,
-                    backend=self.backend,
-                    owner=owner,
+                    run,
                     timing_inputs=timing_inputs,
                     dynamic_batch=self.dynamic_batch,
                     target=self.target,
@@ -522,7 +512,6 @@ class QuantizationCallback(Callback, ABC):
                     evaluate=lambda model: self._evaluate(trainer, pl_module, float_model, model, float_metrics),
                     accuracy_budget=budget_report,
                     details=details,
-                    float_checkpoint=float_checkpoint,
                     started=started,
                 )
         except DeploymentError as err:
@@ -533,8 +522,8 @@ class QuantizationCallback(Callback, ABC):
         self.manifest, self.quantized_model = deployment.manifest, deployment.model
         self._log(trainer, deployment.manifest)
         if budget_report is not None and not budget_report["within_budget"]:
-            rank_zero_warn(_over_budget_message(owner, budget_report, dirpath / FILENAME))
-        raise_failures(deployment, owner=owner, model_name=model_name, float_checkpoint=float_checkpoint)
+            rank_zero_warn(_over_budget_message(run.owner, budget_report, dirpath / FILENAME))
+        raise_failures(deployment, run)
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
         """The fit's validation dataloaders and how many batches of each the Trainer validates;
