@@ -406,7 +406,3 @@ def main(argv: Sequence[str] | None = None) -> None:
     sweep_dir, metric = Path(args[0]), (args[1] if len(args) > 1 else "val/acc")
     write_comparison(sweep_dir, compare_sweep(sweep_dir, metric))
     print(f"wrote {sweep_dir / 'comparison.csv'}, .md and .png")
-
-
-if __name__ == "__main__":
-    main()
