@@ -25,7 +25,7 @@ _EXPORTS = {
     "OptimizeForInference": "lightning_quant.callbacks.optimize_for_inference",
     "WeightOnlyQuantization": "lightning_quant.callbacks.weight_only_quantization",
     "WeightOnlyQAT": "lightning_quant.callbacks.weight_only_qat",
-    "MetricBudget": "lightning_quant.quantization.sensitivity",
+    "MetricBudget": "lightning_quant.quantization.budget",
     "load": "lightning_quant.loading",
     "deploy": "lightning_quant.pipeline",
 }

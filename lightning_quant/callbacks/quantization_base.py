@@ -87,8 +87,9 @@ from lightning_quant.pipeline import (
     ship,
 )
 from lightning_quant.pipeline import convert as pipeline_convert
+from lightning_quant.quantization.budget import MetricBudget, fallback_search
 from lightning_quant.quantization.config import check_keep_float
-from lightning_quant.quantization.sensitivity import MetricBudget, fallback_search, quantizable_layers, save_sensitivity
+from lightning_quant.quantization.sensitivity import quantizable_layers, save_sensitivity
 from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
 
 _DATALOADERS = ("train", "val")

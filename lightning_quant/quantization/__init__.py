@@ -11,6 +11,7 @@ Example::
 """
 
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization.budget import FallbackResult, MetricBudget, fallback_search
 from lightning_quant.quantization.config import OBSERVERS, DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.quantize import (
     QuantizationError,
@@ -21,9 +22,6 @@ from lightning_quant.quantization.quantize import (
     x86_quantizer,
 )
 from lightning_quant.quantization.sensitivity import (
-    FallbackResult,
-    MetricBudget,
-    fallback_search,
     layer_sensitivity,
     output_error,
     quantizable_layers,
