@@ -281,7 +281,7 @@ def _capture_error(model: Any, err: BaseException, printed: str = "") -> Capture
             "with tensor ops (torch.where) or use torch.cond."
         )
     else:
-        fix = "Rewrite that line with tensor ops torch.export supports, or leave this format out of `formats`."
+        fix = "Rewrite that line with tensor ops torch.export supports."
     where = f" at {blocking}" if blocking else ""
     return CaptureError(
         f"torch.export could not capture {type(model).__name__}.forward{where}: {type(err).__name__}: {cause} {fix}",

@@ -1,11 +1,18 @@
 """``load``: open an exported artifact safely, checked against its ``manifest.json``.
 
-Example::
+Example (after a fit, ``load("lightning_logs/quantized")``; here files written by ``deploy``)::
 
-    >>> import lightning_quant  # doctest: +SKIP
-    >>> model = lightning_quant.load("lightning_logs/quantized")  # doctest: +SKIP
-    >>> model = lightning_quant.load("lightning_logs/quantized/model.onnx")  # doctest: +SKIP
-    >>> logits = model(images)  # doctest: +SKIP
+    >>> import tempfile, torch
+    >>> import lightning_quant
+    >>> from lightning_quant.quantization import WeightOnlyConfig
+    >>> out = tempfile.mkdtemp()
+    >>> deployment = lightning_quant.deploy(
+    ...     torch.nn.Linear(32, 4), WeightOnlyConfig(bits=4), torch.randn(2, 32), dirpath=out, formats=["torch_export"]
+    ... )
+    >>> model = lightning_quant.load(out)  # the recommended file of the manifest in that folder
+    >>> model(torch.randn(3, 32)).shape
+    torch.Size([3, 4])
+    >>> model = lightning_quant.load(f"{out}/model_program.pt2")  # one file, checked against the manifest beside it
 """
 
 from __future__ import annotations

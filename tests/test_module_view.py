@@ -3,8 +3,8 @@
 import torch
 from torch import nn
 
+from lightning_quant.callbacks._evaluation import evaluate_validation
 from lightning_quant.callbacks._view import module_view
-from lightning_quant.callbacks.quantization_base import evaluate_validation
 from lightning_quant.demo import DigitsClassifier, MLPNet
 
 

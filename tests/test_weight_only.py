@@ -114,6 +114,8 @@ def test_embedding_tables_are_stored_on_the_same_grid_looked_up_packed_and_train
     cases = [ModelInputs.from_value(torch.randint(0, 50, (batch, 3))) for batch in (1, 5)]
     assert verify_artifacts(artifacts, int4, cases, tmp_path)["onnx"]["relative_error"] < 1e-5
     assert count_quantized_ops(int4) == {"Embedding (int4 weight-only)": 1, "Linear (int4 weight-only)": 1}
+    alone = quantize(model[0], WeightOnlyConfig(bits=4, group_size=32), tokens)  # a model that is one layer
+    assert type(alone).__name__ == "WeightOnlyEmbedding" and torch.equal(alone(tokens), int4[0](tokens))
 
 
 def test_torchao_file_holds_the_same_grid_as_torchao_tensors_and_its_state_dict_loads_into_the_float_model(tmp_path):

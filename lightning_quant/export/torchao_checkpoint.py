@@ -40,6 +40,9 @@ def export_torchao(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
             "with packed int4/int8 weights. Leave 'torchao' out of formats."
         )
     for name in names:
+        if not name:  # the model is the one layer
+            converted = _torchao_layer(converted)
+            break
         parent, _, child = name.rpartition(".")
         setattr(converted.get_submodule(parent), child, _torchao_layer(converted.get_submodule(name)))
     buffer = io.BytesIO()

@@ -211,12 +211,14 @@ def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
     for name in quantizable_layers(converted, config):
-        parent, _, child = name.rpartition(".")
         layer = converted.get_submodule(name)
         stored: nn.Module = (
             WeightOnlyLinear(layer, config.bits, config.group_size)
             if isinstance(layer, nn.Linear)
             else WeightOnlyEmbedding(layer, config.bits, config.group_size)  # type: ignore[arg-type]  # quantizable_layers
         )
+        if not name:  # the model is the one layer
+            return stored
+        parent, _, child = name.rpartition(".")
         setattr(converted.get_submodule(parent), child, stored)
     return converted
