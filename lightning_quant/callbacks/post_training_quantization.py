@@ -109,10 +109,6 @@ class PostTrainingQuantization(QuantizationCallback):
             "calibration_dataloader='train'/'val', whichever is larger), or lower num_calibration_batches."
         )
 
-    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        automatic = set(single_input_channel_convs(pl_module))
-        return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
-
     def manifest_details(
         self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
     ) -> dict[str, Any]:

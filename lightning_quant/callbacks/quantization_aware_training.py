@@ -216,10 +216,6 @@ class QuantizationAwareTraining(QuantizationCallback):
         added = [name for name in keep_float if name not in self.config.keep_float]
         return convert_keeping_float(self.qat, added)
 
-    def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        automatic = set(single_input_channel_convs(pl_module))
-        return [name for name in super().quantizable_layers(pl_module) if name not in automatic]
-
     def manifest_details(
         self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
     ) -> dict[str, Any]:

@@ -85,6 +85,7 @@ from lightning_quant.pipeline import (
     ship,
 )
 from lightning_quant.pipeline import convert as pipeline_convert
+from lightning_quant.quantization import single_input_channel_convs
 from lightning_quant.quantization.budget import MetricBudget, fallback_search
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import quantizable_layers, save_sensitivity
@@ -242,8 +243,11 @@ class QuantizationCallback(Callback, ABC):
         return {}
 
     def quantizable_layers(self, pl_module: LightningModule) -> list[str]:
-        """Modules the accuracy budget may return to float (names as in ``pl_module.named_modules()``)."""
-        return quantizable_layers(pl_module, (nn.modules.conv._ConvNd, nn.Linear), self.keep_float)
+        """Modules the accuracy budget may return to float (names as in ``pl_module.named_modules()``): convs and
+        Linear layers, except convs with one input channel, which stay float anyway (``single_input_channel_convs``)."""
+        automatic = set(single_input_channel_convs(pl_module))
+        layers = quantizable_layers(pl_module, (nn.modules.conv._ConvNd, nn.Linear), self.keep_float)
+        return [name for name in layers if name not in automatic]
 
     # ------------------------------------------------------------------ hooks
     @property

@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from lightning_quant.files import atomic_write
-from lightning_quant.sweep.comparison import _is_number, write_comparison
+from lightning_quant.sweep.comparison import is_number, write_comparison
 from lightning_quant.sweep.jobs import STATUS_FILE, compare_sweep
 
 
@@ -65,7 +65,7 @@ def record_job_status(job_dir: Path, job_return: JobReturn) -> None:
         "overrides": list(job_return.overrides or []),
         "error": f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else None,
         "traceback": "".join(traceback.format_exception(error)) if isinstance(error, BaseException) else None,
-        "return_value": job_return._return_value if _is_number(job_return._return_value) else None,
+        "return_value": job_return._return_value if is_number(job_return._return_value) else None,
     }
     atomic_write(job_dir / STATUS_FILE, json.dumps(status, indent=2))
 

@@ -44,7 +44,7 @@ def deployed_point(row: Mapping[str, Any]) -> tuple[float, float] | None:
 
 
 def _point(row: Mapping[str, Any], latency: str, accuracy: str) -> tuple[float, float] | None:
-    if _is_number(row.get(latency)) and _is_number(row.get(accuracy)):
+    if is_number(row.get(latency)) and is_number(row.get(accuracy)):
         return float(row[latency]), float(row[accuracy])
     return None
 
@@ -138,7 +138,7 @@ def plot_png(rows: Sequence[Mapping[str, Any]]) -> bytes:
     if any(r.get("acc_int8") is not None for r, _ in placed):
         axes.scatter([], [], facecolors="none", edgecolors="0.3", label="its float model\n(arrow: to int8)")
     latencies = [p[0] for _, p in placed] + [
-        r["latency_float_ms"] for r in rows if _is_number(r.get("latency_float_ms"))
+        r["latency_float_ms"] for r in rows if is_number(r.get("latency_float_ms"))
     ]
     if latencies and min(latencies) > 0 and max(latencies) / min(latencies) > 20:
         axes.set_xscale("log")
@@ -166,9 +166,9 @@ def _jobs(names: list[str]) -> str:
     return ("job " if len(names) == 1 else "jobs ") + ", ".join(names)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _fmt(value: Any, pattern: str, scale: float = 1.0) -> str:
-    return pattern.format(value * scale) if _is_number(value) else ""
+    return pattern.format(value * scale) if is_number(value) else ""

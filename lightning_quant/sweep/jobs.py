@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from lightning_quant.sweep.comparison import COLUMNS, _is_number, mark_pareto_front
+from lightning_quant.sweep.comparison import COLUMNS, is_number, mark_pareto_front
 
 STATUS_FILE = "job_status.json"
 
@@ -124,10 +124,10 @@ def _side(value: Any, side: str, metric: str) -> float | None:
     if isinstance(value, Mapping):
         short = metric.rsplit("/", 1)[-1]
         for name in (metric, *sorted(k for k in value if str(k).rsplit("/", 1)[-1] == short)):
-            if _is_number(value.get(name)):
+            if is_number(value.get(name)):
                 return float(value[name])
         return None
-    return float(value) if _is_number(value) else None
+    return float(value) if is_number(value) else None
 
 
 def _job_sort_key(relative: Path) -> tuple:
