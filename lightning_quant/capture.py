@@ -54,7 +54,10 @@ class Capture:
 
     def details(self) -> dict[str, Any]:
         """What an exported file's manifest entry says about its capture (nothing when it was plain)."""
-        return {"capture": list(self.notes)} if self.notes else {}
+        return {
+            **({"capture": list(self.notes)} if self.notes else {}),
+            **({} if self.dynamic_batch else {"dynamic_batch": False}),
+        }
 
 
 class CaptureError(QuantizationError):
@@ -80,7 +83,7 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
     example = inputs
     if shapes is not None and inputs.batch_size() == 1:
         # export treats a dimension of size 1 as a constant: captured on two copies, the program takes any batch
-        inputs = inputs.map(lambda t: torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t)
+        inputs = inputs.doubled()
     # a graph captured before (PT2E quantization) keeps what was changed then; its files say so too
     notes: list[str] = list(getattr(model, "meta", {}).get(NOTES_KEY, ()))
     branches: Optional[dict[Site, list[bool]]] = None

@@ -83,6 +83,18 @@ class ModelInputs(NamedTuple):
         args, kwargs = tree_map(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs))
         return ModelInputs(tuple(args), dict(kwargs))
 
+    def doubled(self) -> ModelInputs:
+        """The same call with twice the batch: every tensor whose leading dimension is the batch, repeated.
+
+        Example::
+
+            >>> call = ModelInputs((torch.ones(1, 3), torch.tensor(5)), {})
+            >>> [tuple(t.shape) for t in call.doubled().tensors()]
+            [(2, 3), ()]
+        """
+        batch = self.batch_size()
+        return self.map(lambda t: torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == batch else t)
+
     def form(self) -> Any:
         """The call's structure: where tensors are (``True``) and what else is passed (``False``).
 

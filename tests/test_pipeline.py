@@ -12,7 +12,7 @@ from conftest import ROOT, produced_formats
 from torch import nn
 
 from lightning_quant import deploy, load
-from lightning_quant.quantization import DynamicQuantConfig, QuantizationError, StaticQuantConfig
+from lightning_quant.quantization import DynamicQuantConfig, QuantizationError, StaticQuantConfig, WeightOnlyConfig
 
 # A process that never imports Lightning: static int8 of a plain nn.Module, digits as calibration data.
 WITHOUT_LIGHTNING = """
@@ -98,3 +98,22 @@ def test_deploy_a_trained_qat_graph_keeps_the_model_attached(tmp_path):
     assert qat.attached  # the model still runs its fake-quant graph
     x = torch.rand(6, 1, 8, 8)
     torch.testing.assert_close(load(tmp_path)(x), qat.convert()(x), rtol=1e-4, atol=1e-4)
+
+
+class BatchOfFour(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.reshape(4, 64))  # the batch of 4 is written into the code
+
+
+def test_files_are_checked_at_a_second_batch_size_unless_the_model_pins_its_batch(tmp_path):
+    dynamic = deploy(nn.Linear(64, 8), WeightOnlyConfig(bits=4), torch.rand(1, 64), dirpath=tmp_path / "any")
+    assert dynamic.manifest["artifacts"]
+    assert all(a["verification"]["batch_sizes"] == [1, 2] for a in dynamic.manifest["artifacts"])
+    pinned = deploy(BatchOfFour(), WeightOnlyConfig(bits=4), torch.rand(4, 64), dirpath=tmp_path / "pinned")
+    artifacts = pinned.manifest["artifacts"]
+    assert artifacts and all(a["details"]["dynamic_batch"] is False for a in artifacts)
+    assert all(a["verification"]["batch_sizes"] == [4, 4] for a in artifacts)
