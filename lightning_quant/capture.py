@@ -79,6 +79,7 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
         >>> captured.program.module()(torch.ones(7, 3)).shape, captured.notes
         (torch.Size([7, 2]), ())
     """
+    model = keywords_as_parameters(model, inputs)
     shapes = batch_dynamic_shapes(model, inputs, dynamic_batch)
     example = inputs
     if shapes is not None and inputs.batch_size() == 1:
@@ -111,6 +112,51 @@ def capture(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> Capt
         sys.stderr.write(printed.getvalue())  # what a successful capture printed (warnings) still shows
         notes[:0] = [_branch_note(site, branches) for site in sorted(used) if branches and site in branches]
         return Capture(program, tuple(dict.fromkeys(notes)), dynamic_batch=shapes is not None)
+
+
+def keywords_as_parameters(model: Any, inputs: ModelInputs) -> Any:
+    """``model`` itself, or, when its ``forward`` takes ``**kwargs`` and ``inputs`` passes keywords through them
+    (``forward(self, **inputs)`` around a Hugging Face model), a module calling it whose ``forward`` names those
+    keywords as parameters: ``torch.export`` cannot bind a call to ``**kwargs``, and the files then take the
+    example's keywords by name (an ONNX file's input names).
+
+    Example::
+
+        >>> class Wrapper(torch.nn.Module):
+        ...     def forward(self, **inputs):
+        ...         return inputs["x"] * 2
+        >>> call = ModelInputs((), {"x": torch.ones(2)})
+        >>> inspect.signature(keywords_as_parameters(Wrapper(), call).forward)
+        <Signature (*, x)>
+    """
+    forward = model.forward if hasattr(model, "forward") else model
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return model
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return model
+    named = {p.name for p in parameters}
+    extra = [name for name in inputs.kwargs if name not in named]
+    if not extra:
+        return model
+    kept = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    keyword_only = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in extra]
+    return _NamedKeywords(model, inspect.Signature(kept + keyword_only))
+
+
+class _NamedKeywords(torch.nn.Module):
+    """Calls ``model``; ``inspect.signature(self.forward)`` is ``signature`` (the keywords it is called with)."""
+
+    def __init__(self, model: Any, signature: inspect.Signature) -> None:
+        super().__init__()
+        self.model = model
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return model(*args, **kwargs)
+
+        forward.__signature__ = signature  # type: ignore[attr-defined]  # read by inspect.signature
+        self.forward = forward
 
 
 def batch_dynamic_shapes(model: Any, inputs: ModelInputs, dynamic_batch: bool = True) -> dict[str, Any] | None:

@@ -53,23 +53,32 @@ class ModelInputs(NamedTuple):
         # bound.args/kwargs leave *args/**kwargs parameters in place, which is the call forward accepts
         return ModelInputs(tuple(bound.args), dict(bound.kwargs))
 
-    def matching(self, forward: Callable[..., Any]) -> ModelInputs:
+    def matching(self, forward: Callable[..., Any], example: ModelInputs | None = None) -> ModelInputs:
         """These inputs without the keywords ``forward`` has no parameter for (a dict batch's ``labels``, ids,
-        metadata), unless it takes ``**kwargs``.
+        metadata). A ``forward`` that takes ``**kwargs`` keeps them all, or, given the ``example`` call the files
+        serve, its named parameters and the example's keywords.
 
         Example::
 
             >>> def forward(input_ids, attention_mask=None): ...
             >>> sorted(ModelInputs((), {"input_ids": 1, "attention_mask": 2, "labels": 3}).matching(forward).kwargs)
             ['attention_mask', 'input_ids']
+            >>> def forward(**inputs): ...
+            >>> example = ModelInputs((), {"input_ids": 0})
+            >>> sorted(ModelInputs((), {"input_ids": 1, "labels": 3}).matching(forward, example).kwargs)
+            ['input_ids']
         """
         try:
             parameters = inspect.signature(forward).parameters
         except (TypeError, ValueError):
             return self
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            return self
-        return ModelInputs(self.args, {k: v for k, v in self.kwargs.items() if k in parameters})
+            if example is None:
+                return self
+            accepted = set(parameters) | set(example.kwargs)
+        else:
+            accepted = set(parameters)
+        return ModelInputs(self.args, {k: v for k, v in self.kwargs.items() if k in accepted})
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor in the call, in the order export flattens them."""
@@ -96,7 +105,7 @@ class ModelInputs(NamedTuple):
         return self.map(lambda t: torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == batch else t)
 
     def form(self) -> Any:
-        """The call's structure: where tensors are (``True``) and what else is passed (``False``).
+        """The call's structure: where tensors are (``True``) and every other value passed (a flag, a scale).
 
         Example::
 
@@ -105,8 +114,54 @@ class ModelInputs(NamedTuple):
             True
             >>> ModelInputs((torch.zeros(2, 3), None), {}).form() == ModelInputs((torch.zeros(2, 3), cache), {}).form()
             False
+            >>> ModelInputs((torch.zeros(2, 3), 0.5), {}).form() == ModelInputs((torch.zeros(2, 3), 1.0), {}).form()
+            False
         """
-        return tree_map(lambda value: isinstance(value, torch.Tensor), (self.args, self.kwargs))
+        return tree_map(lambda value: True if isinstance(value, torch.Tensor) else value, (self.args, self.kwargs))
+
+    def mismatch(self, example: ModelInputs) -> str | None:
+        """How this call differs from ``example`` in what an exported file fixes: its structure and non-tensor
+        values, each tensor's dtype and its shape after the batch dimension. ``None`` when it is the same call.
+
+        Example::
+
+            >>> example = ModelInputs((torch.zeros(4, 8), torch.zeros(4, 4)), {})
+            >>> ModelInputs((torch.zeros(2, 8), torch.ones(2, 4)), {}).mismatch(example) is None
+            True
+            >>> ModelInputs((torch.zeros(2, 12), torch.ones(2)), {}).mismatch(example)
+            'args[0] has shape [12] after the batch dimension, the example [8]'
+        """
+        if self.form() != example.form():
+            return (
+                f"it is another call of forward than the example ({self.describe_call()} vs {example.describe_call()})"
+            )
+        for (name, mine), (_, theirs) in zip(self.named_tensors(), example.named_tensors()):
+            if mine.dtype != theirs.dtype:
+                return f"{name} is {str(mine.dtype).replace('torch.', '')}, the example's {str(theirs.dtype).replace('torch.', '')}"
+            if mine.dim() != theirs.dim() or mine.shape[1:] != theirs.shape[1:]:
+                return (
+                    f"{name} has shape {list(mine.shape[1:])} after the batch dimension, the example "
+                    f"{list(theirs.shape[1:])}"
+                )
+        return None
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor with a name saying where it is passed (``args[0]``, ``mask``, ``cache[1]``)."""
+        named: list[tuple[str, torch.Tensor]] = []
+        for name, value in [*((f"args[{i}]", a) for i, a in enumerate(self.args)), *self.kwargs.items()]:
+            leaves, _ = tree_flatten(value)
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            named += [(name if len(leaves) == 1 else f"{name}[{j}]", t) for j, t in enumerate(tensors)]
+        return named
+
+    def describe_call(self) -> str:
+        """``(args[0]: [8, 12] float32, ...)``: each argument's shape and dtype, or its value."""
+        parts = [f"{name}: {list(t.shape)} {str(t.dtype).replace('torch.', '')}" for name, t in self.named_tensors()]
+        others = tree_flatten(tree_map(lambda v: None if isinstance(v, torch.Tensor) else v, (self.args, self.kwargs)))[
+            0
+        ]
+        parts += [repr(v) for v in others if v is not None]
+        return "(" + ", ".join(parts) + ")"
 
     def batch_size(self) -> int | None:
         """The leading dimension of the first tensor (the batch), if there is one."""
@@ -115,14 +170,10 @@ class ModelInputs(NamedTuple):
 
     def describe(self) -> dict[str, Any]:
         """``shape`` and ``dtype`` of the first tensor, and every tensor by argument name, for the manifest."""
-        described: list[dict[str, Any]] = []
-        for name, value in [*((f"args[{i}]", a) for i, a in enumerate(self.args)), *self.kwargs.items()]:
-            leaves, _ = tree_flatten(value)
-            for j, leaf in enumerate(t for t in leaves if isinstance(t, torch.Tensor)):
-                label = name if len(leaves) == 1 else f"{name}[{j}]"
-                described.append(
-                    {"name": label, "shape": list(leaf.shape), "dtype": str(leaf.dtype).replace("torch.", "")}
-                )
+        described = [
+            {"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for name, t in self.named_tensors()
+        ]
         first: dict[str, Any] = described[0] if described else {"shape": [], "dtype": None}
         return {"shape": first["shape"], "dtype": first["dtype"], "tensors": described}
 

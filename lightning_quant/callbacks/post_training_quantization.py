@@ -51,6 +51,7 @@ class PostTrainingQuantization(QuantizationCallback):
     backend = "x86_inductor"
     supported_formats = ("aoti", "onnx", "torch_export")
     default_formats = ("aoti", "onnx")
+    reads_batches = True  # calibration: batches of another form than the example are refused before training
     config: StaticQuantConfig
 
     def __init__(
@@ -93,9 +94,11 @@ class PostTrainingQuantization(QuantizationCallback):
                 "calibrate activation ranges on"
             )
 
-    def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
+    def calibration_inputs(self, trainer: Trainer, inputs: ModelInputs) -> list[ModelInputs]:
         # read once per fit end: every conversion of this fit's model (the accuracy budget's too) calibrates alike
-        calibration = list(self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches))
+        calibration = list(
+            self.model_inputs(trainer, self.calibration_dataloader, self.num_calibration_batches, inputs)
+        )
         if len(calibration) < self.num_calibration_batches:
             rank_zero_warn(self._short_calibration_note(calibration))
         return calibration

@@ -124,13 +124,13 @@ class QuantizationAwareTraining(QuantizationCallback):
             )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_restored(pl_module)
+        self._apply_restored(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_restored(pl_module)  # strategies that restore checkpoints after on_fit_start
+        self._apply_restored(trainer, pl_module)  # strategies that restore checkpoints after on_fit_start
         epoch = trainer.current_epoch
         if self.qat is None and epoch >= self.start_epoch:
-            self._start(pl_module, epoch)
+            self._start(trainer, pl_module, epoch)
         if self.qat is None:
             return
         if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch and not self.qat.batchnorm_frozen:
@@ -193,13 +193,13 @@ class QuantizationAwareTraining(QuantizationCallback):
             self._restore_pending, self._restored_state = True, None  # no QAT state: a float model
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_restored(pl_module)
+        self._apply_restored(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_restored(pl_module)
+        self._apply_restored(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_restored(pl_module)
+        self._apply_restored(trainer, pl_module)
 
     # ------------------------------------------------------------------ QuantizationCallback
     def convert(
@@ -242,21 +242,21 @@ class QuantizationAwareTraining(QuantizationCallback):
         }
 
     # ------------------------------------------------------------------ internals
-    def _start(self, pl_module: LightningModule, epoch: int) -> None:
-        self.qat = self._prepare(pl_module)
+    def _start(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> None:
+        self.qat = self._prepare(trainer, pl_module)
         self.qat.attach()
         self._started_epoch = epoch
         rank_zero_info(
             f"QuantizationAwareTraining: fake-quant on from epoch {epoch} ({self.qat.num_fake_quantizers} fake-quant modules)"
         )
 
-    def _prepare(self, pl_module: LightningModule) -> QATGraph:
-        inputs = self._resolve_example_inputs(pl_module)
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> QATGraph:
+        inputs = self._resolve_example_inputs(trainer, pl_module)
         qat = prepare_qat(pl_module, inputs, self.config)
         qat.observers_enabled = False  # until a batch of a stage in observer_enabled_stages starts
         return qat
 
-    def _apply_restored(self, pl_module: LightningModule) -> None:
+    def _apply_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Make the module match the checkpoint just loaded: fake-quant with its ranges, or float."""
         if not self._restore_pending:
             return
@@ -267,7 +267,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         if self._restored_state is None:
             return
         if self.qat is None:
-            self.qat = self._prepare(pl_module)
+            self.qat = self._prepare(trainer, pl_module)
         self.qat.load_state_dict(self._restored_state)
         self.qat.observers_enabled = False
         self.qat.attach()

@@ -21,10 +21,12 @@ after ``super().__init__``.
 
 Fit end reads its data once and passes it down (nothing is kept on the callback between hooks): the example
 input (``inputs``, a :class:`ModelInputs` of ``pl_module.forward``), the real batches of
-``calibration_inputs(trainer)`` (``calibration``), an eval-mode CPU copy of the module (``float_model``) and the
+``calibration_inputs(trainer, inputs)`` (``calibration``), an eval-mode CPU copy of the module (``float_model``) and the
 ``keep_float`` of the conversion. Hooks, all optional:
 
-* ``calibration_inputs(trainer) -> list[ModelInputs]``: the batches conversion calibrates on (default none).
+* ``calibration_inputs(trainer, inputs) -> list[ModelInputs]``: the batches conversion calibrates on, calls of
+  forward like the example ``inputs`` (default none). Set ``reads_batches = True`` so that batches of another
+  form are refused before training.
 * ``convert(pl_module, inputs, calibration, keep_float) -> nn.Module``: the converted *reference* model on
   CPU. Default: :func:`lightning_quant.pipeline.convert` of a CPU copy with ``self.config``. It must not
   modify ``pl_module`` and must leave the modules named in ``keep_float`` in float (names relative to
@@ -70,6 +72,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks._evaluation import evaluate_validation, evaluated_batches
+from lightning_quant.errors import first_lines
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
@@ -153,6 +156,9 @@ class QuantizationCallback(Callback, ABC):
     default_formats: ClassVar[tuple[str, ...]] = ("aoti", "onnx")
     #: what :func:`lightning_quant.pipeline.convert` converts with (``keep_float`` replaced); ``None``: float
     config: Any = None
+    #: conversion reads real batches (static calibration): batches that are not a call of forward like the
+    #: example are refused before training instead of verified around
+    reads_batches: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -205,7 +211,7 @@ class QuantizationCallback(Callback, ABC):
         """The formats to export ``model`` in (default: ``formats``; an approach may adapt its defaults)."""
         return self.formats
 
-    def calibration_inputs(self, trainer: Trainer) -> list[ModelInputs]:
+    def calibration_inputs(self, trainer: Trainer, inputs: ModelInputs) -> list[ModelInputs]:
         """The real input batches conversion calibrates on, read once per fit end (default: none)."""
         return []
 
@@ -272,7 +278,8 @@ class QuantizationCallback(Callback, ABC):
         )
         if trainer.is_global_zero:
             _check_writable(self.dirpath, type(self).__name__)
-        self._check_example_runs(pl_module, self._resolve_example_inputs(pl_module))
+        if self._given_example(pl_module) is not None:  # else it is the first training batch: checked at train start
+            self._check_example_runs(pl_module, self._resolve_example_inputs(trainer, pl_module))
         names = dict(pl_module.named_modules())
         missing = [name for name in self.keep_float if name not in names]
         if missing:
@@ -289,11 +296,17 @@ class QuantizationCallback(Callback, ABC):
                 "dataloader, and this fit has none: pass val_dataloaders to trainer.fit (or a datamodule with "
                 "val_dataloader), or drop max_metric_drop."
             )
-        # a batch that does not fit forward fails now, not at fit end after all the training
+        # a batch that does not fit forward, or that is another call than the example, fails now when conversion
+        # needs batches, not at fit end after all the training
+        inputs = self._resolve_example_inputs(trainer, pl_module)
+        if self._given_example(pl_module) is None:
+            self._check_example_runs(pl_module, inputs)
         for loader in self._dataloaders(trainer, "train"):
             sample = _first_sample_batch(loader)
-            if sample is not None:
-                self._batch_inputs(sample, pl_module, "train")
+            if sample is not None and self.reads_batches:
+                mismatch = self._batch_inputs(sample, pl_module, "train", inputs).mismatch(inputs)
+                if mismatch is not None:
+                    raise ValueError(self._batch_mismatch_message(pl_module, mismatch, before_training=True))
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # the first validation (the sanity check, else the first epoch's) shows whether the metric is logged
@@ -368,15 +381,18 @@ class QuantizationCallback(Callback, ABC):
             self.manifest = state_dict.get("manifest")
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def model_inputs(self, trainer: Trainer, dataloader: str, limit: Optional[int] = None) -> Iterator[ModelInputs]:
-        """Up to ``limit`` real model inputs from the fit's ``"train"`` or ``"val"`` dataloader, on CPU."""
+    def model_inputs(
+        self, trainer: Trainer, dataloader: str, limit: Optional[int] = None, example: Optional[ModelInputs] = None
+    ) -> Iterator[ModelInputs]:
+        """Up to ``limit`` real model inputs from the fit's ``"train"`` or ``"val"`` dataloader, on CPU (a dict
+        batch for a ``forward(**inputs)`` bound to the keywords of ``example``, when given)."""
         loaders = self._dataloaders(trainer, dataloader)
         count = 0
         for loader in loaders:
             for batch in loader:
                 if limit is not None and count >= limit:
                     return
-                inputs = self._batch_inputs(batch, trainer.lightning_module, dataloader).to("cpu")
+                inputs = self._batch_inputs(batch, trainer.lightning_module, dataloader, example).to("cpu")
                 bad = [t for t in inputs.tensors() if t.is_floating_point() and not torch.isfinite(t).all()]
                 if bad:
                     raise ValueError(
@@ -387,11 +403,14 @@ class QuantizationCallback(Callback, ABC):
                 yield inputs
                 count += 1
 
-    def _batch_inputs(self, batch: Any, pl_module: LightningModule, dataloader: str) -> ModelInputs:
+    def _batch_inputs(
+        self, batch: Any, pl_module: LightningModule, dataloader: str, example: Optional[ModelInputs] = None
+    ) -> ModelInputs:
         """The model input of a batch, bound to ``forward`` (a dict batch by parameter name, extra keys dropped);
         a batch that cannot be bound raises an error naming ``batch_to_input``. By default a tuple batch is
         ``(input, target)``; when ``forward`` needs more than ``batch[0]`` (``forward(inputs, target)`` in
-        Lightning's demo Transformer), the whole tuple is its arguments."""
+        Lightning's demo Transformer), the whole tuple is its arguments. A ``forward(**inputs)`` gets the
+        ``example``'s keywords of a dict batch (the files take those; a batch's ``labels`` are left out)."""
         forward = own_forward(pl_module)
         candidates = [self.batch_to_input(batch)]
         if self.batch_to_input is default_batch_to_input and isinstance(batch, (tuple, list)) and len(batch) > 1:
@@ -399,7 +418,7 @@ class QuantizationCallback(Callback, ABC):
         errors = []
         for candidate in candidates:
             try:
-                return ModelInputs.from_value(candidate).matching(forward).bind(forward)
+                return ModelInputs.from_value(candidate).matching(forward, example).bind(forward)
             except TypeError as err:
                 errors.append(err)
         kind = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
@@ -410,13 +429,42 @@ class QuantizationCallback(Callback, ABC):
             "dict of keywords)."
         ) from errors[0]
 
-    def _timing_inputs(self, trainer: Trainer, inputs: ModelInputs) -> Optional[ModelInputs]:
-        """The first validation (else training) batch if it is the same call as the example; else ``None``: the
-        pipeline times the example itself."""
-        batch = next(self.model_inputs(trainer, "val", limit=1), None) or next(
-            self.model_inputs(trainer, "train", limit=1), None
+    def _real_batches(
+        self, trainer: Trainer, inputs: ModelInputs, limit: int
+    ) -> tuple[list[ModelInputs], Optional[str]]:
+        """Up to ``limit`` validation (else training) batches if they are calls of forward like the example
+        ``inputs``; else none, and how they differ."""
+        try:
+            batches = list(self.model_inputs(trainer, "val", limit, inputs)) or list(
+                self.model_inputs(trainer, "train", limit, inputs)
+            )
+        except ValueError as err:  # a batch that does not bind to forward at all
+            return [], str(err).split(": ", 2)[-1].split(". Pass batch_to_input")[0]
+        mismatch = batches[0].mismatch(inputs) if batches else None
+        return ([], mismatch) if mismatch is not None else (batches, None)
+
+    def _timing_inputs(self, trainer: Trainer, inputs: ModelInputs) -> tuple[Optional[ModelInputs], list[str]]:
+        """The first validation (else training) batch if it is the same call as the example, and no note; else
+        ``None`` (the pipeline verifies and times on the example itself) and a note for the manifest saying why."""
+        batches, mismatch = self._real_batches(trainer, inputs, limit=1)
+        if mismatch is None:
+            return next(iter(batches), None), []
+        return None, [self._batch_mismatch_message(trainer.lightning_module, mismatch, before_training=False)]
+
+    def _batch_mismatch_message(self, pl_module: LightningModule, mismatch: str, before_training: bool) -> str:
+        owner, module = type(self).__name__, type(pl_module).__name__
+        if before_training:
+            return (
+                f"{owner} calibrates on real batches, and a batch of the train dataloader is not a call of "
+                f"{module}.forward like its example input: {mismatch}. Pass batch_to_input=lambda batch: ... "
+                "returning what forward takes from a batch (as training_step splits it), so that calibration "
+                "sees real inputs. Refused before training, so no training is lost."
+            )
+        return (
+            f"The files were verified and timed on the example input: a batch is not a call of {module}.forward like "
+            f"the example ({mismatch}). Pass batch_to_input=lambda batch: ... returning what forward takes from a "
+            "batch to verify on real batches."
         )
-        return batch if batch is not None and batch.form() == inputs.form() else None
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
@@ -435,14 +483,32 @@ class QuantizationCallback(Callback, ABC):
         return list(loaders) if isinstance(loaders, (list, tuple)) else [loaders]
 
     # ------------------------------------------------------------------ fit end, step by step
-    def _resolve_example_inputs(self, pl_module: LightningModule) -> ModelInputs:
-        value = self.example_input if self.example_input is not None else pl_module.example_input_array
-        if value is None:
+    def _given_example(self, pl_module: LightningModule) -> Any:
+        """The example the user gave: ``example_input``, else the module's ``example_input_array`` (or ``None``)."""
+        return self.example_input if self.example_input is not None else pl_module.example_input_array
+
+    def _resolve_example_inputs(self, trainer: Trainer, pl_module: LightningModule) -> ModelInputs:
+        """The call of forward the files serve: the example the user gave, else the first training batch (its
+        first ``batch_size`` samples, read without iterating the loader) through ``batch_to_input``."""
+        value = self._given_example(pl_module)
+        if value is not None:
+            return example_inputs_for_export(value, own_forward(pl_module))
+        batch = next(filter(None, map(_first_batch, self._dataloaders(trainer, "train"))), None)
+        if batch is None:
             raise ValueError(
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
-                "`self.example_input_array` in the LightningModule or pass `example_input=` (one call of forward)."
+                "`self.example_input_array` in the LightningModule, pass `example_input=` (one call of forward), "
+                "or give the fit a training dataloader over a map-style dataset (its first batch is the example)."
             )
-        return example_inputs_for_export(value, own_forward(pl_module))
+        return example_inputs_for_export(self._batch_inputs(batch, pl_module, "train"), own_forward(pl_module))
+
+    def _example_notes(self, pl_module: LightningModule) -> list[str]:
+        if self._given_example(pl_module) is not None:
+            return []
+        return [
+            f"{type(pl_module).__name__} has no example_input_array: the example input (what the files were "
+            "captured on) is the first batch of the training dataloader, through batch_to_input."
+        ]
 
     def _ensure_float_checkpoint(self, trainer: Trainer) -> Optional[str]:
         """The float weights are on disk before anything is tried: reuse the last checkpoint or write one."""
@@ -482,9 +548,9 @@ class QuantizationCallback(Callback, ABC):
         try:
             with torch.no_grad(), _jit_is_scripting():
                 try:
-                    inputs = self._resolve_example_inputs(pl_module)
+                    inputs = self._resolve_example_inputs(trainer, pl_module)
                     float_model = self.cpu_copy(pl_module)
-                    calibration = self.calibration_inputs(trainer)
+                    calibration = self.calibration_inputs(trainer, inputs)
                     budget_report, float_metrics = None, None
                     keep_float = list(self.keep_float)
                     if self.budget is None:
@@ -497,7 +563,8 @@ class QuantizationCallback(Callback, ABC):
                     onnx = self.onnx_quantization(calibration, keep_float)
                     models = self.artifact_models(pl_module, keep_float)
                     details = self.manifest_details(float_model, inputs, calibration)
-                    timing_inputs = self._timing_inputs(trainer, inputs)
+                    timing_inputs, notes = self._timing_inputs(trainer, inputs)
+                    details = _with_notes(details, [*notes, *self._example_notes(pl_module)])
                 except Exception as err:
                     raise failure(err, run) from err
                 deployment = ship(
@@ -575,7 +642,7 @@ class QuantizationCallback(Callback, ABC):
             evaluate,
             budget,
             self.quantizable_layers(pl_module),
-            inputs=list(self.model_inputs(trainer, "val", limit=4)),
+            inputs=self._real_batches(trainer, inputs, limit=4)[0] or [inputs],
         )
         report = result.report(budget)
         report["sensitivity"] = None
@@ -601,12 +668,25 @@ class QuantizationCallback(Callback, ABC):
         loaders, limits = self._validation_batches(trainer)
         if not loaders:
             return {"float": {}, "quantized": {}, "note": "no validation dataloader: nothing to evaluate"}
-        return {
+        evaluation: dict[str, Any] = {
             "float": float_metrics or evaluate_validation(pl_module, float_model, loaders, limits),
-            "quantized": evaluate_validation(pl_module, quantized, loaders, limits),
             "dataloader": "val",
             "batches": sum(evaluated_batches(loader, limit) for loader, limit in zip(loaders, limits)),
         }
+        try:
+            evaluation["quantized"] = evaluate_validation(pl_module, quantized, loaders, limits)
+        except Exception as err:
+            # e.g. validation_step passes the model keywords its files do not take (a Hugging Face batch's labels,
+            # for the loss): the files are verified against the float model all the same, so they still ship
+            evaluation["quantized"] = {}
+            evaluation["note"] = (
+                f"validation_step failed on the quantized model ({type(err).__name__}: {first_lines(err, 1)}): no "
+                "metrics for it. The files are verified against the float model on the example input. To evaluate "
+                "it, have validation_step call forward with what the example input passes, and compute the loss "
+                "from its outputs."
+            )
+            rank_zero_warn(f"{type(self).__name__}: {evaluation['note']}")
+        return evaluation
 
     def _log(self, trainer: Trainer, manifest: dict[str, Any]) -> None:
         flat = manifest_numbers(manifest)
@@ -635,6 +715,22 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
         f"within_budget: false in {manifest_path}. Raise max_float_fraction or max_evaluations, loosen max_drop, "
         "keep_float the layers you know are fragile, or train quantization-aware (QuantizationAwareTraining, WeightOnlyQAT)."
     )
+
+
+def _first_batch(loader: Any) -> Any:
+    """The loader's first batch (its first ``batch_size`` samples, collated as the loader would), without iterating
+    the loader (see :func:`_first_sample_batch`). ``None`` for iterable datasets."""
+    dataset: Any = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None)
+    if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        return None
+    size = min(len(dataset), getattr(loader, "batch_size", None) or 1)
+    return collate([dataset[i] for i in range(size)])
+
+
+def _with_notes(details: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """``details`` with ``notes`` added to its ``notes`` list."""
+    return {**details, "notes": [*details.get("notes", []), *notes]} if notes else details
 
 
 def _first_sample_batch(loader: Any) -> Any:

@@ -181,8 +181,9 @@ def _user_code_location() -> str:
     return "<unknown>"
 
 
-def find_manual_attention(model: nn.Module, *inputs: Any) -> list[str]:
-    """Where ``model``'s forward computes attention by hand (``softmax(q @ k^T) @ v``), as ``file:line``.
+def find_manual_attention(model: nn.Module, *args: Any, **kwargs: Any) -> list[str]:
+    """Where ``model``'s forward, called with ``args`` and ``kwargs``, computes attention by hand
+    (``softmax(q @ k^T) @ v``), as ``file:line``.
 
     Hand-written attention materialises the full score matrix and runs three kernels;
     ``torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=..., dropout_p=..., is_causal=...)``
@@ -199,5 +200,5 @@ def find_manual_attention(model: nn.Module, *inputs: Any) -> list[str]:
         []
     """
     with torch.no_grad(), _AttentionPatternMode() as mode:
-        model(*inputs)
+        model(*args, **kwargs)
     return mode.found

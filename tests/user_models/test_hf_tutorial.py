@@ -1,0 +1,139 @@
+"""Lightning's Hugging Face tutorial ("Finetune Transformers Models with PyTorch Lightning"), as it writes the
+LightningModule: ``forward(self, **inputs)`` returning ``self.model(**inputs)``, dict batches with ``labels``,
+``training_step`` reading ``outputs[0]`` and ``validation_step`` reading ``outputs[:2]``. Every callback must
+finish the fit and ship files that load and run in a process that imports neither lightning_quant nor
+transformers. The files take the keys of ``example_input_array`` (here ``input_ids`` and ``attention_mask``);
+``labels`` in the batches is dropped for them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import fast_trainer
+from torch.utils.data import DataLoader
+
+from lightning_quant import (
+    DynamicQuantization,
+    OptimizeForInference,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+)
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, SEQUENCE = 100, 16
+
+
+class GLUETransformer(L.LightningModule):
+    """As the tutorial writes it, with a small config instead of ``from_pretrained`` (no download)."""
+
+    def __init__(self, num_labels: int = 2, learning_rate: float = 2e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=2 * SEQUENCE,
+            num_labels=num_labels,
+        )
+        self.model = transformers.BertForSequenceClassification(self.config)
+        self.example_input_array = {
+            "input_ids": torch.randint(0, VOCAB, (4, SEQUENCE)),
+            "attention_mask": torch.ones(4, SEQUENCE, dtype=torch.long),
+        }
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def training_step(self, batch, batch_idx):
+        outputs = self(**batch)
+        loss = outputs[0]
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        outputs = self(**batch)
+        val_loss, logits = outputs[:2]
+        preds = torch.argmax(logits, axis=1)
+        self.log("val_loss", val_loss, prog_bar=True)
+        self.log("accuracy", (preds == batch["labels"]).float().mean(), prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.learning_rate)
+
+
+def glue_batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, SEQUENCE), generator=generator)
+    mask = torch.ones(n, SEQUENCE, dtype=torch.long)
+    mask[n // 2 :, 12:] = 0
+    labels = (ids[:, 0] >= VOCAB // 2).long()
+    return [{"input_ids": ids[i], "attention_mask": mask[i], "labels": labels[i]} for i in range(n)]
+
+
+# runs in a fresh process: neither lightning_quant nor transformers imported
+RELOAD = """
+import sys, json, torch
+folder = sys.argv[1]
+manifest = json.load(open(folder + "/manifest.json"))
+ids, mask = torch.randint(0, 100, (3, 16)), torch.ones(3, 16, dtype=torch.long)
+for artifact in manifest["artifacts"]:
+    path = folder + "/" + artifact["path"]
+    if artifact["format"] == "aoti":
+        out = torch._inductor.aoti_load_package(path)(input_ids=ids, attention_mask=mask)
+    elif artifact["format"] == "torch_export":
+        out = torch.export.load(path).module()(input_ids=ids, attention_mask=mask)
+    elif artifact["format"] == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path)
+        names = sorted(i.name for i in session.get_inputs())
+        assert names == ["attention_mask", "input_ids"], names
+        out = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    logits = out[0] if isinstance(out, (list, tuple)) else out
+    print(artifact["format"], tuple(logits.shape))
+assert "lightning_quant" not in sys.modules and "transformers" not in sys.modules
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PostTrainingQuantization(num_calibration_batches=2),
+        lambda: DynamicQuantization(),
+        lambda: QuantizationAwareTraining(),
+        lambda: OptimizeForInference(),
+    ],
+    ids=["static", "dynamic", "qat", "float"],
+)
+def test_hf_tutorial_module_with_keyword_forward(make, tmp_path):
+    callback = make()
+    trainer = fast_trainer(tmp_path, [callback], limit_val_batches=1)
+    trainer.fit(
+        GLUETransformer(),
+        DataLoader(glue_batches(48, 0), batch_size=8),
+        DataLoader(glue_batches(16, 1), batch_size=8),
+    )
+    manifest = json.loads((Path(callback.dirpath) / "manifest.json").read_text())
+    assert manifest["status"] == "ok", manifest
+    assert manifest["artifacts"], manifest.get("failures")
+    described = {t["name"] for t in manifest["input"]["tensors"]}
+    assert described == {"input_ids", "attention_mask"}  # what the files take, said in the manifest
+    # the deployed model answers like forward, called as the tutorial calls it (labels dropped)
+    batch = {
+        "input_ids": torch.randint(0, VOCAB, (5, SEQUENCE)),
+        "attention_mask": torch.ones(5, SEQUENCE, dtype=torch.long),
+    }
+    assert callback.quantized_model(**batch).logits.shape == (5, 2)
+    done = subprocess.run([sys.executable, "-c", RELOAD, str(callback.dirpath)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shipped = {a["format"] for a in manifest["artifacts"]}
+    assert sorted(done.stdout.split("\n")[:-1]) == sorted(f"{f} (3, 2)" for f in shipped)
