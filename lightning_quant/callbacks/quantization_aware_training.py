@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.pipeline import float_copy, own_forward
 from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
@@ -214,7 +216,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         # keep_float at prepare time has no fake-quant at all; names added since (the accuracy budget's) are
         # bypassed in a copy of the trained graph
         added = [name for name in keep_float if name not in self.config.keep_float]
-        return convert_keeping_float(self.qat, added)
+        return convert_keeping_float(self._graph_serving(pl_module, inputs), added)
 
     def manifest_details(
         self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
@@ -252,9 +254,33 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> QATGraph:
         inputs = self._resolve_example_inputs(trainer, pl_module)
-        qat = prepare_qat(pl_module, inputs, self.config)
+        qat = prepare_qat(pl_module, self._training_call(trainer, pl_module, inputs), self.config)
         qat.observers_enabled = False  # until a batch of a stage in observer_enabled_stages starts
         return qat
+
+    def _training_call(self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs) -> ModelInputs:
+        """The call the fake-quant graph is captured on: the example ``inputs``, or, for a ``forward(**inputs)``
+        whose training batches pass more keywords (a Hugging Face batch's ``labels``: the model computes its loss
+        from them), the first training batch, so that training_step's ``self(**batch)`` runs the graph."""
+        parameters = inspect.signature(own_forward(pl_module)).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            return inputs
+        batch = self.first_training_batch(trainer)
+        if batch is None:
+            return inputs
+        call = self._batch_inputs(batch, pl_module, "train")  # every keyword the batch passes
+        return call if set(call.kwargs) > set(inputs.kwargs) else inputs
+
+    def _graph_serving(self, pl_module: LightningModule, inputs: ModelInputs) -> QATGraph:
+        """The trained graph if it takes ``inputs`` (the example the files serve); else the same model captured on
+        ``inputs``, with the trained graph's fake-quant ranges (a graph trained with ``labels`` computes a loss
+        the files have no input for)."""
+        assert self.qat is not None
+        if self.qat.takes(inputs):
+            return self.qat
+        serving = prepare_qat(float_copy(pl_module), inputs, self.config)
+        serving.load_state_dict(self.qat.state_dict())
+        return serving
 
     def _apply_restored(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Make the module match the checkpoint just loaded: fake-quant with its ranges, or float."""

@@ -466,6 +466,12 @@ class QuantizationCallback(Callback, ABC):
             "batch to verify on real batches."
         )
 
+    def first_training_batch(self, trainer: Trainer) -> Any:
+        """The first batch of the training dataloader (its first ``batch_size`` samples, collated as the loader
+        would, read without iterating the loader: that would move its sampler's generator); ``None`` if there is
+        none or its dataset is iterable."""
+        return next(filter(None, map(_first_batch, self._dataloaders(trainer, "train"))), None)
+
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
         """An eval-mode CPU deep copy of the float module (detached from the trainer; a ``forward`` set on the
@@ -493,7 +499,7 @@ class QuantizationCallback(Callback, ABC):
         value = self._given_example(pl_module)
         if value is not None:
             return example_inputs_for_export(value, own_forward(pl_module))
-        batch = next(filter(None, map(_first_batch, self._dataloaders(trainer, "train"))), None)
+        batch = self.first_training_batch(trainer)
         if batch is None:
             raise ValueError(
                 f"{type(self).__name__} needs an example input to export {type(pl_module).__name__}: set "
