@@ -98,3 +98,48 @@ def produced_formats(manifest: dict) -> set[str]:
     others = {name: why for name, why in failures.items() if "slower than the float model" not in why}
     assert not others, others
     return {a["format"] for a in manifest["artifacts"]} | set(failures)
+
+
+# loads every file a manifest lists with its runtime alone (no lightning_quant, no transformers) and runs it on
+# the call saved beside it; writes each file's output tensors
+_RUN_FILES = """
+import json, sys, torch
+folder, call_path, out_path = sys.argv[1:4]
+args, kwargs = torch.load(call_path, weights_only=True)
+flat = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+outputs = {}
+for artifact in json.load(open(folder + "/manifest.json"))["artifacts"]:
+    path, fmt = folder + "/" + artifact["path"], artifact["format"]
+    if fmt == "aoti":
+        out = torch._inductor.aoti_load_package(path)(*args, **kwargs)
+    elif fmt == "torch_export":
+        out = torch.export.load(path).module()(*args, **kwargs)
+    elif fmt == "onnx":
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path)
+        out = [torch.from_numpy(o) for o in session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), flat)})]
+    else:
+        continue
+    outputs[fmt] = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+assert not {"lightning_quant", "transformers"} & set(sys.modules), "a file needed lightning_quant or transformers"
+torch.save(outputs, out_path)
+"""
+
+
+def run_files_alone(folder: Path, *args, **kwargs) -> dict[str, list]:
+    """Run every file of ``folder``'s manifest (aoti, torch_export, onnx) on ``args``/``kwargs`` in a fresh process
+    that imports neither lightning_quant nor transformers, each with its own runtime only; returns each format's
+    output tensors. The call's tensors are fed to an ONNX file in the order of its inputs."""
+    import tempfile
+
+    import torch
+
+    scratch = Path(tempfile.mkdtemp())
+    call, out = scratch / "call.pt", scratch / "outputs.pt"
+
+    torch.save((args, kwargs), call)
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN_FILES, str(folder), str(call), str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=True)

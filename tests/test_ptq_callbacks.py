@@ -309,10 +309,23 @@ class DataDependentClassifier(DigitsClassifier):
         return self.net(x)
 
 
-def test_missing_example_input_fails_at_setup_before_training(tmp_path):
+def test_without_an_example_input_the_first_training_batch_is_the_example(tmp_path):
+    callback = DynamicQuantization(formats=["torch_export"])
+    fit(callback, NoExample(), tmp_path)
+    assert callback.manifest["input"]["shape"] == [32, 1, 8, 8]  # the datamodule's batch size
+    assert any("first batch of the training dataloader" in note for note in callback.manifest["notes"])
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.rand(1, 8, 8), i % 10) for i in range(64)])
+
+
+def test_no_example_input_and_an_iterable_dataset_fails_before_training(tmp_path):
+    trainer = fast_trainer(tmp_path, [PostTrainingQuantization()])
     with pytest.raises(ValueError, match="needs an example input to export NoExample.*example_input_array"):
-        fit(PostTrainingQuantization(), NoExample(), tmp_path)
-    assert not (tmp_path / "checkpoints").exists()
+        trainer.fit(NoExample(), DataLoader(Stream(), batch_size=8))
+    assert trainer.global_step == 0
 
 
 def test_bad_keep_float_fails_at_setup(tmp_path):
