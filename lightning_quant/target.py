@@ -137,7 +137,11 @@ def resolve_target(target: Union[str, CpuTarget]) -> CpuTarget:
 
 @functools.cache
 def cpu_info() -> dict[str, Any]:
-    """This machine's CPU: ``vendor``, ``model`` and the :data:`ISA_FLAGS` it has (from ``/proc/cpuinfo``)."""
+    """This machine's CPU: ``vendor``, ``model`` and the :data:`ISA_FLAGS` it has.
+
+    The flags come from CPUID (PyTorch's probes, what the code will run on) for every instruction set it answers
+    for, and from ``/proc/cpuinfo`` for the rest: under an emulator (``qemu-x86_64 -cpu Haswell``) and in some VMs
+    ``/proc/cpuinfo`` lists the host's flags, not the CPU the code executes on."""
     fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -146,11 +150,12 @@ def cpu_info() -> dict[str, Any]:
             key = key.strip()
             if key in ("vendor_id", "model name", "flags") and key not in fields:
                 fields[key] = value.strip()
-    flags, source = set(fields.get("flags", "").split()), "/proc/cpuinfo"
-    if not flags:  # no readable /proc/cpuinfo (some sandboxes, other OSes): ask the CPU itself, as PyTorch does
-        flags, source = _cpuid_flags(), "cpuid (torch.cpu)"
-    if not flags:
-        source = "unknown"
+    listed, probed = set(fields.get("flags", "").split()), _cpuid_flags()
+    if probed:
+        flags = probed | {flag for flag in listed if flag not in _CPUID_FLAGS}
+        source = "cpuid (torch.cpu)" + (" and /proc/cpuinfo" if listed else "")
+    else:
+        flags, source = listed, "/proc/cpuinfo" if listed else "unknown"
     return {
         "vendor": fields.get("vendor_id", platform.processor() or "unknown"),
         "model": fields.get("model name", platform.machine()),
@@ -160,20 +165,24 @@ def cpu_info() -> dict[str, Any]:
     }
 
 
+# PyTorch's CPUID probes and the flags each one answers for (AVX-512: F, BW, DQ and VL together; every AVX2 CPU
+# has FMA, every AMX-tile CPU AMX-INT8)
+_CPUID_PROBES = {
+    "_is_avx2_supported": ("avx2", "fma"),
+    "_is_avx512_supported": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    "_is_vnni_supported": ("avx512_vnni",),
+    "_is_avx512_bf16_supported": ("avx512_bf16",),
+    "_is_amx_tile_supported": ("amx_tile", "amx_int8"),
+}
+_CPUID_FLAGS = {flag for flags in _CPUID_PROBES.values() for flag in flags}
+
+
 def _cpuid_flags() -> set[str]:
-    """The :data:`ISA_FLAGS` PyTorch's CPUID probes report (empty if it has none). Its AVX-512 probe is F, BW,
-    DQ and VL together; AVX2 CPUs all have FMA, AMX-tile CPUs all have AMX-INT8."""
+    """The :data:`ISA_FLAGS` PyTorch's CPUID probes report (empty if it has none)."""
     import torch
 
-    probes = {
-        "_is_avx2_supported": ("avx2", "fma"),
-        "_is_avx512_supported": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
-        "_is_vnni_supported": ("avx512_vnni",),
-        "_is_avx512_bf16_supported": ("avx512_bf16",),
-        "_is_amx_tile_supported": ("amx_tile", "amx_int8"),
-    }
     found: set[str] = set()
-    for probe, flags in probes.items():
+    for probe, flags in _CPUID_PROBES.items():
         try:
             if getattr(torch.cpu, probe)():
                 found.update(flags)

@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import time
+from pathlib import Path
 
 import onnx
 import pytest
@@ -317,12 +318,13 @@ def test_load_and_cli_refuse_a_file_built_for_instructions_this_cpu_lacks(tmp_pa
 def test_cpuid_reads_the_same_instruction_sets_as_proc_cpuinfo():
     from lightning_quant.target import ISA_FLAGS, _cpuid_flags
 
-    if cpu_info()["flags_source"] != "/proc/cpuinfo":
-        pytest.skip("no /proc/cpuinfo flags on this machine to compare CPUID with")
+    listed = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
     probed = _cpuid_flags()
     assert probed and probed <= set(ISA_FLAGS)
-    assert probed <= set(cpu_info()["flags"]) | {"amx_int8"}  # CPUID finds nothing the kernel does not list
-    assert ("avx512_vnni" in probed) == ("avx512_vnni" in cpu_info()["flags"])  # what decides 7 or 8 bits
+    assert probed <= listed | {"amx_int8"}  # CPUID finds nothing the kernel does not list
+    assert ("avx512_vnni" in probed) == ("avx512_vnni" in listed)  # what decides 7 or 8 bits
+    assert set(cpu_info()["flags"]) == {f for f in ISA_FLAGS if f in probed or f in listed}
+    assert cpu_info()["flags_source"] == "cpuid (torch.cpu) and /proc/cpuinfo"
 
 
 def test_a_cpu_whose_flags_cannot_be_read_is_not_refused_and_is_checked_as_the_narrowest(monkeypatch, tmp_path):
