@@ -83,13 +83,14 @@ def test_bert_float_export_for_inference(tmp_path):
     assert manifest["status"] == "ok" and manifest["artifacts"][0]["details"]["outputs"] == ["logits"]
 
 
-def test_a_batch_forward_cannot_take_fails_before_training_and_names_the_fix(tmp_path):
+def test_a_batch_calibration_cannot_bind_fails_before_training_and_names_the_fix(tmp_path):
     class Unbindable(BertClassifier):
         def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> Any:  # names no key of the batch
             return self.bert(input_ids=ids, attention_mask=mask)
 
     example = (torch.randint(0, 100, (4, 16)), torch.ones(4, 16, dtype=torch.long))
-    trainer = fast_trainer(tmp_path, [DynamicQuantization(example_input=example)], limit_train_batches=2)
+    # static int8 calibrates on the batches: one that cannot be bound to forward is refused before training
+    trainer = fast_trainer(tmp_path, [PostTrainingQuantization(example_input=example)], limit_train_batches=2)
     with pytest.raises(
         ValueError,
         match=r"batch of the train dataloader \(dict with keys .*labels.*\) does not fit "
