@@ -32,6 +32,7 @@ from lightning_quant.quantization._torchao import (
 )
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig, is_kept_float
 from lightning_quant.quantization.graph_ops import COMPUTE_OPS, op_name
+from lightning_quant.quantization.layers import replace_transposed_linears, transposed_linears_as_linear
 from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyEmbedding, WeightOnlyLinear
 from lightning_quant.quantization.weight_only import convert as weight_only_convert
@@ -99,8 +100,8 @@ def quantize(
         raise QuantizationError(
             f"Quantizing {name} produced no quantized op: nothing would run in int8. "
             f"Check keep_float={list(config.keep_float)} and that {name} has layers this approach quantizes "
-            "(static: Conv/Linear; dynamic: Linear, LSTM, GRU; weight-only: Linear whose input width is a multiple "
-            "of group_size)."
+            "(static: Conv/Linear/Conv1D; dynamic: Linear, Conv1D, LSTM, GRU; weight-only: Linear, Conv1D and "
+            "Embedding whose input width is a multiple of group_size)."
         )
     return quantized
 
@@ -185,8 +186,14 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
     make one group with two outputs, which it refuses ("Input partition has more than one output node").
     ``torch.export`` already keys the second call ``...relu@1`` in ``nn_module_stack``; the module name
     becomes ``relu@1`` too, so each call is matched on its own, as if the block had a ReLU per use.
+
+    Linears stored transposed (transformers' ``Conv1D``: ``addmm`` on an ``[in, out]`` weight, which the quantizer
+    has no pattern for) are captured as ``linear`` on their transposed weight
+    (:func:`~lightning_quant.quantization.layers.transposed_linears_as_linear`) and marked as ``nn.Linear`` calls,
+    the module type the quantizer finds Linear patterns by: they are quantized like Linears.
     """
-    captured = export_for_quantization(model, inputs)
+    with transposed_linears_as_linear(model) as transposed:
+        captured = export_for_quantization(model, inputs)
     graph = captured.program.module()
     graph.meta[NOTES_KEY] = captured.notes  # read by the capture of each exported file (prepare/convert keep meta)
     for node in graph.graph.nodes:
@@ -194,10 +201,14 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
         if node.op != "call_function" or not stack:
             continue
         key, (fqn, cls) = list(stack.items())[-1]
+        if fqn in transposed:
+            cls = _LINEAR_TYPE_NAME
         call = key.rpartition("@")[2] if "@" in key else ""
-        if call.isdigit():
-            stack[key] = (f"{fqn}@{call}", cls)
+        stack[key] = (f"{fqn}@{call}" if call.isdigit() else fqn, cls)
     return graph
+
+
+_LINEAR_TYPE_NAME = f"{nn.Linear.__module__}.{nn.Linear.__qualname__}"  # as nn_module_stack names module types
 
 
 def _quantize_static(
@@ -218,6 +229,7 @@ def _quantize_static(
 
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
     quantized = copy.deepcopy(model).eval()
+    replace_transposed_linears(quantized)  # transformers' Conv1D as nn.Linear, which torchao quantizes
     keep = tuple(config.keep_float)
     # reduce_range: 7-bit weights and activations, whose u8 x s8 pair sums fit the int16 of non-VNNI kernels
     int8 = Int8DynamicActivationInt8WeightConfig(reduce_range=resolve_target(config.target).weight_bits == 7)
