@@ -3,9 +3,13 @@ through every approach, on a small model without Lightning."""
 
 from __future__ import annotations
 
+import onnx
 import torch
 from torch import nn
 
+from lightning_quant.export import export
+from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig, quantize
+from lightning_quant.quantization.layer_report import layer_report
 from lightning_quant.quantization.qat import prepare_qat
 
 VOCAB, WIDTH = 50, 32
@@ -49,3 +53,33 @@ def test_qat_of_tied_weights_trains_evaluates_and_converts_with_the_shared_tenso
     # the int8 model looks tokens up in the trained table (float: x86 int8 has no int8 embedding)
     (lookup,) = [n for n in int8.graph.nodes if n.target is torch.ops.aten.embedding.default]
     assert torch.equal(int8.get_parameter(lookup.args[0].target), model.embed.weight)
+
+
+def test_weight_only_stores_a_tied_weight_once_in_the_model_and_in_its_onnx_file(tmp_path):
+    model = TiedLM().eval()
+    config = WeightOnlyConfig(bits=4, group_size=32)
+    int4 = quantize(model, config, token_batch(2))
+    assert int4.embed.packed is int4.head.packed and int4.embed.scales is int4.head.scales
+    assert layer_report(model, int4, config)["tied_weights"] == [
+        {
+            "parameters": ["embed.weight", "head.weight"],
+            "quantized_layers": ["embed", "head"],
+            "float_layers": [],
+            "one_copy": True,
+            "stored": "one quantized copy, shared by embed, head",
+        }
+    ]
+    export(int4, token_batch(2), ["onnx"], tmp_path)
+    tables = [i for i in onnx.load(tmp_path / "model.onnx").graph.initializer if list(i.dims) == [VOCAB, 1, 16]]
+    assert len(tables) == 1  # the lookup (Gather) and the head (MatMulNBits) read the same packed table
+
+
+def test_int8_states_that_the_head_reads_a_quantized_copy_and_the_lookup_the_float_table():
+    model = TiedLM().eval()
+    for config in (StaticQuantConfig(), DynamicQuantConfig()):
+        int8 = quantize(model, config, token_batch(4), [token_batch(4, seed) for seed in range(2)])
+        report = layer_report(model, int8, config)
+        assert report["by_type"] == {"Embedding": {"quantized": 0, "float": 1}, "Linear": {"quantized": 2, "float": 0}}
+        (tie,) = report["tied_weights"]
+        assert (tie["quantized_layers"], tie["float_layers"], tie["one_copy"]) == (["head"], ["embed"], False)
+        assert tie["stored"] == "a quantized copy for head; the float tensor for embed"

@@ -8,7 +8,8 @@ with :func:`prepare_qat` fake-quantizes on that grid, :func:`convert` stores it,
 ONNX Runtime's ``MatMulNBits`` kernel, so the weights a QAT run learned are the weights that ship. An
 embedding table is grouped along its rows (``embedding_dim``) on the same grid and looked up packed. A ``Conv1D``
 (weight ``[in, out]``) is grouped along its input features like a Linear: trained fake-quantized as it is (same
-parameter, same name), stored as a :class:`WeightOnlyLinear`.
+parameter, same name), stored as a :class:`WeightOnlyLinear`. An output layer tied to its embedding (GPT-2's
+``lm_head``) has the same layout as the table, so the two share one packed copy.
 
 Why not torchao's ``Int4WeightOnlyConfig`` / ``QATConfig`` here: on x86 CPUs torchao 0.18 refuses its CPU int4
 packing and its int8 weight-only path ran 7x slower than float (``shared/MEASURED.md``), and its symmetric grid
@@ -241,11 +242,15 @@ def remove_qat(model: nn.Module) -> None:
 
 def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
     """A copy of ``model`` whose quantizable layers (plain or fake-quantized) are :class:`WeightOnlyLinear` (Linear
-    and Conv1D) and :class:`WeightOnlyEmbedding`."""
+    and Conv1D) and :class:`WeightOnlyEmbedding`. Layers that share one weight (tied) share one packed copy."""
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
+    # the first layer packed from each float weight, by (id, stored transposed): a Linear's weight and an embedding's
+    # table are grouped alike ([rows, features]), so tied ones share one packed copy
+    packed_weights: dict[tuple[int, bool], PackedWeight] = {}
     for name in quantizable_layers(converted, config):
         layer = converted.get_submodule(name)
+        source = (id(layer.weight), is_transposed_linear(layer))
         if is_transposed_linear(layer):
             layer = linear_from_transposed(layer)
         stored: PackedWeight = (
@@ -253,6 +258,8 @@ def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
             if isinstance(layer, nn.Linear)
             else WeightOnlyEmbedding(layer, config.bits, config.group_size)  # type: ignore[arg-type]  # quantizable_layers
         )
+        first = packed_weights.setdefault(source, stored)
+        stored.packed, stored.scales = first.packed, first.scales
         if not name:  # the model is the one layer
             return stored
         parent, _, child = name.rpartition(".")
