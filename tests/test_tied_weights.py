@@ -3,10 +3,13 @@ through every approach, on a small model without Lightning."""
 
 from __future__ import annotations
 
+import json
+
 import onnx
 import torch
 from torch import nn
 
+from lightning_quant import deploy
 from lightning_quant.export import export
 from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig, quantize
 from lightning_quant.quantization.layer_report import layer_report
@@ -83,3 +86,15 @@ def test_int8_states_that_the_head_reads_a_quantized_copy_and_the_lookup_the_flo
         (tie,) = report["tied_weights"]
         assert (tie["quantized_layers"], tie["float_layers"], tie["one_copy"]) == (["head"], ["embed"], False)
         assert tie["stored"] == "a quantized copy for head; the float tensor for embed"
+
+
+def test_the_manifest_counts_layers_by_type_and_states_the_tie(tmp_path):
+    model = TiedLM().eval()
+    deployment = deploy(
+        model, WeightOnlyConfig(keep_float=("hidden",)), token_batch(2), dirpath=tmp_path, formats=["onnx"]
+    )
+    layers = json.loads((tmp_path / "manifest.json").read_text())["layers"]
+    assert layers == deployment.manifest["layers"]
+    assert layers["by_type"] == {"Embedding": {"quantized": 1, "float": 0}, "Linear": {"quantized": 1, "float": 1}}
+    assert layers["float"] == {"hidden": "in keep_float"}
+    assert layers["tied_weights"][0]["one_copy"] is True
