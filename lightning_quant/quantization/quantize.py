@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.utils._pytree import tree_flatten_with_path, tree_unflatten
 
 from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
@@ -190,12 +193,19 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
     Linears stored transposed (transformers' ``Conv1D``: ``addmm`` on an ``[in, out]`` weight, which the quantizer
     has no pattern for) are captured as ``linear`` on their transposed weight
     (:func:`~lightning_quant.quantization.layers.transposed_linears_as_linear`) and marked as ``nn.Linear`` calls,
-    the module type the quantizer finds Linear patterns by: they are quantized like Linears.
+    the module type the quantizer finds Linear patterns by: they are quantized like Linears. Objects in ``forward``'s
+    output that are not tensors (a Hugging Face ``DynamicCache``) are None in the graph's (a capture note says so).
     """
-    with transposed_linears_as_linear(model) as transposed:
+    with transposed_linears_as_linear(model) as transposed, _non_tensor_outputs_as_none(model) as dropped:
         captured = export_for_quantization(model, inputs)
     graph = captured.program.module()
-    graph.meta[NOTES_KEY] = captured.notes  # read by the capture of each exported file (prepare/convert keep meta)
+    notes = list(captured.notes)
+    if dropped:
+        notes.append(
+            f"forward's output holds objects that are not tensors ({', '.join(dropped)}): the graph returns None "
+            "in their place"
+        )
+    graph.meta[NOTES_KEY] = tuple(notes)  # read by the capture of each exported file (prepare/convert keep meta)
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if node.op != "call_function" or not stack:
@@ -209,6 +219,35 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
 
 
 _LINEAR_TYPE_NAME = f"{nn.Linear.__module__}.{nn.Linear.__qualname__}"  # as nn_module_stack names module types
+
+
+@contextlib.contextmanager
+def _non_tensor_outputs_as_none(model: nn.Module) -> Iterator[list[str]]:
+    """While inside, ``model``'s output has None in place of objects that are neither tensors nor plain values:
+    torch.export refuses them (a Hugging Face model returns its key/value cache as a ``DynamicCache`` in the
+    ``ModelOutput``, also in training). The output keeps its structure (``outputs.loss`` and ``outputs.logits`` still
+    read), so a QAT graph can stand in for ``forward``. Yields what was dropped (``past_key_values: DynamicCache``)."""
+    dropped: list[str] = []
+    own = model.forward
+
+    @functools.wraps(own)  # the signature stays forward's: inputs bind and export the same way
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten_with_path(own(*args, **kwargs))
+        kept = []
+        for path, leaf in leaves:
+            if isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None))):
+                kept.append(leaf)
+            else:
+                kept.append(None)
+                where = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+                dropped.append(f"{where or 'output'}: {type(leaf).__name__}")
+        return tree_unflatten(kept, spec)
+
+    model.forward = forward  # on the instance: removed on leaving
+    try:
+        yield dropped
+    finally:
+        del model.forward
 
 
 def _quantize_static(
