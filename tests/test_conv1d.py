@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lightning_quant.export import export, load_artifact
 from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig, quantize
 from lightning_quant.quantization.layer_report import quantized_layers
 from lightning_quant.quantization.layers import is_transposed_linear, linear_from_transposed, replace_transposed_linears
@@ -110,3 +111,15 @@ def test_qat_trains_and_converts_conv1d_exactly_as_the_equal_linear():
     linear_int8 = qat_trained(linears)
     assert torch.allclose(model.c_fc.weight.t(), linears.c_fc.weight, atol=1e-6)
     assert torch.allclose(int8(x), linear_int8(x), atol=1e-6)
+
+
+def test_the_aoti_file_of_int8_conv1d_computes_what_the_int8_model_does(tmp_path):
+    # convert_pt2e folds a transposed weight into a transposed view, which AOTInductor's int8 linear read as if it
+    # were contiguous (outputs 160% off) until the converted weights were made contiguous
+    torch.manual_seed(0)
+    model = GPT2MLP().eval()
+    x = hidden_states(4)
+    int8 = quantize(model, StaticQuantConfig(), x, [hidden_states(4, seed) for seed in range(3)])
+    export(int8, x, ["aoti"], tmp_path)
+    compiled = load_artifact(tmp_path / "model_aoti.pt2", "aoti")
+    assert relative_error(compiled(x), int8(x)) < 0.01

@@ -261,9 +261,25 @@ def _quantize_static(
             batches += 1
     if batches == 0:
         raise ValueError("calibration_data yielded no batch: static int8 needs real batches to calibrate on")
-    converted = convert_pt2e(prepared)
+    converted = contiguous_constants(convert_pt2e(prepared))
     converted.meta.setdefault(NOTES_KEY, prepared.meta.get(NOTES_KEY, ()))
     return converted
+
+
+def contiguous_constants(graph: fx.GraphModule) -> fx.GraphModule:
+    """``graph`` with every parameter and buffer contiguous, in place. ``convert_pt2e`` folds the int8 weight of a
+    transposed Linear (``Conv1D``, captured as ``linear(x, weight.t())``) into a transposed view; AOTInductor's int8
+    linear reads such a weight as if it were contiguous and computes with scrambled weights (GPT-2's logits 47% off
+    the reference)."""
+    for module in graph.modules():
+        # new tensors, not .data set in place: a graph made by export shares its float weights with the model
+        for name, parameter in module._parameters.items():
+            if parameter is not None and not parameter.is_contiguous():
+                module._parameters[name] = nn.Parameter(parameter.detach().contiguous(), parameter.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_contiguous():
+                module._buffers[name] = buffer.contiguous()
+    return graph
 
 
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:

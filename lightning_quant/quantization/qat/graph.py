@@ -39,7 +39,7 @@ from lightning_quant.quantization.qat.passes import (
     switch_mode,
     unfuse_float_conv_batchnorm,
 )
-from lightning_quant.quantization.quantize import capture_for_quantization
+from lightning_quant.quantization.quantize import capture_for_quantization, contiguous_constants
 
 
 def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATConfig()) -> QATGraph:
@@ -283,7 +283,7 @@ class QATGraph:
                 assign(graph, fqn, tensor.detach().to("cpu", copy=True))
         graph.apply(disable_observer)
         fold_conv_batchnorm(graph)
-        converted = drop_unused_tensors(convert_pt2e(graph))
+        converted = contiguous_constants(drop_unused_tensors(convert_pt2e(graph)))
         converted.meta.setdefault(NOTES_KEY, graph.meta.get(NOTES_KEY, ()))  # what capturing the model changed
         return converted
 
