@@ -7,7 +7,7 @@ Shape (``layer_report``)::
     {
       "by_type": {"Conv1D": {"quantized": 8, "float": 0}, "Embedding": {"quantized": 1, "float": 1},
                   "Linear": {"quantized": 1, "float": 0}},
-      "float": {"model.transformer.wpe": "input width 24 is not a multiple of group_size 32"},
+      "float": {"model.transformer.wpe": "embedding_dim 24 is not a multiple of group_size 32"},
       "tied_weights": [{"parameters": ["model.lm_head.weight", "model.transformer.wte.weight"],
                         "quantized_layers": ["model.lm_head", "model.transformer.wte"], "float_layers": [],
                         "one_copy": true, "stored": "one quantized copy, shared by ..."}]

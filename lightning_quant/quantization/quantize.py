@@ -73,6 +73,7 @@ def quantize(
         Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
         slow until lowered by AOTInductor with freezing or ONNX Runtime). Dynamic: a copy of ``model`` whose
         Linear (and LSTM/GRU) layers are int8. Weight-only: a copy whose Linear and Embedding layers are ``WeightOnlyLinear``/``WeightOnlyEmbedding``.
+        Linears stored transposed (transformers' ``Conv1D``) are quantized as Linears by each.
 
     Raises:
         QuantizationError: the model cannot be exported (the message says why), or nothing was quantized.
