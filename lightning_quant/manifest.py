@@ -50,6 +50,7 @@ def build_manifest(
     target: CpuTarget,
     size_bytes: dict[str, int],
     quantized_ops: dict[str, int],
+    layers: Optional[dict[str, Any]] = None,
     float_checkpoint: Optional[str] = None,
     keep_float: Sequence[str] = (),
     accuracy_budget: Optional[dict[str, Any]] = None,
@@ -69,6 +70,9 @@ def build_manifest(
     (``{"name", "reason"}``), ``stopped`` (why the search ended), ``steps`` and ``sensitivity`` (the table's
     file, or ``None`` when the fully int8 model was within budget). ``keep_float`` lists the user's names and
     the budget's float layers.
+
+    ``layers`` (:func:`~lightning_quant.quantization.layer_report.layer_report`; ``None`` for the float model): per
+    layer type, how many layers were quantized and how many stay float, why each float one does, and the tied weights.
 
     ``speed`` is :func:`~lightning_quant.benchmark.measure_speed`'s result: each file's ``latency_ms`` and
     ``speedup_vs_float`` come from it (float and files timed side by side), ``recommended`` is the fastest file
@@ -122,6 +126,7 @@ def build_manifest(
             "note": "float/quantized = torch.save of the weights the model holds",
         },
         "quantized_ops": quantized_ops,
+        "layers": layers,
         "keep_float": list(keep_float),
         "accuracy_budget": accuracy_budget,
         "float_checkpoint": _relative(float_checkpoint, dirpath),

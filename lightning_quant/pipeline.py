@@ -53,6 +53,7 @@ from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.quantization.layer_report import layer_report
 from lightning_quant.quantization.qat import QATGraph
 from lightning_quant.quantization.weight_only import WeightOnlyConfig
 from lightning_quant.target import DEFAULT_TARGET, resolve_target
@@ -184,6 +185,7 @@ def deploy(
         target=target,
         onnx_quantization=ort_quantization(config, calibration),
         keep_float=getattr(config, "keep_float", ()),
+        config=config,
         details={"bits": config.bits, "group_size": config.group_size}
         if isinstance(config, WeightOnlyConfig)
         else None,
@@ -253,6 +255,7 @@ def ship(
     models: Optional[Mapping[str, nn.Module]] = None,
     evaluate: Optional[Callable[[nn.Module], dict[str, Any]]] = None,
     keep_float: Sequence[str] = (),
+    config: Any = None,
     accuracy_budget: Optional[dict[str, Any]] = None,
     details: Optional[dict[str, Any]] = None,
     started: Optional[float] = None,
@@ -265,7 +268,9 @@ def ship(
 
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
-    ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them."""
+    ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them. ``config``: what
+    converted ``reference`` (a quantization config or a ``QATGraph``; ``None``: the float model), for the manifest's
+    per-layer report (``layers``)."""
     started = time.perf_counter() if started is None else started
     dirpath, approach = run.dirpath, run.approach
     failures: dict[str, str] = {}
@@ -276,6 +281,8 @@ def ship(
                 f"{approach} quantization of {run.model_name} produced no quantized op: nothing would run "
                 "in int8. Check keep_float and that the model has layers this approach quantizes."
             )
+        budget_layers = [layer["name"] for layer in (accuracy_budget or {}).get("float_layers", [])]
+        layers = None if config is None else layer_report(float_model, reference, config, keep_float, budget_layers)
         with torch.no_grad():
             try:
                 artifacts = export(
@@ -337,6 +344,7 @@ def ship(
         target=resolve_target(target),
         size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
         quantized_ops=quantized_ops,
+        layers=layers,
         float_checkpoint=run.float_checkpoint,
         keep_float=keep_float,
         accuracy_budget=accuracy_budget,

@@ -76,11 +76,15 @@ def embedding_rows(indices: torch.Tensor, packed: torch.Tensor, scales: torch.Te
         >>> embedding_rows(torch.tensor([1, 0]), pack(q, 4, 4), scale, 4).tolist()
         [[1.0, 2.0, 3.0, -4.0], [0.5, -1.0, 0.25, 0.0]]
     """
-    rows = packed[indices].to(torch.int32)
+    # index_select on dimension 0 is one ONNX Gather reading the table as stored; indexing (packed[indices]) is
+    # written with a transpose of the table, which the ONNX optimizer folds into a second copy of it
+    flat = indices.reshape(-1)
+    rows = packed.index_select(0, flat).reshape(*indices.shape, *packed.shape[1:]).to(torch.int32)
     if bits == 4:  # element 2i in the low nibble of byte i, as pack() writes it
         rows = torch.stack((rows % 16, rows // 16), dim=-1).flatten(-2)
     q = rows - 2 ** (bits - 1)
-    return (q.to(scales.dtype) * scales[indices].unsqueeze(-1)).flatten(-2)
+    row_scales = scales.index_select(0, flat).reshape(*indices.shape, scales.shape[1])
+    return (q.to(scales.dtype) * row_scales.unsqueeze(-1)).flatten(-2)
 
 
 def linear_reference(

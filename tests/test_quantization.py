@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from lightning_quant.benchmark import model_bytes
+from lightning_quant.capture import NOTES_KEY
 from lightning_quant.demo import ConvNet, LSTMNet, MLPNet
 from lightning_quant.quantization import (
     DynamicQuantConfig,
@@ -150,3 +151,24 @@ def test_bad_configs_fail_with_what_is_allowed():
 
 def test_count_quantized_ops_of_a_float_model_is_empty():
     assert count_quantized_ops(ConvNet()) == {}
+
+
+class KeyValueCache:
+    """An object a model returns beside its tensors, as a Hugging Face model returns its ``DynamicCache``."""
+
+
+class ReturnsACache(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        return {"logits": self.linear(x), "cache": KeyValueCache()}
+
+
+def test_static_int8_captures_a_forward_whose_output_holds_an_object_that_is_not_a_tensor():
+    x = torch.randn(4, 8)
+    int8 = quantize(ReturnsACache().eval(), StaticQuantConfig(), x, [x])
+    output = int8(torch.randn(3, 8))
+    assert output["cache"] is None and output["logits"].shape == (3, 4)
+    assert "forward's output holds objects that are not tensors (cache: KeyValueCache)" in int8.meta[NOTES_KEY][0]

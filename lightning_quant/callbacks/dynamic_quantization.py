@@ -13,6 +13,7 @@ from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import DynamicQuantConfig
 from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.quantization.layers import replace_transposed_linears
 from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.sensitivity import quantizable_layers
 
@@ -105,6 +106,7 @@ class DynamicQuantization(QuantizationCallback):
         if "torchscript" not in self.formats_for(pl_module):
             return {}
         legacy = self.cpu_copy(pl_module)
+        replace_transposed_linears(legacy)  # transformers' Conv1D as the nn.Linear legacy int8 replaces
         legacy_quantize_dynamic(legacy, self._layer_types(), tuple(keep_float))
         return {"torchscript": legacy}
 

@@ -585,6 +585,7 @@ class QuantizationCallback(Callback, ABC):
                     onnx_quantization=onnx,
                     models=models,
                     keep_float=keep_float,
+                    config=self.config_keeping_float(keep_float),
                     evaluate=lambda model: self._evaluate(trainer, pl_module, float_model, model, float_metrics),
                     accuracy_budget=budget_report,
                     details=details,

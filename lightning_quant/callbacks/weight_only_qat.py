@@ -1,4 +1,4 @@
-"""Quantization-aware training for weight-only quantization: fake-quantized Linear and Embedding weights from ``start_epoch``."""
+"""Quantization-aware training for weight-only quantization: fake-quantized Linear (Conv1D) and Embedding weights from ``start_epoch``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weight-only quantization after training: int4 (or int8) Linear and Embedding weights in groups, float activations."""
+"""Weight-only quantization after training: int4 (or int8) Linear (Conv1D) and Embedding weights in groups, float activations."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class WeightOnlyQuantization(QuantizationCallback):
             "bits": self.config.bits,
             "group_size": self.config.group_size,
             "notes": [
-                f"Linear and Embedding weights: int{self.config.bits}, one float scale per {self.config.group_size} input "
+                f"Linear, Conv1D and Embedding weights: int{self.config.bits}, one float scale per {self.config.group_size} input "
                 "features (symmetric; the largest weight of each group exact); activations float. 'onnx': ONNX "
                 "Runtime MatMulNBits with float compute."
             ],

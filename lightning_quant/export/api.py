@@ -18,6 +18,7 @@ from lightning_quant.export import aoti, onnx, torch_export, torchao_checkpoint,
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.quantization.layers import with_plain_linears
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
 # format -> (file name, exporter, loader)
@@ -113,7 +114,9 @@ def export(
     model, output_names = tensor_outputs(model, inputs)
     models = {name: tensor_outputs(source, inputs)[0] for name, source in models.items()}
     if float_model is not None:
-        float_model = tensor_outputs(float_model, inputs)[0]
+        # ONNX Runtime quantizes MatMul nodes whose weight is a constant: transformers' Conv1D exports as Gemm on an
+        # [in, out] weight, which its dynamic quantization leaves float; as nn.Linear it is a MatMul
+        float_model = tensor_outputs(with_plain_linears(float_model), inputs)[0]
     artifacts = []
     failures: dict[str, str] = {}
     for name in formats:  # one format failing does not stop the others

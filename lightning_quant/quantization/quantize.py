@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+from torch.utils._pytree import tree_flatten_with_path, tree_unflatten
 
 from lightning_quant.capture import NOTES_KEY, Capture, CaptureError, capture
 from lightning_quant.errors import QuantizationError
@@ -32,6 +35,7 @@ from lightning_quant.quantization._torchao import (
 )
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig, is_kept_float
 from lightning_quant.quantization.graph_ops import COMPUTE_OPS, op_name
+from lightning_quant.quantization.layers import replace_transposed_linears, transposed_linears_as_linear
 from lightning_quant.quantization.legacy import RECURRENT_TYPES, legacy_quantize_dynamic
 from lightning_quant.quantization.weight_only import WeightOnlyConfig, WeightOnlyEmbedding, WeightOnlyLinear
 from lightning_quant.quantization.weight_only import convert as weight_only_convert
@@ -69,6 +73,7 @@ def quantize(
         Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
         slow until lowered by AOTInductor with freezing or ONNX Runtime). Dynamic: a copy of ``model`` whose
         Linear (and LSTM/GRU) layers are int8. Weight-only: a copy whose Linear and Embedding layers are ``WeightOnlyLinear``/``WeightOnlyEmbedding``.
+        Linears stored transposed (transformers' ``Conv1D``) are quantized as Linears by each.
 
     Raises:
         QuantizationError: the model cannot be exported (the message says why), or nothing was quantized.
@@ -99,8 +104,8 @@ def quantize(
         raise QuantizationError(
             f"Quantizing {name} produced no quantized op: nothing would run in int8. "
             f"Check keep_float={list(config.keep_float)} and that {name} has layers this approach quantizes "
-            "(static: Conv/Linear; dynamic: Linear, LSTM, GRU; weight-only: Linear whose input width is a multiple "
-            "of group_size)."
+            "(static: Conv/Linear/Conv1D; dynamic: Linear, Conv1D, LSTM, GRU; weight-only: Linear, Conv1D and "
+            "Embedding whose input width is a multiple of group_size)."
         )
     return quantized
 
@@ -185,19 +190,65 @@ def capture_for_quantization(model: nn.Module, inputs: ModelInputs) -> fx.GraphM
     make one group with two outputs, which it refuses ("Input partition has more than one output node").
     ``torch.export`` already keys the second call ``...relu@1`` in ``nn_module_stack``; the module name
     becomes ``relu@1`` too, so each call is matched on its own, as if the block had a ReLU per use.
+
+    Linears stored transposed (transformers' ``Conv1D``: ``addmm`` on an ``[in, out]`` weight, which the quantizer
+    has no pattern for) are captured as ``linear`` on their transposed weight
+    (:func:`~lightning_quant.quantization.layers.transposed_linears_as_linear`) and marked as ``nn.Linear`` calls,
+    the module type the quantizer finds Linear patterns by: they are quantized like Linears. Objects in ``forward``'s
+    output that are not tensors (a Hugging Face ``DynamicCache``) are None in the graph's (a capture note says so).
     """
-    captured = export_for_quantization(model, inputs)
+    with transposed_linears_as_linear(model) as transposed, _non_tensor_outputs_as_none(model) as dropped:
+        captured = export_for_quantization(model, inputs)
     graph = captured.program.module()
-    graph.meta[NOTES_KEY] = captured.notes  # read by the capture of each exported file (prepare/convert keep meta)
+    notes = list(captured.notes)
+    if dropped:
+        notes.append(
+            f"forward's output holds objects that are not tensors ({', '.join(dropped)}): the graph returns None "
+            "in their place"
+        )
+    graph.meta[NOTES_KEY] = tuple(notes)  # read by the capture of each exported file (prepare/convert keep meta)
     for node in graph.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if node.op != "call_function" or not stack:
             continue
         key, (fqn, cls) = list(stack.items())[-1]
+        if fqn in transposed:
+            cls = _LINEAR_TYPE_NAME
         call = key.rpartition("@")[2] if "@" in key else ""
-        if call.isdigit():
-            stack[key] = (f"{fqn}@{call}", cls)
+        stack[key] = (f"{fqn}@{call}" if call.isdigit() else fqn, cls)
     return graph
+
+
+_LINEAR_TYPE_NAME = f"{nn.Linear.__module__}.{nn.Linear.__qualname__}"  # as nn_module_stack names module types
+
+
+@contextlib.contextmanager
+def _non_tensor_outputs_as_none(model: nn.Module) -> Iterator[list[str]]:
+    """While inside, ``model``'s output has None in place of objects that are neither tensors nor plain values:
+    torch.export refuses them (a Hugging Face model returns its key/value cache as a ``DynamicCache`` in the
+    ``ModelOutput``, also in training). The output keeps its structure (``outputs.loss`` and ``outputs.logits`` still
+    read), so a QAT graph can stand in for ``forward``. Yields what was dropped (``past_key_values: DynamicCache``)."""
+    dropped: list[str] = []
+    own = model.forward
+
+    @functools.wraps(own)  # the signature stays forward's: inputs bind and export the same way
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        leaves, spec = tree_flatten_with_path(own(*args, **kwargs))
+        kept = []
+        for path, leaf in leaves:
+            if isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None))):
+                kept.append(leaf)
+            else:
+                kept.append(None)
+                where = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+                dropped.append(f"{where or 'output'}: {type(leaf).__name__}")
+        return tree_unflatten(kept, spec)
+
+    model.forward = forward  # on the instance: removed on leaving
+    try:
+        yield dropped
+    finally:
+        del model.forward
 
 
 def _quantize_static(
@@ -211,13 +262,30 @@ def _quantize_static(
             batches += 1
     if batches == 0:
         raise ValueError("calibration_data yielded no batch: static int8 needs real batches to calibrate on")
-    converted = convert_pt2e(prepared)
+    converted = contiguous_constants(convert_pt2e(prepared))
     converted.meta.setdefault(NOTES_KEY, prepared.meta.get(NOTES_KEY, ()))
     return converted
 
 
+def contiguous_constants(graph: fx.GraphModule) -> fx.GraphModule:
+    """``graph`` with every parameter and buffer contiguous, in place. ``convert_pt2e`` folds the int8 weight of a
+    transposed Linear (``Conv1D``, captured as ``linear(x, weight.t())``) into a transposed view; AOTInductor's int8
+    linear reads such a weight as if it were contiguous and computes with scrambled weights (GPT-2's logits 47% off
+    the reference)."""
+    for module in graph.modules():
+        # new tensors, not .data set in place: a graph made by export shares its float weights with the model
+        for name, parameter in module._parameters.items():
+            if parameter is not None and not parameter.is_contiguous():
+                module._parameters[name] = nn.Parameter(parameter.detach().contiguous(), parameter.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and not buffer.is_contiguous():
+                module._buffers[name] = buffer.contiguous()
+    return graph
+
+
 def _quantize_dynamic(model: nn.Module, config: DynamicQuantConfig) -> nn.Module:
     quantized = copy.deepcopy(model).eval()
+    replace_transposed_linears(quantized)  # transformers' Conv1D as nn.Linear, which torchao quantizes
     keep = tuple(config.keep_float)
     # reduce_range: 7-bit weights and activations, whose u8 x s8 pair sums fit the int16 of non-VNNI kernels
     int8 = Int8DynamicActivationInt8WeightConfig(reduce_range=resolve_target(config.target).weight_bits == 7)

@@ -21,6 +21,7 @@ from torch import nn
 
 from lightning_quant.inputs import ModelInputs, tensors_in
 from lightning_quant.quantization.config import is_kept_float
+from lightning_quant.quantization.layers import is_transposed_linear
 from lightning_quant.report import markdown_table, write_table
 
 SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
@@ -29,11 +30,15 @@ SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
 def quantizable_layers(
     model: nn.Module, types: tuple[type[nn.Module], ...], keep_float: Sequence[str] = ()
 ) -> list[str]:
-    """Names of the submodules of ``types`` that are not under a ``keep_float`` name, in model order."""
+    """Names of the submodules of ``types`` that are not under a ``keep_float`` name, in model order. With
+    ``nn.Linear`` among ``types``, Linears stored transposed (transformers' ``Conv1D``) count too."""
+    linear = nn.Linear in types
     return [
         name
         for name, module in model.named_modules()
-        if name and isinstance(module, types) and not is_kept_float(name, tuple(keep_float))
+        if name
+        and (isinstance(module, types) or (linear and is_transposed_linear(module)))
+        and not is_kept_float(name, tuple(keep_float))
     ]
 
 

@@ -1,12 +1,15 @@
-"""Weight-only quantization (int4 or int8 weights in groups, float activations) for ``nn.Linear`` and
-``nn.Embedding`` layers.
+"""Weight-only quantization (int4 or int8 weights in groups, float activations) for ``nn.Linear`` layers (and Linears
+stored transposed, transformers' ``Conv1D``) and ``nn.Embedding`` layers.
 
 One grid everywhere: :func:`~lightning_quant.weight_packing.quantize_weight` rounds each group of ``group_size`` input weights to ``bits``-bit
 integers with one float scale, the signed element of largest magnitude landing exactly on ``-2**(bits-1)`` (ONNX
 Runtime's symmetric block quantization: all 16 int4 levels used, the largest weight kept exactly). Training
 with :func:`prepare_qat` fake-quantizes on that grid, :func:`convert` stores it, and the ONNX file runs it in
 ONNX Runtime's ``MatMulNBits`` kernel, so the weights a QAT run learned are the weights that ship. An
-embedding table is grouped along its rows (``embedding_dim``) on the same grid and looked up packed.
+embedding table is grouped along its rows (``embedding_dim``) on the same grid and looked up packed. A ``Conv1D``
+(weight ``[in, out]``) is grouped along its input features like a Linear: trained fake-quantized as it is (same
+parameter, same name), stored as a :class:`WeightOnlyLinear`. An output layer tied to its embedding (GPT-2's
+``lm_head``) has the same layout as the table, so the two share one packed copy.
 
 Why not torchao's ``Int4WeightOnlyConfig`` / ``QATConfig`` here: on x86 CPUs torchao 0.18 refuses its CPU int4
 packing and its int8 weight-only path ran 7x slower than float (``shared/MEASURED.md``), and its symmetric grid
@@ -36,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lightning_quant.quantization.config import check_keep_float, is_kept_float
+from lightning_quant.quantization.layers import is_transposed_linear, linear_from_transposed, transposed_input_width
 from lightning_quant.weight_packing import dequantize, embedding_rows, pack, quantize_weight
 
 BITS = (4, 8)
@@ -90,6 +94,31 @@ class FakeQuantizedLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return F.linear(input, fake_quantize_weight(self.weight, self.bits, self.group_size), self.bias)
+
+
+class FakeQuantizedTransposedLinear(nn.Module):
+    """The forward of a fake-quantized transposed Linear (transformers' ``Conv1D``, weight ``[in, out]``): the weight
+    rounded like a Linear's, in groups of ``group_size`` input features per output. Mixed into the layer's own class
+    (:func:`_fake_quantized_class`), so the layer keeps its parameters and their names."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bits: int
+    group_size: int
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.linear(input, fake_quantize_weight(self.weight.t(), self.bits, self.group_size), self.bias)
+
+
+_FAKE_TRANSPOSED: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _fake_quantized_class(plain: type[nn.Module]) -> type[nn.Module]:
+    """``plain`` (a ``Conv1D`` class) with :class:`FakeQuantizedTransposedLinear`'s forward; one class per ``plain``."""
+    if plain not in _FAKE_TRANSPOSED:
+        bases = (FakeQuantizedTransposedLinear, plain)
+        _FAKE_TRANSPOSED[plain] = type(f"FakeQuantized{plain.__name__}", bases, {"plain_class": plain})
+    return _FAKE_TRANSPOSED[plain]
 
 
 class PackedWeight(nn.Module):
@@ -166,15 +195,17 @@ def dequantize_linear(layer: PackedWeight) -> torch.Tensor:
 
 
 def quantizable_layers(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
-    """Names of the ``nn.Linear`` and ``nn.Embedding`` layers ``config`` quantizes: outside ``keep_float``, with an
-    input width (``embedding_dim``) that is a multiple of ``group_size``; embeddings without ``max_norm`` (which
-    rewrites the table on lookup). Subclasses are left alone: attention's output projection
-    (``NonDynamicallyQuantizableLinear``) is read as a weight by ``nn.MultiheadAttention``, not called."""
+    """Names of the ``nn.Linear``, transposed Linear (``Conv1D``) and ``nn.Embedding`` layers ``config`` quantizes:
+    outside ``keep_float``, with an input width (``embedding_dim``) that is a multiple of ``group_size``; embeddings
+    without ``max_norm`` (which rewrites the table on lookup). Subclasses of ``nn.Linear`` are left alone:
+    attention's output projection (``NonDynamicallyQuantizableLinear``) is read as a weight by
+    ``nn.MultiheadAttention``, not called."""
     return [
         name
         for name, module in model.named_modules()
         if (
             (type(module) in (nn.Linear, FakeQuantizedLinear) and module.in_features % config.group_size == 0)
+            or (is_transposed_linear(module) and transposed_input_width(module) % config.group_size == 0)
             or (
                 type(module) in (nn.Embedding, FakeQuantizedEmbedding)
                 and module.embedding_dim % config.group_size == 0
@@ -186,37 +217,49 @@ def quantizable_layers(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
 
 
 def prepare_qat(model: nn.Module, config: WeightOnlyConfig) -> list[str]:
-    """Make ``model``'s quantizable Linear and Embedding layers fake-quantize their weights, in place; return their
-    names. The layers keep their parameters (the optimizer's and the checkpoint's), only their forward changes."""
+    """Make ``model``'s quantizable Linear, Conv1D and Embedding layers fake-quantize their weights, in place; return
+    their names. The layers keep their parameters (the optimizer's and the checkpoint's), only their forward changes."""
     names = quantizable_layers(model, config)
     for name in names:
         layer = model.get_submodule(name)
         # the same object: parameters, hooks and state-dict names stay
-        layer.__class__ = _FAKE.get(type(layer), type(layer))
+        if type(layer) in _FAKE:
+            layer.__class__ = _FAKE[type(layer)]
+        elif is_transposed_linear(layer) and not isinstance(layer, FakeQuantizedTransposedLinear):
+            layer.__class__ = _fake_quantized_class(type(layer))
         vars(layer).update(bits=config.bits, group_size=config.group_size)
     return names
 
 
 def remove_qat(model: nn.Module) -> None:
-    """Undo :func:`prepare_qat` in place (plain ``nn.Linear``/``nn.Embedding`` again)."""
+    """Undo :func:`prepare_qat` in place (plain ``nn.Linear``/``nn.Embedding``/``Conv1D`` again)."""
     for module in model.modules():
-        if type(module) in _PLAIN:
-            module.__class__ = _PLAIN[type(module)]
+        plain = _PLAIN.get(type(module), getattr(module, "plain_class", None))
+        if plain is not None:
+            module.__class__ = plain
             del module.bits, module.group_size
 
 
 def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
-    """A copy of ``model`` whose quantizable layers (plain or fake-quantized) are :class:`WeightOnlyLinear` and
-    :class:`WeightOnlyEmbedding`."""
+    """A copy of ``model`` whose quantizable layers (plain or fake-quantized) are :class:`WeightOnlyLinear` (Linear
+    and Conv1D) and :class:`WeightOnlyEmbedding`. Layers that share one weight (tied) share one packed copy."""
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
+    # the first layer packed from each float weight, by (id, stored transposed): a Linear's weight and an embedding's
+    # table are grouped alike ([rows, features]), so tied ones share one packed copy
+    packed_weights: dict[tuple[int, bool], PackedWeight] = {}
     for name in quantizable_layers(converted, config):
         layer = converted.get_submodule(name)
-        stored: nn.Module = (
+        source = (id(layer.weight), is_transposed_linear(layer))
+        if is_transposed_linear(layer):
+            layer = linear_from_transposed(layer)
+        stored: PackedWeight = (
             WeightOnlyLinear(layer, config.bits, config.group_size)
             if isinstance(layer, nn.Linear)
             else WeightOnlyEmbedding(layer, config.bits, config.group_size)  # type: ignore[arg-type]  # quantizable_layers
         )
+        first = packed_weights.setdefault(source, stored)
+        stored.packed, stored.scales = first.packed, first.scales
         if not name:  # the model is the one layer
             return stored
         parent, _, child = name.rpartition(".")

@@ -39,7 +39,7 @@ from lightning_quant.quantization.qat.passes import (
     switch_mode,
     unfuse_float_conv_batchnorm,
 )
-from lightning_quant.quantization.quantize import capture_for_quantization
+from lightning_quant.quantization.quantize import capture_for_quantization, contiguous_constants
 
 
 def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATConfig()) -> QATGraph:
@@ -136,7 +136,7 @@ class QATGraph:
             if training and (self._graph_holds_live_tensors() or self._rebind()):
                 return self.graph(*args, **kwargs)  # the usual case, without functional_call's cost
             graph = self.graph if training else self.eval_graph
-            return torch.func.functional_call(graph, self._live_tensors(copy_buffers=not training), args, kwargs)
+            return torch.func.functional_call(graph, self._live_tensors(graph, copy_buffers=not training), args, kwargs)
         except AssertionError as err:
             if "Guard failed" not in str(err):
                 raise
@@ -284,11 +284,11 @@ class QATGraph:
             )
         graph = copy.deepcopy(self.eval_graph).cpu()
         with torch.no_grad():
-            for fqn, tensor in self._live_tensors(copy_buffers=False).items():
+            for fqn, tensor in self._live_tensors(graph, copy_buffers=False).items():
                 assign(graph, fqn, tensor.detach().to("cpu", copy=True))
         graph.apply(disable_observer)
         fold_conv_batchnorm(graph)
-        converted = drop_unused_tensors(convert_pt2e(graph))
+        converted = contiguous_constants(drop_unused_tensors(convert_pt2e(graph)))
         converted.meta.setdefault(NOTES_KEY, graph.meta.get(NOTES_KEY, ()))  # what capturing the model changed
         return converted
 
@@ -321,15 +321,22 @@ class QATGraph:
                 live = False
         return live
 
-    def _live_tensors(self, copy_buffers: bool) -> dict[str, torch.Tensor]:
+    def _live_tensors(self, graph: GraphModule, copy_buffers: bool) -> dict[str, torch.Tensor]:
+        """The model's current tensors under the names ``graph`` holds them by. A tensor the model holds under two
+        names (tied weights: GPT-2's ``lm_head.weight`` is ``wte.weight``) may have only one of them in ``graph``:
+        switching the graph to eval merges the two reads of one tensor into one."""
         # torch.nn.utils.prune recomputes `weight = weight_orig * weight_mask` in a forward pre-hook of
         # the pruned module; the graph never calls that module, so the hooks run here.
         for owner in {id(o): o for _, o, _, _ in self._bindings}.values():
             for hook in owner._forward_pre_hooks.values():
                 if isinstance(hook, prune.BasePruningMethod):
                     hook(owner, ())
+        held = {n for n, _ in graph.named_parameters(remove_duplicate=False)}
+        held |= {n for n, _ in graph.named_buffers(remove_duplicate=False)}
         tensors = {}
         for fqn, owner, name, is_buffer in self._bindings:
+            if fqn not in held:
+                continue
             tensor = getattr(owner, name)
             tensors[fqn] = tensor.clone() if copy_buffers and is_buffer else tensor
         return tensors
