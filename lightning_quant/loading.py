@@ -32,7 +32,8 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
     Args:
         path_or_manifest: the export directory, its ``manifest.json``, or one artifact file in it.
         format: which artifact of the manifest to load (e.g. ``"onnx"``). Default: the artifact file given,
-            else the manifest's first artifact (the first of the callback's ``formats``).
+            else the manifest's ``recommended`` one (the fastest verified file), else its first (when no file is
+            faster than float).
 
     The file's sha256 must match the manifest's, the manifest's ``format_version`` must be one this
     lightning-quant reads, this CPU must have the instructions of the target the file was made for (e.g. a
@@ -66,7 +67,7 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{manifest_path} lists no artifact (status {manifest.get('status')!r}): "
             f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}"
         )
-    entry = _pick(artifacts, requested, format, manifest_path, manifest.get("failures", {}))
+    entry = _pick(manifest, requested, format, manifest_path)
     file = manifest_path.parent / entry["path"]
     if not file.is_file():
         raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing: copy the whole export directory.")
@@ -97,12 +98,9 @@ def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
 
 
 def _pick(
-    artifacts: list[dict[str, Any]],
-    filename: Optional[str],
-    format: Optional[str],
-    manifest_path: Path,
-    failures: dict[str, str],
+    manifest: dict[str, Any], filename: Optional[str], format: Optional[str], manifest_path: Path
 ) -> dict[str, Any]:
+    artifacts = manifest["artifacts"]
     listed = {a["format"]: a for a in artifacts}
     if filename is not None:
         matches = [a for a in artifacts if a["path"] == filename and (format is None or a["format"] == format)]
@@ -113,8 +111,9 @@ def _pick(
             )
         return matches[0]
     if format is None:
-        return artifacts[0]
+        return listed.get(manifest.get("recommended"), artifacts[0])
     if format not in listed:
+        failures = manifest.get("failures", {})
         why = f" It failed: {failures[format]}" if format in failures else ""
         raise ValueError(f"{manifest_path} has no {format!r} artifact; it has {list(listed)}.{why}")
     return listed[format]

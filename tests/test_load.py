@@ -48,6 +48,19 @@ def test_a_changed_file_is_refused(exported, tmp_path):
     assert load(out, format="torch_export") is not None  # the untouched file still loads
 
 
+def test_a_folder_loads_its_recommended_file_else_its_first(exported, tmp_path):
+    out = copy_of(exported, tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "torch_export"]
+    with open(out / "model.onnx", "ab") as file:  # the first file is damaged: loading it is refused
+        file.write(b"\0")
+    (out / "manifest.json").write_text(json.dumps({**manifest, "recommended": "torch_export"}))
+    assert load(out)(torch.rand(3, 1, 8, 8)).shape == (3, 10)  # the recommended file, never the first
+    (out / "manifest.json").write_text(json.dumps({**manifest, "recommended": None}))
+    with pytest.raises(ValueError, match="model.onnx does not match"):  # none recommended: the first
+        load(out)
+
+
 @pytest.mark.parametrize(
     ("version", "message"),
     [
