@@ -44,7 +44,8 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
     Raises:
         FileNotFoundError: no manifest or no file where one is expected.
         ValueError: a sha256 mismatch, an unknown or newer ``format_version``, a format the manifest does not
-            list, or a manifest of a run that produced no artifact.
+            list, a manifest of a run that produced no artifact, or a manifest path that is not a plain file name
+            inside the folder (:func:`artifact_file`).
         RuntimeError: this CPU lacks an instruction set the file's target requires.
     """
     path = Path(path_or_manifest)
@@ -68,7 +69,7 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}"
         )
     entry = _pick(manifest, requested, format, manifest_path)
-    file = manifest_path.parent / entry["path"]
+    file = artifact_file(manifest_path, entry["path"])
     if not file.is_file():
         raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing: copy the whole export directory.")
     digest = sha256(file)
@@ -79,6 +80,31 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
         )
     check_cpu_runs(manifest, file)
     return load_artifact(file, entry["format"])
+
+
+def artifact_file(manifest_path: Path, name: Any) -> Path:
+    """The file a manifest entry's ``path`` names, which must be a plain file name inside the manifest's folder.
+
+    A manifest arrives with its folder, from whoever shared it: an absolute path, a ``..`` or a symlink out of the
+    folder would make ``load`` (or the CLI) open, hash and run a file the folder does not hold.
+
+    Raises:
+        ValueError: ``name`` is not a plain file name, or names a symlink to a file outside the folder.
+    """
+    folder = manifest_path.parent
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(
+            f"{manifest_path} lists the file {name!r}, which is not a plain file name inside {folder}: refusing it "
+            "(an absolute path or '..' would open a file outside the folder). lightning-quant writes plain names; "
+            "export again, or fix the manifest to name the file beside it."
+        )
+    file = folder / name
+    if file.resolve().parent != folder.resolve():
+        raise ValueError(
+            f"{file} is a symlink to {file.resolve()}, outside {folder}: refusing it (the manifest's files must be "
+            "in its folder). Copy the file itself into the folder."
+        )
+    return file
 
 
 def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:

@@ -96,6 +96,27 @@ def test_unlisted_missing_and_unknown_files_are_refused(exported, tmp_path):
         load(out)
 
 
+@pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
+def test_a_manifest_path_out_of_the_folder_is_refused(exported, tmp_path, where):
+    out = copy_of(exported, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = shutil.copy(out / "model.onnx", elsewhere / "model.onnx")  # the very file, sha256 and all
+    manifest = json.loads((out / "manifest.json").read_text())
+    onnx = next(a for a in manifest["artifacts"] if a["format"] == "onnx")
+    if where == "symlink":
+        (out / "model.onnx").unlink()
+        (out / "model.onnx").symlink_to(outside)
+        message = r"model.onnx is a symlink to .*elsewhere/model.onnx, outside .*copy: refusing it"
+    else:
+        onnx["path"] = str(outside) if where == "absolute" else "../elsewhere/model.onnx"
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        message = r"lists the file .*elsewhere/model.onnx', which is not a plain file name inside .*copy: refusing"
+    with pytest.raises(ValueError, match=message):
+        load(out, format="onnx")
+    assert load(out, format="torch_export") is not None  # the files inside still load
+
+
 def test_a_checkpoint_state_of_a_newer_version_is_refused(exported):
     callback, _ = exported
     state = callback.state_dict()
