@@ -26,6 +26,8 @@ import torch
 FORMAT_BY_NAME = {"model_aoti.pt2": "aoti", "model_program.pt2": "torch_export"}
 FORMAT_BY_SUFFIX = {".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
 _CHUNK = 10  # timed rounds between progress-bar updates
+# formats whose files are read by unpickling (tensors only): inspect reads them to find one that load would refuse
+UNPICKLED = ("torch_export", "torchao")
 
 
 class CliError(Exception):
@@ -62,25 +64,30 @@ def read_json(manifest_path: Path) -> Any:
 
 
 def check_artifacts(manifest: dict[str, Any], manifest_path: Path) -> list[dict[str, Any]]:
-    """Each artifact with ``status``: ``ok``, ``missing``, ``sha256 mismatch`` (the file changed since export) or
-    ``refused`` (``why``: its path is not a plain file name in the manifest's folder, see ``artifact_file``)."""
+    """Each artifact with ``status``: ``ok``, ``missing``, ``sha256 mismatch`` (the file changed since export),
+    ``refused`` (its path is not a plain file name in the manifest's folder, or a file read by unpickling holds
+    more than tensors; ``why`` says which) or ``does not load`` (``why``: the error)."""
+    import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
+    from lightning_quant.export import load_artifact
     from lightning_quant.files import sha256
     from lightning_quant.loading import artifact_file
 
     checked = []
     for artifact in manifest.get("artifacts", []):
+        status, why = "ok", None
         try:
             path = artifact_file(manifest_path, artifact.get("path"))
+            if not path.is_file():
+                status = "missing"
+            elif sha256(path) != artifact.get("sha256"):
+                status = "sha256 mismatch"
+            elif artifact.get("format") in UNPICKLED:  # read as load reads it, tensors only; nothing runs
+                load_artifact(path, artifact["format"])
         except ValueError as err:
-            checked.append({**artifact, "status": "refused", "why": str(err)})
-            continue
-        if not path.is_file():
-            status = "missing"
-        elif sha256(path) != artifact.get("sha256"):
-            status = "sha256 mismatch"
-        else:
-            status = "ok"
-        checked.append({**artifact, "status": status})
+            status, why = "refused", str(err)
+        except Exception as err:
+            status, why = "does not load", f"{type(err).__name__}: {err}"
+        checked.append({**artifact, "status": status, **({"why": why} if why else {})})
     return checked
 
 
@@ -246,7 +253,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(describe_manifest(manifest, checked))
     bad = [a["path"] for a in checked if a["status"] != "ok"]
     for artifact in checked:
-        if artifact["status"] == "refused":
+        if "why" in artifact:
             print(artifact["why"], file=sys.stderr)
     if bad:
         print(

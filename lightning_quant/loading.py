@@ -38,8 +38,10 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
     The file's sha256 must match the manifest's, the manifest's ``format_version`` must be one this
     lightning-quant reads, this CPU must have the instructions of the target the file was made for (e.g. a
     ``target="avx512_vnni"`` file is refused on an AVX2-only CPU instead of crashing or computing wrong
-    numbers), and nothing is unpickled beyond tensors (``torch.export``/AOTInductor packages,
-    ONNX and TorchScript files are not pickles).
+    numbers), the manifest's path for the file must be a plain name in its folder, and nothing is unpickled but
+    tensors (``torchao`` files and ``torch.export`` programs are read weights-only, ONNX files are protobuf): a shared
+    folder brings its own manifest, so its sha256 alone proves nothing. An AOTInductor package (native code) or a
+    TorchScript program is code however it is read: load those only from a source you trust.
 
     Raises:
         FileNotFoundError: no manifest or no file where one is expected.
