@@ -309,6 +309,7 @@ def _main(request_path: str) -> None:
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None
     outcome: dict[str, Any] = {}
+    model: Any = None
     # One at a time, ONNX Runtime last: its thread pool and PyTorch's OpenMP threads slow each other
     # down badly when both are busy in one process (an AOTI call went from 0.75 ms to 6.9 ms interleaved).
     for format, path in sorted(request["artifacts"], key=lambda artifact: artifact[0] == "onnx"):
