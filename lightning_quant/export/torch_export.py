@@ -48,9 +48,9 @@ def load_program(path: Path) -> Any:
 
 @contextlib.contextmanager
 def tensors_only(path: Path) -> Iterator[None]:
-    """While a ``.pt2`` program loads, unpickle nothing but tensors. ``torch.export.load`` reads weights that are
-    tensor subclasses (torchao's) with ``torch.load(weights_only=False)`` and opaque constants with
-    ``pickle.loads``: a crafted file runs any code it holds through either. torch's own switch forces every
+    """While a ``.pt2`` archive loads (a program, or an AOTInductor package: one reader), unpickle nothing but tensors.
+    The reader reads weights that are tensor subclasses (torchao's) with ``torch.load(weights_only=False)`` and
+    opaque constants with ``pickle.loads``: a crafted file runs any code it holds through either. torch's own switch forces every
     ``torch.load`` to ``weights_only=True`` (torchao's tensor types are allowed globals); opaque constants are
     refused (this package's programs have none).
 
