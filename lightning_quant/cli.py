@@ -26,6 +26,8 @@ import torch
 FORMAT_BY_NAME = {"model_aoti.pt2": "aoti", "model_program.pt2": "torch_export"}
 FORMAT_BY_SUFFIX = {".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
 _CHUNK = 10  # timed rounds between progress-bar updates
+# formats whose files are read by unpickling (tensors only): inspect reads them to find one that load would refuse
+UNPICKLED = ("torch_export", "torchao")
 
 
 class CliError(Exception):
@@ -61,20 +63,31 @@ def read_json(manifest_path: Path) -> Any:
         raise CliError(str(err)) from err
 
 
-def check_artifacts(manifest: dict[str, Any], dirpath: Path) -> list[dict[str, Any]]:
-    """Each artifact with ``status``: ``ok``, ``missing`` or ``sha256 mismatch`` (the file changed since export)."""
+def check_artifacts(manifest: dict[str, Any], manifest_path: Path) -> list[dict[str, Any]]:
+    """Each artifact with ``status``: ``ok``, ``missing``, ``sha256 mismatch`` (the file changed since export),
+    ``refused`` (its path is not a plain file name in the manifest's folder, or a file read by unpickling holds
+    more than tensors; ``why`` says which) or ``does not load`` (``why``: the error)."""
+    import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
+    from lightning_quant.export import load_artifact
     from lightning_quant.files import sha256
+    from lightning_quant.loading import artifact_file
 
     checked = []
     for artifact in manifest.get("artifacts", []):
-        path = dirpath / artifact["path"]
-        if not path.is_file():
-            status = "missing"
-        elif sha256(path) != artifact.get("sha256"):
-            status = "sha256 mismatch"
-        else:
-            status = "ok"
-        checked.append({**artifact, "status": status})
+        status, why = "ok", None
+        try:
+            path = artifact_file(manifest_path, artifact.get("path"))
+            if not path.is_file():
+                status = "missing"
+            elif sha256(path) != artifact.get("sha256"):
+                status = "sha256 mismatch"
+            elif artifact.get("format") in UNPICKLED:  # read as load reads it, tensors only; nothing runs
+                load_artifact(path, artifact["format"])
+        except ValueError as err:
+            status, why = "refused", str(err)
+        except Exception as err:
+            status, why = "does not load", f"{type(err).__name__}: {err}"
+        checked.append({**artifact, "status": status, **({"why": why} if why else {})})
     return checked
 
 
@@ -124,18 +137,13 @@ def describe_manifest(manifest: dict[str, Any], checked: Sequence[dict[str, Any]
 
 # ------------------------------------------------------------------------------------------- timing
 def artifact_format(path: Path, given: Optional[str] = None) -> str:
-    """The export format of ``path``: ``given``, else what its manifest says, else its file name."""
+    """The export format of ``path``, a file without a manifest: ``given``, else what its file name says."""
     from lightning_quant.export import FORMATS
 
     if given is not None:
         if given not in FORMATS:
             raise CliError(f"unknown format {given!r}; choose from {list(FORMATS)}")
         return given
-    manifest_path = find_manifest(path)
-    if manifest_path is not None:
-        for artifact in read_json(manifest_path).get("artifacts", []):
-            if (manifest_path.parent / artifact["path"]).resolve() == path.resolve():
-                return artifact["format"]
     if path.name in FORMAT_BY_NAME:
         return FORMAT_BY_NAME[path.name]
     if path.suffix in FORMAT_BY_SUFFIX:
@@ -182,21 +190,20 @@ def timing_inputs(paths: Sequence[Path], batch_size: Optional[int], input_shape:
 
 
 def load(path: Path, format: Optional[str]) -> Callable[..., Any]:
+    """The file at ``path``, checked as :func:`lightning_quant.load` checks it when a manifest is beside it (listed,
+    inside the folder, sha256, format version, this CPU); a file without a manifest is the user's own to run."""
     import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
     from lightning_quant.export import load_artifact
+    from lightning_quant.loading import load as load_checked
 
     if not path.is_file():
         raise CliError(f"no such file: {path}")
-    manifest_path = find_manifest(path)
-    if manifest_path is not None:  # a file made for another CPU is refused, not run into a crash
-        from lightning_quant.loading import check_cpu_runs
-
-        _, manifest = load_manifest(manifest_path)
-        try:
-            check_cpu_runs(manifest, path)
-        except RuntimeError as err:
-            raise CliError(str(err)) from err
-    return load_artifact(path, artifact_format(path, format))
+    if find_manifest(path) is None:
+        return load_artifact(path, artifact_format(path, format))
+    try:
+        return load_checked(path, format)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise CliError(str(err)) from err
 
 
 def interleaved_times(
@@ -238,17 +245,20 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------- commands
 def cmd_inspect(args: argparse.Namespace) -> int:
     manifest_path, manifest = load_manifest(Path(args.manifest))
-    checked = check_artifacts(manifest, manifest_path.parent)
+    checked = check_artifacts(manifest, manifest_path)
     if args.json:
         print(json.dumps({**manifest, "artifacts": checked}, indent=2, default=str))
     else:
         print(f"{manifest_path}\n")
         print(describe_manifest(manifest, checked))
     bad = [a["path"] for a in checked if a["status"] != "ok"]
+    for artifact in checked:
+        if "why" in artifact:
+            print(artifact["why"], file=sys.stderr)
     if bad:
         print(
-            f"\n{len(bad)} artifact(s) missing or changed since export: {bad}. Re-export them, or restore the "
-            "files the manifest describes.",
+            f"\n{len(bad)} artifact(s) missing, changed since export or refused: {bad}. Re-export them, or restore "
+            "the files the manifest describes.",
             file=sys.stderr,
         )
     return 1 if bad else 0

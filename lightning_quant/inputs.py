@@ -10,7 +10,7 @@ argument, a tuple/list is several positional arguments, a dict is keyword argume
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -216,7 +216,27 @@ def example_inputs_for_export(value: Any, forward: Callable[..., Any]) -> ModelI
         raise ValueError(f"example_input does not match {name}: {err}") from err
     if not inputs.tensors():
         raise ValueError("example_input holds no tensor; pass the tensors forward takes")
+    check_finite(inputs, "example_input")  # the files are verified on it
     return inputs.to("cpu")
+
+
+def finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """No NaN or inf in any floating-point tensor of ``tensors``."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point() or t.is_complex())
+
+
+def check_finite(inputs: ModelInputs, what: str) -> None:
+    """Refuse ``inputs`` holding NaN or inf: every output computed from them compares as NaN, checking nothing.
+
+    Raises:
+        ValueError: naming ``what`` and the tensor.
+    """
+    for index, tensor in enumerate(inputs.tensors()):
+        if not finite([tensor]):
+            raise ValueError(
+                f"{what} holds NaN or inf (tensor {index}, shape {tuple(tensor.shape)}): outputs computed from it "
+                "cannot be checked. Use finite values (real data, or torch.rand)."
+            )
 
 
 def default_batch_to_input(batch: Any) -> Any:

@@ -32,18 +32,22 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
     Args:
         path_or_manifest: the export directory, its ``manifest.json``, or one artifact file in it.
         format: which artifact of the manifest to load (e.g. ``"onnx"``). Default: the artifact file given,
-            else the manifest's first artifact (the first of the callback's ``formats``).
+            else the manifest's ``recommended`` one (the fastest verified file), else its first (when no file is
+            faster than float).
 
     The file's sha256 must match the manifest's, the manifest's ``format_version`` must be one this
     lightning-quant reads, this CPU must have the instructions of the target the file was made for (e.g. a
     ``target="avx512_vnni"`` file is refused on an AVX2-only CPU instead of crashing or computing wrong
-    numbers), and nothing is unpickled beyond tensors (``torch.export``/AOTInductor packages,
-    ONNX and TorchScript files are not pickles).
+    numbers), the manifest's path for the file must be a plain name in its folder, and nothing is unpickled but
+    tensors (``torchao`` files and ``torch.export`` programs are read weights-only, ONNX files are protobuf): a shared
+    folder brings its own manifest, so its sha256 alone proves nothing. An AOTInductor package (native code) or a
+    TorchScript program is code however it is read: load those only from a source you trust.
 
     Raises:
         FileNotFoundError: no manifest or no file where one is expected.
         ValueError: a sha256 mismatch, an unknown or newer ``format_version``, a format the manifest does not
-            list, or a manifest of a run that produced no artifact.
+            list, a manifest of a run that produced no artifact, or a manifest path that is not a plain file name
+            inside the folder (:func:`artifact_file`).
         RuntimeError: this CPU lacks an instruction set the file's target requires.
     """
     path = Path(path_or_manifest)
@@ -66,8 +70,8 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{manifest_path} lists no artifact (status {manifest.get('status')!r}): "
             f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}"
         )
-    entry = _pick(artifacts, requested, format, manifest_path, manifest.get("failures", {}))
-    file = manifest_path.parent / entry["path"]
+    entry = _pick(manifest, requested, format, manifest_path)
+    file = artifact_file(manifest_path, entry["path"])
     if not file.is_file():
         raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing: copy the whole export directory.")
     digest = sha256(file)
@@ -78,6 +82,31 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
         )
     check_cpu_runs(manifest, file)
     return load_artifact(file, entry["format"])
+
+
+def artifact_file(manifest_path: Path, name: Any) -> Path:
+    """The file a manifest entry's ``path`` names, which must be a plain file name inside the manifest's folder.
+
+    A manifest arrives with its folder, from whoever shared it: an absolute path, a ``..`` or a symlink out of the
+    folder would make ``load`` (or the CLI) open, hash and run a file the folder does not hold.
+
+    Raises:
+        ValueError: ``name`` is not a plain file name, or names a symlink to a file outside the folder.
+    """
+    folder = manifest_path.parent
+    if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(
+            f"{manifest_path} lists the file {name!r}, which is not a plain file name inside {folder}: refusing it "
+            "(an absolute path or '..' would open a file outside the folder). lightning-quant writes plain names; "
+            "export again, or fix the manifest to name the file beside it."
+        )
+    file = folder / name
+    if file.resolve().parent != folder.resolve():
+        raise ValueError(
+            f"{file} is a symlink to {file.resolve()}, outside {folder}: refusing it (the manifest's files must be "
+            "in its folder). Copy the file itself into the folder."
+        )
+    return file
 
 
 def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
@@ -97,12 +126,9 @@ def check_cpu_runs(manifest: dict[str, Any], file: Path) -> None:
 
 
 def _pick(
-    artifacts: list[dict[str, Any]],
-    filename: Optional[str],
-    format: Optional[str],
-    manifest_path: Path,
-    failures: dict[str, str],
+    manifest: dict[str, Any], filename: Optional[str], format: Optional[str], manifest_path: Path
 ) -> dict[str, Any]:
+    artifacts = manifest["artifacts"]
     listed = {a["format"]: a for a in artifacts}
     if filename is not None:
         matches = [a for a in artifacts if a["path"] == filename and (format is None or a["format"] == format)]
@@ -113,8 +139,9 @@ def _pick(
             )
         return matches[0]
     if format is None:
-        return artifacts[0]
+        return listed.get(manifest.get("recommended"), artifacts[0])
     if format not in listed:
+        failures = manifest.get("failures", {})
         why = f" It failed: {failures[format]}" if format in failures else ""
         raise ValueError(f"{manifest_path} has no {format!r} artifact; it has {list(listed)}.{why}")
     return listed[format]

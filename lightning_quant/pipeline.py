@@ -48,7 +48,7 @@ from lightning_quant.export import (
     load_artifact,
     verify_artifacts,
 )
-from lightning_quant.export.api import ERROR_LOG, UNLOWERED
+from lightning_quant.export.api import ERROR_LOG, UNLOWERED, InferenceOnly
 from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
@@ -466,8 +466,9 @@ def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_pa
     )
 
 
-class InferenceModel(nn.Module):
-    """The deployed model: same inputs as the float model's forward, no autograd.
+class InferenceModel(InferenceOnly):
+    """The deployed model: same inputs as the float model's forward, no autograd, no training mode (``.eval()`` and
+    ``.train(mode)`` only set the flag; the reference stays in eval mode, an exported program's module refuses both).
 
     Calls go to the fastest verified file's runtime (``runtime``: its format, e.g. an ONNX Runtime session for
     ``"onnx"``) when there is one, else to the converted reference model. A call of another form than the

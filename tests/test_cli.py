@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.cli import main
 from lightning_quant.demo import MLPNet
 from lightning_quant.export import OrtDynamicQuantization, export, load_artifact, verify_artifacts
+from lightning_quant.files import sha256
 from lightning_quant.manifest import build_manifest, write_manifest
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, count_quantized_ops, quantize
 from lightning_quant.target import resolve_target
@@ -105,7 +107,47 @@ def test_inspect_reports_changed_and_missing_files(exported, tmp_path, cli):
     status, out, err = cli("inspect", str(copy))
     assert status == 1
     assert "sha256 mismatch" in out and "missing" in out
-    assert "missing or changed since export" in err
+    assert "missing, changed since export or refused" in err
+
+
+def test_inspect_refuses_paths_out_of_the_folder(exported, tmp_path, cli):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    outside = shutil.copy(exported / "model.onnx", tmp_path / "model.onnx")
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").symlink_to(outside)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    passwd = {**manifest["artifacts"][0], "path": "/etc/passwd", "sha256": sha256(Path("/etc/passwd"))}
+    parent = {**manifest["artifacts"][0], "path": "../model.onnx"}
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "artifacts": [*manifest["artifacts"], passwd, parent]}))
+    status, out, err = cli("inspect", str(copy), "--json")
+    assert status == 1
+    assert [(a["path"], a["status"]) for a in json.loads(out)["artifacts"]] == [
+        ("model.onnx", "refused"),
+        ("model_program.pt2", "ok"),
+        ("/etc/passwd", "refused"),
+        ("../model.onnx", "refused"),
+    ]
+    assert "model.onnx is a symlink to" in err and "'/etc/passwd', which is not a plain file name" in err
+
+
+def test_time_and_compare_refuse_a_changed_or_symlinked_file(exported, tmp_path, cli):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    with open(copy / "model_program.pt2", "r+b") as file:  # one byte flipped, in the file's middle
+        file.seek(file.seek(0, 2) // 2)
+        byte = file.read(1)
+        file.seek(-1, 1)
+        file.write(bytes([byte[0] ^ 0xFF]))
+    status, _, err = cli("time", str(copy / "model_program.pt2"), "--runs", "2", "--no-progress")
+    assert status != 0 and "model_program.pt2 does not match" in err and "sha256" in err
+    status, _, err = cli("compare", str(copy / "model.onnx"), str(copy / "model_program.pt2"), "--runs", "2")
+    assert status != 0 and "model_program.pt2 does not match" in err
+    outside = shutil.copy(exported / "model.onnx", tmp_path / "model.onnx")
+    (copy / "model.onnx").unlink()
+    (copy / "model.onnx").symlink_to(outside)
+    status, _, err = cli("time", str(copy / "model.onnx"), "--runs", "2", "--no-progress")
+    assert status != 0 and "model.onnx is a symlink to" in err
 
 
 def test_time_uses_the_manifest_input_and_batch_size(exported, cli):

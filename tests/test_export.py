@@ -22,6 +22,7 @@ from lightning_quant.export import (
     verify_artifacts,
 )
 from lightning_quant.export.verify import rounding_noise_floor
+from lightning_quant.pipeline import deploy
 from lightning_quant.quantization import DynamicQuantConfig, ModelInputs, QuantizationError, StaticQuantConfig, quantize
 from lightning_quant.quantization.legacy import legacy_quantize_dynamic
 
@@ -83,6 +84,32 @@ def test_verification_catches_an_artifact_that_does_not_match(static_convnet, tm
     other = ConvNet(channels=16).eval()  # different weights: the file cannot match it
     with pytest.raises(QuantizationError, match="torch_export .* against the quantized model exceeds the tolerance"):
         verify_artifacts(artifacts, other, [ModelInputs.from_value(calibration[0])], tmp_path)
+
+
+class OutputsNaN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * float("nan")
+
+
+def test_verification_fails_nan_outputs_and_refuses_a_nan_input(tmp_path):
+    torch.manual_seed(0)
+    model, x = OutputsNaN().eval(), ModelInputs.from_value(torch.rand(2, 4))
+    artifacts = export(model, x, ["onnx", "torch_export"], tmp_path)
+    # all-NaN outputs once passed with relative_error 0.0 (Python's max() drops NaN), against a finite model too
+    with pytest.raises(QuantizationError, match=r"- onnx .*outputs NaN or inf.*\n- torch_export .*outputs NaN or inf"):
+        verify_artifacts(artifacts, model.linear, [x], tmp_path)
+    with pytest.raises(QuantizationError, match=r"checked against outputs NaN or inf on verification input\(s\) \[0\]"):
+        verify_artifacts(artifacts, model, [x], tmp_path)
+    nan_input = ModelInputs.from_value(torch.tensor([[0.0, float("inf"), 1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"verification input 1 holds NaN or inf \(tensor 0, shape \(1, 4\)\)"):
+        verify_artifacts(artifacts, model.linear, [x, nan_input], tmp_path)
+    with pytest.raises(ValueError, match="example_input holds NaN or inf"):  # before any work: nothing is written
+        deploy(nn.Linear(4, 3), None, torch.full((2, 4), float("nan")), dirpath=tmp_path / "deploy")
+    assert not (tmp_path / "deploy" / "manifest.json").exists()
 
 
 def test_same_program_tolerance_follows_the_noise_floor_and_still_fails_wrong_weights(static_convnet, tmp_path):

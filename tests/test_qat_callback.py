@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import QuantizationAwareTraining
+from lightning_quant import QuantizationAwareTraining, load
 from lightning_quant.demo import ConvNet, DigitsClassifier, DigitsDataModule
 
 FIT = dict(
@@ -134,6 +134,23 @@ def test_int8_model_manifest_and_pruning(qat_fit):
     assert sorted(str(w.dtype) for w in weights) == ["torch.float32"] + 3 * ["torch.int8"]  # first conv: float
     int8_weights = [w for w in weights if w.dtype == torch.int8]
     assert sum(int((w == 0).sum()) for w in int8_weights) == sum(w.numel() for w in int8_weights) // 2
+
+
+def test_quantized_model_and_the_loaded_file_behave_like_modules(qat_fit):
+    """User code calls .eval(), .train(False), .to("cpu") on any model, and calls it under no_grad/inference_mode: the
+    QAT model is an exported program's module, which refuses train/eval; the deployed and loaded models do not."""
+    x = torch.rand(5, 1, 8, 8)
+    for model in (qat_fit["qat"].quantized_model, load(qat_fit["tmp_path"] / "quantized")):
+        with torch.no_grad():
+            expected = model(x)
+        assert model.eval() is model and not model.training
+        assert model.train(False) is model and model.to("cpu") is model
+        with torch.inference_mode():
+            assert torch.equal(model(x), expected)
+        model.train()  # the flag only: the int8 model keeps computing as in eval mode
+        with torch.no_grad():
+            assert model.training and torch.equal(model(x), expected)
+        model.eval()
 
 
 def test_test_and_validate_after_fit_load_checkpoints_and_move_nothing(qat_fit):

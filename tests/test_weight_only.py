@@ -126,12 +126,15 @@ def test_torchao_file_holds_the_same_grid_as_torchao_tensors_and_its_state_dict_
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     torchao_file = next(a for a in manifest["artifacts"] if a["format"] == "torchao")  # verified, not deleted as slow
     assert torchao_file["path"] == "model_torchao.pt" and torchao_file["details"]["layers"] == 2
-    shipped = torch.load(tmp_path / "model_torchao.pt", weights_only=False)
-    assert {type(shipped[0].weight).__name__, type(shipped[2].weight).__name__} == {"IntxUnpackedToInt8Tensor"}
+    state_dict = torch.load(tmp_path / "model_torchao.pt", weights_only=True)["state_dict"]  # tensors only
+    assert {type(state_dict["0.weight"]).__name__, type(state_dict["2.weight"]).__name__} == {
+        "IntxUnpackedToInt8Tensor"
+    }
     fresh = nn.Sequential(nn.Embedding(50, 64), nn.Flatten(), nn.Linear(3 * 64, 10)).eval()
-    fresh.load_state_dict(torch.load(tmp_path / "model_torchao.pt", weights_only=False).state_dict(), assign=True)
+    fresh.load_state_dict(state_dict, assign=True)
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens), deployment.model.reference(tokens))
+        torch.testing.assert_close(load(tmp_path, format="torchao")(tokens), deployment.model.reference(tokens))
     assert manifest["recommended"] == "onnx" or manifest["recommended"] is None  # a checkpoint, never the runtime pick
 
 

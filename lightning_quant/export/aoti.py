@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_quant.capture import capture
+from lightning_quant.export.torch_export import tensors_only
 from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.memory_format import with_contiguous_weights
@@ -58,6 +59,7 @@ def load_aoti(path: Path) -> Any:
     level = package_logger.level
     package_logger.setLevel(logging.ERROR)
     try:
-        return torch._inductor.aoti_load_package(str(path))
+        with tensors_only(path):  # the package is read by torch.export's archive reader, which unpickles
+            return torch._inductor.aoti_load_package(str(path))
     finally:
         package_logger.setLevel(level)

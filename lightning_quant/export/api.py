@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from lightning_quant.capture import CaptureError
 from lightning_quant.errors import QuantizationError, first_lines, write_report
@@ -231,8 +232,42 @@ def _fix(err: BaseException) -> str:
     return "Leave this format out of `formats`, or make the model exportable (torch.export must capture forward)."
 
 
-def load_artifact(path: Union[str, Path], format: str) -> Any:
-    """Open an exported file as a callable taking the model's inputs: ``load_artifact(p, "onnx")(x)``."""
+def load_artifact(path: Union[str, Path], format: str) -> LoadedFile:
+    """Open an exported file as a module taking the model's inputs: ``load_artifact(p, "onnx")(x)``."""
     if format not in _FORMATS:
         raise ValueError(f"Unknown export format {format!r}; choose from {list(FORMATS)}")
-    return _FORMATS[format][2](Path(path))
+    return LoadedFile(_FORMATS[format][2](Path(path)), format)
+
+
+class InferenceOnly(nn.Module):
+    """A module that only infers: ``train(mode)`` records the flag and reaches no submodule. The modules it calls
+    are fixed for inference (an exported program's module even raises on ``train``/``eval``), and user code that
+    calls ``.eval()`` or ``.train(False)`` on any model must work."""
+
+    def train(self, mode: bool = True) -> InferenceOnly:
+        self.training = mode
+        return self
+
+
+class LoadedFile(InferenceOnly):
+    """An exported file, opened: called like the model's ``forward``; ``runtime`` is what runs it (an AOTInductor
+    package, an ONNX Runtime session's runner, a program's module...), ``format`` its format.
+
+    Tensor inputs are made contiguous first: an AOTInductor package assumes the strides it was compiled with and
+    computes wrong numbers, silently, from a slice (``tokens[:, i:i+1]`` of a batch), a transposed view or a
+    channels-last tensor. A contiguous tensor passes as it is."""
+
+    def __init__(self, runtime: Callable[..., Any], format: str) -> None:
+        super().__init__()
+        self.runtime, self.format = runtime, format
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.runtime(*map(_contiguous, args), **{name: _contiguous(v) for name, v in kwargs.items()})
+
+
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return tree_map_only(torch.Tensor, torch.Tensor.contiguous, value)  # 40 us even for a lone tensor: only here

@@ -6,9 +6,14 @@ This is the portable, unlowered program: loaded and run eagerly it executes the 
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
+import pickle
+import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -36,4 +41,47 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
 
 
 def load_program(path: Path) -> Any:
-    return torch.export.load(str(path)).module()
+    """The program's module, read without unpickling anything but tensors (:func:`tensors_only`)."""
+    with tensors_only(path):
+        return torch.export.load(str(path)).module()
+
+
+@contextlib.contextmanager
+def tensors_only(path: Path) -> Iterator[None]:
+    """While a ``.pt2`` archive loads (a program, or an AOTInductor package: one reader), unpickle nothing but tensors.
+    The reader reads weights that are tensor subclasses (torchao's) with ``torch.load(weights_only=False)`` and
+    opaque constants with ``pickle.loads``: a crafted file runs any code it holds through either. torch's own switch forces every
+    ``torch.load`` to ``weights_only=True`` (torchao's tensor types are allowed globals); opaque constants are
+    refused (this package's programs have none).
+
+    Raises:
+        ValueError: naming ``path``, when the file holds a Python object other than tensors.
+    """
+    from torch.export.pt2_archive import _package
+
+    class _NoPickle:
+        @staticmethod
+        def loads(data: bytes, **kwargs: Any) -> NoReturn:
+            raise ValueError(
+                f"Refusing to load {path}: it holds a pickled Python object (an opaque constant), which could run "
+                "code when read. lightning-quant's programs hold only tensors; export the file again."
+            )
+
+    forced, python_pickle = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"), _package.pickle
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    _package.pickle = _NoPickle  # type: ignore[assignment]  # its one use is pickle.loads of opaque constants
+    try:
+        yield
+    except pickle.UnpicklingError as err:  # a weights-only load met a global that is not a tensor type
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?: Please use|\n|$)", str(err))
+        raise ValueError(
+            f"Refusing to load {path}: it holds Python objects other than tensors "
+            f"({refused.group(1) if refused else 'not a weights-only pickle'}), which could run code when "
+            "unpickled. Export the file again (files from an older lightning-quant may hold pickled modules)."
+        ) from err
+    finally:
+        _package.pickle = python_pickle
+        if forced is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = forced

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_quant.errors import QuantizationError
-from lightning_quant.inputs import ModelInputs, tensors_in
+from lightning_quant.inputs import ModelInputs, check_finite, finite, tensors_in
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
 
@@ -65,9 +65,19 @@ def verify_artifacts(
     """
     if not artifacts:
         return {}
+    for index, case in enumerate(inputs):
+        check_finite(case, f"verification input {index}")
     dirpath = Path(dirpath)
     with torch.no_grad():
         expected = [_tensors(case(reference)) for case in inputs]
+    not_finite = [index for index, outputs in enumerate(expected) if not finite(outputs)]
+    if not_finite:
+        raise QuantizationError(
+            f"The model the files are checked against outputs NaN or inf on verification input(s) {not_finite}: "
+            "no file can be verified. Check the float model on that input; for int8, the calibration data and "
+            "keep_float (a layer whose activations overflow its range)."
+        )
+    with torch.no_grad():
         if any(a.compared_with == "float" for a in artifacts):
             if float_model is None:
                 raise ValueError("files re-quantized from the float model are verified against it: pass float_model")
@@ -103,10 +113,14 @@ def verify_artifacts(
                 )
                 continue
             outputs[f"ONEDNN_MAX_CPU_ISA={target.onednn_isa}"] = emulated[artifact.format]["outputs"]
+        nan_runs = [run for run, got in outputs.items() if not all(finite(case) for case in got)]
+        if nan_runs:
+            failures.append(f"{artifact.format} ({artifact.path}): outputs NaN or inf (runs {nan_runs})")
+            continue
         weight_range = onnx_int8_weight_range(dirpath / artifact.path) if artifact.format == "onnx" else None
-        against_quantized = max(_relative_error(expected, got) for got in outputs.values())
+        against_quantized = _worst(_relative_error(expected, got) for got in outputs.values())
         if artifact.compared_with == "float":
-            relative = max(_relative_error(expected_float, [got[i] for i in on_data]) for got in outputs.values())
+            relative = _worst(_relative_error(expected_float, [got[i] for i in on_data]) for got in outputs.values())
             tolerance = max(artifact.tolerance, 2 * reference_vs_float)
             rule = (
                 f"max({artifact.tolerance:g}, 2 x {reference_vs_float:.4g}): twice the quantized model's own "
@@ -132,7 +146,7 @@ def verify_artifacts(
         }
         if weight_range is not None:
             report[artifact.format]["int8_weight_range"] = list(weight_range)
-        if relative > tolerance:
+        if not relative <= tolerance:  # NaN compares false: a NaN error fails
             failures.append(
                 f"{artifact.format} ({artifact.path}): relative error {relative:.4f} against the "
                 f"{artifact.compared_with} model exceeds the tolerance {tolerance:.4f} "
@@ -284,14 +298,20 @@ def _fits(weight_range: tuple[int, int], target: CpuTarget) -> bool:
 
 
 def _relative_error(expected: list[list[torch.Tensor]], got: list[list[torch.Tensor]]) -> float:
-    """max |got - expected| / max |expected| over every output of every case."""
-    error = scale = 0.0
-    for want_case, got_case in zip(expected, got):
-        for want, have in zip(want_case, got_case):
-            if want.numel():
-                error = max(error, (want.float() - have.float()).abs().max().item())
-                scale = max(scale, want.float().abs().max().item())
-    return error / max(scale, 1e-12)
+    """max |got - expected| / max |expected| over every output of every case; NaN if any difference is NaN (tensor
+    ``max`` propagates NaN, Python's ``max`` drops it)."""
+    pairs = [(want.float(), have.float()) for wants, haves in zip(expected, got) for want, have in zip(wants, haves)]
+    pairs = [(want, have) for want, have in pairs if want.numel()]
+    if not pairs:
+        return 0.0
+    error = torch.stack([(want - have).abs().max() for want, have in pairs]).max()
+    scale = torch.stack([want.abs().max() for want, _ in pairs]).max()
+    return float(error / scale.clamp_min(1e-12))
+
+
+def _worst(errors: Iterable[float]) -> float:
+    """The largest error, NaN if any is NaN (Python's ``max`` keeps whichever came first)."""
+    return float(torch.tensor(list(errors)).max())
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -309,6 +329,7 @@ def _main(request_path: str) -> None:
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None
     outcome: dict[str, Any] = {}
+    model: Any = None
     # One at a time, ONNX Runtime last: its thread pool and PyTorch's OpenMP threads slow each other
     # down badly when both are busy in one process (an AOTI call went from 0.75 ms to 6.9 ms interleaved).
     for format, path in sorted(request["artifacts"], key=lambda artifact: artifact[0] == "onnx"):
