@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
-from lightning_quant.pipeline import float_copy, own_forward
+from lightning_quant.pipeline import float_copy
 from lightning_quant.quantization import QuantizationError, single_input_channel_convs
 from lightning_quant.quantization.fallback import convert_keeping_float
 from lightning_quant.quantization.qat import QATConfig, QATGraph, prepare_qat
@@ -259,17 +258,18 @@ class QuantizationAwareTraining(QuantizationCallback):
         return qat
 
     def _training_call(self, trainer: Trainer, pl_module: LightningModule, inputs: ModelInputs) -> ModelInputs:
-        """The call the fake-quant graph is captured on: the example ``inputs``, or, for a ``forward(**inputs)``
-        whose training batches pass more keywords (a Hugging Face batch's ``labels``: the model computes its loss
-        from them), the first training batch, so that training_step's ``self(**batch)`` runs the graph."""
-        parameters = inspect.signature(own_forward(pl_module)).parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-            return inputs
+        """The call the fake-quant graph is captured on: the example ``inputs``, or the first training batch when
+        it passes other arguments (a Hugging Face batch's ``labels`` to ``forward(**inputs)`` or to
+        ``forward(input_ids, labels=None)``: the model computes its loss from them), so that training_step's
+        ``self(**batch)`` runs the graph. A batch that does not bind to forward leaves the example."""
         batch = self.first_training_batch(trainer)
         if batch is None:
             return inputs
-        call = self._batch_inputs(batch, pl_module, "train")  # every keyword the batch passes
-        return call if set(call.kwargs) > set(inputs.kwargs) else inputs
+        try:
+            call = self._batch_inputs(batch, pl_module, "train")  # every argument the batch passes
+        except ValueError:
+            return inputs
+        return call if call.form() != inputs.form() else inputs
 
     def _graph_serving(self, pl_module: LightningModule, inputs: ModelInputs) -> QATGraph:
         """The trained graph if it takes ``inputs`` (the example the files serve); else the same model captured on

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, config: QATConfig = QATCo
         model.train(was_training)
     prepared = prepare_qat_pt2e(captured, make_qat_quantizer(config, model))
     restore_batchnorm_literals(prepared, model)
-    qat = QATGraph(model, prepared, tuple(inputs.kwargs))
+    qat = QATGraph(model, prepared, inputs.form())
     if qat.num_fake_quantizers == 0:
         raise ValueError(
             "The quantizer inserted no fake-quant module: the model has no op X86InductorQuantizer quantizes "
@@ -104,13 +104,13 @@ class QATGraph:
     :attr:`observers_enabled` is True (the default, as in torchao), in either mode.
     """
 
-    def __init__(self, model: nn.Module, graph: GraphModule, keywords: Sequence[str] = ()) -> None:
+    def __init__(self, model: nn.Module, graph: GraphModule, form: Any = None) -> None:
         self.model = model
         self.graph = graph
         # calls are put in the form the graph was exported with: positional-or-keyword arguments positional,
         # defaults filled in (as ModelInputs.bind does for the example), so self(x=x) works like self(x)
         self._signature = inspect.signature(model.forward)
-        self._keywords = tuple(keywords)
+        self._form = form
         self._fake_quant_names = sorted(
             name for name, child in graph.named_children() if isinstance(child, FakeQuantizeBase)
         )
@@ -147,8 +147,8 @@ class QATGraph:
             ) from err
 
     def takes(self, inputs: ModelInputs) -> bool:
-        """Whether the graph was captured on calls with the keywords of ``inputs`` (the same names)."""
-        return set(self._keywords) == set(inputs.kwargs)
+        """Whether the graph was captured on calls like ``inputs`` (see :meth:`ModelInputs.form`)."""
+        return self._form == inputs.form()
 
     def attach(self) -> None:
         """Route ``model(...)`` through the fake-quant graph (sets ``model.forward`` on the instance)."""
