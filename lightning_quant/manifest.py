@@ -111,7 +111,8 @@ def build_manifest(
             "input_shape": latency_input.describe()["shape"],
             "spread_ms": speed["spread_ms"],
             "load_average": speed["load_average"],
-            "note": f"fastest of {speed['rounds']} interleaved rounds after warm-up, the least disturbed by other "
+            "note": f"fastest call of {speed['rounds']} interleaved rounds of {speed.get('block', 1)} calls after "
+            "warm-up (each model called once untimed first, so it runs as on its own), the least disturbed by other "
             "processes (spread_ms: p25, median, p75); "
             "float = the float module eager; quantized = the fastest file (what quantized_model runs); "
             "per format = the file loaded in its runtime",
