@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_quant.benchmark import measure_speed, model_bytes, without_slower_files
+from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import (
     Artifact,
@@ -48,7 +48,7 @@ from lightning_quant.export import (
     load_artifact,
     verify_artifacts,
 )
-from lightning_quant.export.api import ERROR_LOG, UNLOWERED
+from lightning_quant.export.api import ERROR_LOG
 from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
@@ -103,14 +103,13 @@ class Run:
 @dataclass
 class Deployment:
     """What :func:`ship` made: the manifest (also in ``dirpath/manifest.json``), ``model`` (calls run the fastest
-    verified file, with the float model's inputs and output structure), ``failures`` (formats that could not be
-    exported or verified, and why) and ``slow`` (files verified but deleted for running slower than float)."""
+    verified file, with the float model's inputs and output structure) and ``failures`` (formats that could not be
+    exported or verified, and why)."""
 
     manifest: dict[str, Any]
     model: InferenceModel
     dirpath: Path
     failures: dict[str, str] = field(default_factory=dict)
-    slow: dict[str, str] = field(default_factory=dict)
 
 
 def deploy(
@@ -258,10 +257,10 @@ def ship(
     started: Optional[float] = None,
 ) -> Deployment:
     """Export ``reference`` (the converted model) in ``formats``, verify, time and evaluate the files, and write
-    ``manifest.json`` into ``run.dirpath``. A format that fails is deleted and listed in ``failures``; a file
-    clearly slower than ``float_model`` is deleted and listed in ``slow`` (both under the manifest's
-    ``failures``). Anything else that fails writes a manifest with ``status: "failed"`` and ``errors.log``, and
-    raises :class:`QuantizationError` naming ``run.owner``.
+    ``manifest.json`` into ``run.dirpath``. A format that fails is deleted and listed in ``failures`` (also the
+    manifest's). Every verified file is kept, whatever its speed: a file slower than ``float_model`` is marked
+    ``faster_than_float: false`` and is never ``recommended``. Anything else that fails writes a manifest with
+    ``status: "failed"`` and ``errors.log``, and raises :class:`QuantizationError` naming ``run.owner``.
 
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
@@ -307,10 +306,7 @@ def ship(
                 target=target,
             )
             runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
-            speed, slow = without_slower_files(
-                measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
-            )
-            artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
+            speed = measure_speed(float_model, reference, runtimes, timing_inputs)
             model = InferenceModel(
                 float_model.forward,
                 reference,
@@ -343,20 +339,12 @@ def ship(
         details=details,
         seconds=time.perf_counter() - started,
         dirpath=dirpath,
-        failures={**failures, **slow},
+        failures=failures,
     )
     write_manifest(manifest, dirpath)
-    manifest_path = dirpath / FILENAME
-    if slow:
-        warnings.warn(
-            f"{run.owner}: "
-            + "; ".join(f"{name} {why}" for name, why in slow.items())
-            + f". {manifest_path} records it under failures.",
-            stacklevel=2,
-        )
     if artifacts and manifest["recommended"] is None:
-        warnings.warn(_slower_than_float_message(run.owner, manifest, manifest_path), stacklevel=2)
-    return Deployment(manifest, model, dirpath, failures, slow)
+        warnings.warn(_slower_than_float_message(run.owner, manifest, dirpath / FILENAME), stacklevel=2)
+    return Deployment(manifest, model, dirpath, failures)
 
 
 def raise_failures(deployment: Deployment, run: Run) -> None:
@@ -364,7 +352,7 @@ def raise_failures(deployment: Deployment, run: Run) -> None:
     failures = deployment.failures
     if not failures:
         return
-    formats = len(failures) + len(deployment.manifest["artifacts"]) + len(deployment.slow)
+    formats = len(failures) + len(deployment.manifest["artifacts"])
     safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
     raise QuantizationError(
         f"{run.owner} could not produce {len(failures)} of {formats} format(s) for {run.model_name}:\n- "
@@ -433,28 +421,25 @@ def _verify(
     return verified, verification
 
 
-def _drop_slow(
-    artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
-) -> list[Artifact]:
-    for artifact in artifacts:
-        if artifact.format in slow:
-            runtimes.pop(artifact.format)
-            (dirpath / artifact.path).unlink(missing_ok=True)
-    return [artifact for artifact in artifacts if artifact.format not in slow]
-
-
 def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
     (Path(dirpath) / artifact.path).unlink(missing_ok=True)
     failures[artifact.format] = f"{artifact.path} failed verification and was deleted: {error}"
 
 
 def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
+    latency = manifest["latency_ms"]
     times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
+    too_fast = (
+        f" At {latency['float']:.2g} ms a call the model is too fast to time reliably (too_fast_to_time: true)."
+        if latency["too_fast_to_time"]
+        else ""
+    )
     return (
         f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
-        f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
-        f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
-        "time a larger batch, or try another approach or format."
+        f"float {latency['float']:.3g} ms, {times} (input {latency['input_shape']}, load average "
+        f"{latency['load_average'][0]}).{too_fast} {manifest_path} says so (recommended: null, faster_than_float: "
+        "false); the files are verified and kept. For speed ship the float model, time a larger batch, or try "
+        "another approach or format."
     )
 
 

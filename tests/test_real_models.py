@@ -151,9 +151,8 @@ def test_lightnings_demo_transformer(make, tmp_path):
     trainer = fast_trainer(tmp_path, [callback], limit_train_batches=4, num_sanity_val_steps=2)
     trainer.fit(DemoTransformer())
     manifest = callback.manifest
-    # ONNX Runtime's int8 attention can run slower than float here; such a file is deleted, nothing else may fail
     assert "aoti" in {a["format"] for a in manifest["artifacts"]}, manifest.get("failures")
-    assert all("slower than the float model" in why for why in manifest.get("failures", {}).values()), manifest
+    assert not manifest["failures"], manifest["failures"]
     for artifact in manifest["artifacts"]:
         assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
         if artifact["format"] == "aoti":  # nn.Transformer's causal-mask check, resolved from the example
