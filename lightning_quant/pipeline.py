@@ -139,12 +139,13 @@ def deploy(
         dirpath: where the files and ``manifest.json`` go.
         formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only);
             default ``aoti`` and ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
+            A listed format that fails is an error; of the default ones, what verified ships, with a warning.
         dynamic_batch: files take any batch size; ``False`` pins the example's.
         target: the CPUs the files are for (:mod:`lightning_quant.target`).
 
     Raises:
         QuantizationError: quantization, or every format, failed (``manifest.json`` and ``errors.log`` say why);
-            or some formats failed, after the others were written and verified.
+            or some of the formats listed in ``formats`` failed, after the others were written and verified.
     """
     if type(config) not in _APPROACHES:
         raise TypeError(
@@ -188,7 +189,7 @@ def deploy(
         else None,
         started=started,
     )
-    raise_failures(deployment, run)
+    raise_failures(deployment, run, formats_listed=formats is not None)
     return deployment
 
 
@@ -347,18 +348,27 @@ def ship(
     return Deployment(manifest, model, dirpath, failures)
 
 
-def raise_failures(deployment: Deployment, run: Run) -> None:
-    """Raise :class:`QuantizationError` listing the formats that failed, if any (the others are on disk)."""
+def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True) -> None:
+    """Report the formats that failed, if any (the others are on disk, verified, and the manifest records every
+    failure). Formats the user listed (``formats_listed``) must all be made: :class:`QuantizationError`. With the
+    default formats, what verified ships and one warning says what failed; none verified is an error either way."""
     failures = deployment.failures
     if not failures:
         return
-    formats = len(failures) + len(deployment.manifest["artifacts"])
-    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
-    raise QuantizationError(
-        f"{run.owner} could not produce {len(failures)} of {formats} format(s) for {run.model_name}:\n- "
-        + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
-        + f"\nThe other formats are complete and verified: {[a['format'] for a in deployment.manifest['artifacts']]}; "
-        f"{deployment.dirpath / FILENAME} records every failure.{safe}"
+    shipped = [a["format"] for a in deployment.manifest["artifacts"]]
+    listing = "\n- " + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
+    recorded = f"{deployment.dirpath / FILENAME} records every failure."
+    if formats_listed or not shipped:
+        safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
+        raise QuantizationError(
+            f"{run.owner} could not produce {len(failures)} of {len(failures) + len(shipped)} format(s) for "
+            f"{run.model_name}:{listing}\nThe other formats are complete and verified: {shipped}; {recorded}{safe}"
+        )
+    warnings.warn(
+        f"{run.owner}: {len(failures)} of the default formats failed for {run.model_name}; the verified ones ship: "
+        f"{shipped}.{listing}\n{recorded} Pass formats=[...] to choose them yourself (a listed format that fails "
+        "is an error).",
+        stacklevel=2,
     )
 
 

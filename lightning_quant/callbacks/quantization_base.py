@@ -119,7 +119,8 @@ class QuantizationCallback(Callback, ABC):
     Args:
         dirpath: where artifacts and ``manifest.json`` go. Default: ``<trainer.default_root_dir>/quantized``.
         formats: a list from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"`` (those the
-            approach supports). Default: the approach's ``default_formats``.
+            approach supports); a listed format that fails ends the fit with an error. Default: the approach's
+            ``default_formats``, of which what verified ships (a warning and the manifest say what failed).
         example_input: the call of ``forward`` the files serve, used to export: a tensor, a tuple of positional
             arguments or a dict of keyword arguments. Default: the module's ``example_input_array``. The files
             are timed on the first validation batch, or on this input where batches are a different call
@@ -168,6 +169,7 @@ class QuantizationCallback(Callback, ABC):
         check_target_name(target)
         if isinstance(formats, str):
             raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
+        formats_given = formats is not None
         formats = list(self.default_formats if formats is None else formats)
         if not all(isinstance(f, str) for f in formats):
             raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
@@ -188,6 +190,7 @@ class QuantizationCallback(Callback, ABC):
             raise TypeError(f"batch_to_input must be a callable batch -> model input, got {batch_to_input!r}")
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.formats = formats
+        self.formats_listed = formats_given  # a listed format that fails is an error; a default one, a warning
         self.example_input = example_input
         self.keep_float = list(keep_float)
         self.batch_to_input = batch_to_input or default_batch_to_input
@@ -526,7 +529,7 @@ class QuantizationCallback(Callback, ABC):
         self._log(trainer, deployment.manifest)
         if budget_report is not None and not budget_report["within_budget"]:
             rank_zero_warn(_over_budget_message(run.owner, budget_report, dirpath / FILENAME))
-        raise_failures(deployment, run)
+        raise_failures(deployment, run, self.formats_listed)
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
         """The fit's validation dataloaders and how many batches of each the Trainer validates;
