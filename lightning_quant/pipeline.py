@@ -37,6 +37,15 @@ import torch
 from torch import nn
 
 from lightning_quant.benchmark import measure_speed, model_bytes
+from lightning_quant.checks import (
+    check_example,
+    check_finite,
+    check_formats,
+    check_keep_float_names,
+    check_same_call,
+    check_target,
+    check_writable,
+)
 from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import (
     Artifact,
@@ -55,27 +64,31 @@ from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.qat import QATGraph
 from lightning_quant.quantization.weight_only import WeightOnlyConfig
-from lightning_quant.target import DEFAULT_TARGET, resolve_target
+from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
 NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
 
-# config type -> (approach, backend, default formats); ``None`` is the float model itself, exported for inference
-_APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
-    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx")),
+_PT2E = ("aoti", "onnx", "torch_export")
+# config type -> (approach, backend, default formats, supported formats, as the callbacks of that approach have
+# them); ``None`` is the float model itself, exported for inference
+_APPROACHES: dict[Any, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx"), _PT2E),
     DynamicQuantConfig: (
         "dynamic",
         "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
         ("aoti", "onnx"),
+        (*_PT2E, "torchscript"),
     ),
     # ONNX Runtime's MatMulNBits runs the packed weights; the .pt2 program is the compact portable form
     WeightOnlyConfig: (
         "weight_only",
         "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)",
         ("onnx", "torch_export"),
+        (*_PT2E, "torchao"),
     ),
     # a QAT-trained graph (prepare_qat, then training): converted with the ranges it learned
-    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx")),
-    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
+    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx"), _PT2E),
+    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", _PT2E, _PT2E),
 }
 
 
@@ -121,9 +134,12 @@ def deploy(
     dirpath: Union[str, Path],
     formats: Optional[Sequence[str]] = None,
     dynamic_batch: bool = True,
-    target: str = DEFAULT_TARGET,
+    target: Optional[str] = None,
 ) -> Deployment:
     """Quantize ``model`` by ``config`` and ship it into ``dirpath``: verified files and ``manifest.json``.
+
+    Every argument is checked before any work, as the callbacks check theirs (formats, target and this CPU,
+    ``keep_float`` names, the example input and calibration batches).
 
     Args:
         model: the float model (switched to eval mode, otherwise not modified).
@@ -135,13 +151,14 @@ def deploy(
             without the fake-quant graph), or ``None`` to export the float model itself for inference.
         example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
             batch of 2 or more: export treats a dimension of size 1 as a constant).
-        calibration_data: static only: real input batches in the same form.
+        calibration_data: static only: real input batches, each the call the example is (any batch size).
         dirpath: where the files and ``manifest.json`` go.
         formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only);
             default ``aoti`` and ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
             A listed format that fails is an error; of the default ones, what verified ships, with a warning.
         dynamic_batch: files take any batch size; ``False`` pins the example's.
-        target: the CPUs the files are for (:mod:`lightning_quant.target`).
+        target: the CPUs the files are for (:mod:`lightning_quant.target`). Default: the config's ``target``
+            (``"avx2"`` for configs without one); a different one than the config's is refused (one target source).
 
     Raises:
         QuantizationError: quantization, or every format, failed (``manifest.json`` and ``errors.log`` say why);
@@ -154,19 +171,24 @@ def deploy(
         )
     if isinstance(config, QATGraph) and config.model is not model:
         raise ValueError("the QATGraph was prepared from another model: pass the model it trained (qat.model) with it")
-    approach, backend, default_formats = _APPROACHES[type(config)]
-    if isinstance(config, StaticQuantConfig) and calibration_data is None:
+    approach, backend, default_formats, supported = _APPROACHES[type(config)]
+    chosen = check_formats(formats, supported, default_formats, "deploy")
+    target = _one_target(config, target)
+    check_target(target, "deploy")
+    started = time.perf_counter()
+    float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
+    forward = own_forward(model)
+    inputs = example_inputs_for_export(example_inputs, forward)
+    check_example(float_model, inputs, "deploy", "example_inputs=")
+    check_keep_float_names(model, getattr(config, "keep_float", ()), "deploy")
+    calibration = _calibration_batches(calibration_data, forward, inputs)
+    if isinstance(config, StaticQuantConfig) and not calibration:
         raise ValueError(
             "static int8 needs calibration_data: a few dozen real input batches (the form "
             "example_inputs has) to measure activation ranges on"
         )
     dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
-    forward = own_forward(model)
-    inputs = example_inputs_for_export(example_inputs, forward)
-    calibration = [ModelInputs.from_value(batch).bind(forward) for batch in calibration_data or ()]
+    check_writable(dirpath, "deploy")
     run = Run("deploy", dirpath, approach, backend, type(model).__name__)
     try:
         with torch.no_grad():
@@ -177,7 +199,7 @@ def deploy(
         reference,
         float_model,
         inputs,
-        list(formats or default_formats),
+        chosen,
         run,
         timing_inputs=calibration[0] if calibration else None,
         dynamic_batch=dynamic_batch,
@@ -191,6 +213,41 @@ def deploy(
     )
     raise_failures(deployment, run, formats_listed=formats is not None)
     return deployment
+
+
+def _one_target(config: Any, target: Optional[str]) -> str:
+    """The one target of a deploy: ``target`` or the config's (they must agree: the config makes the int8 weights
+    for its target, deploy the files)."""
+    configured = getattr(config, "target", None)
+    if target is not None:
+        check_target_name(target)
+    if target is not None and configured is not None and target != configured:
+        raise ValueError(
+            f"deploy(target={target!r}) and {type(config).__name__}(target={configured!r}) disagree: the config "
+            f"makes the int8 weights for its target and deploy the files, so they must name one. Set it once, in "
+            f"the config: {type(config).__name__}(..., target={target!r}), and leave deploy's target out."
+        )
+    return target or configured or DEFAULT_TARGET
+
+
+def _calibration_batches(
+    data: Optional[Iterable[Any]], forward: Callable[..., Any], example: ModelInputs
+) -> list[ModelInputs]:
+    """``data`` as calls of ``forward``, each checked: it binds, is the call ``example`` is, holds no NaN/inf."""
+    batches = []
+    for index, batch in enumerate(data or ()):
+        what = f"deploy: calibration_data[{index}]"
+        try:
+            inputs = ModelInputs.from_value(batch).bind(forward)
+        except TypeError as err:
+            raise ValueError(
+                f"{what} does not fit {forward.__qualname__}: {err}. Pass batches of what forward "
+                "takes, as example_inputs."
+            ) from err
+        check_same_call(inputs, example, what)
+        check_finite(inputs, what)
+        batches.append(inputs.to("cpu"))
+    return batches
 
 
 def convert(

@@ -226,19 +226,6 @@ def test_a_file_slower_than_float_is_never_recommended():
     assert manifest["recommended"] is None
 
 
-@pytest.fixture
-def cpu_lacking_a_target(monkeypatch):
-    """This CPU when it lacks a target's instructions, else an AVX2-only CPU (Zen 3: no AVX-512, no VNNI) in its
-    place, so the refusal is tested on AMX machines too. Returns the name of a target the CPU lacks."""
-    lacking = [name for name, target in TARGETS.items() if missing_flags(target)]
-    if not lacking:
-        zen3 = {"vendor": "AuthenticAMD", "model": "AMD EPYC 7B13", "architecture": "x86_64", "flags": ["avx2", "fma"]}
-        monkeypatch.setattr("lightning_quant.target.cpu_info", lambda: zen3)
-        monkeypatch.setattr("lightning_quant.loading.cpu_info", lambda: zen3)
-        lacking = [name for name, target in TARGETS.items() if missing_flags(target)]
-    return lacking[-1]
-
-
 def test_a_target_this_cpu_lacks_is_refused_before_training(tmp_path, cpu_lacking_a_target):
     lacking = cpu_lacking_a_target
     callback = PostTrainingQuantization(target=lacking)
@@ -320,8 +307,8 @@ def test_a_cpu_whose_flags_cannot_be_read_is_not_refused_and_is_checked_as_the_n
         resolve_target("native")
     model = PositiveLinear().eval()
     x = positive_batches()[0]
-    int8 = quantize(model, DynamicQuantConfig(), x)
-    deployment = deploy(model, DynamicQuantConfig(), x, dirpath=tmp_path, formats=["torch_export"], target="amx")
+    int8 = quantize(model, DynamicQuantConfig(target="amx"), x)
+    deployment = deploy(model, DynamicQuantConfig(target="amx"), x, dirpath=tmp_path, formats=["torch_export"])
     assert deployment.manifest["cpu"]["flags_source"] == "unknown"
     with torch.no_grad():
         assert torch.allclose(load(tmp_path)(x), int8(x), atol=1e-4)

@@ -70,6 +70,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks._evaluation import evaluate_validation, evaluated_batches
+from lightning_quant.checks import (
+    check_example,
+    check_finite,
+    check_formats,
+    check_keep_float_names,
+    check_target,
+    check_writable,
+)
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
@@ -89,7 +97,7 @@ from lightning_quant.quantization import single_input_channel_convs
 from lightning_quant.quantization.budget import MetricBudget, fallback_search
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import quantizable_layers, save_sensitivity
-from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
+from lightning_quant.target import DEFAULT_TARGET, check_target_name
 
 _DATALOADERS = ("train", "val")
 
@@ -167,30 +175,12 @@ class QuantizationCallback(Callback, ABC):
         target: str = DEFAULT_TARGET,
     ) -> None:
         check_target_name(target)
-        if isinstance(formats, str):
-            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
-        formats_given = formats is not None
-        formats = list(self.default_formats if formats is None else formats)
-        if not all(isinstance(f, str) for f in formats):
-            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
-        unknown = [f for f in formats if f not in self.supported_formats]
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
-            )
-        if not formats:
-            raise ValueError(
-                f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
-                f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})"
-            )
-        if len(set(formats)) != len(formats):
-            raise ValueError(f"formats lists a format twice: {formats}")
+        self.formats_listed = formats is not None  # a listed format that fails is an error; a default one, a warning
+        self.formats = check_formats(formats, self.supported_formats, self.default_formats, type(self).__name__)
         check_keep_float(keep_float)
         if batch_to_input is not None and not callable(batch_to_input):
             raise TypeError(f"batch_to_input must be a callable batch -> model input, got {batch_to_input!r}")
         self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.formats = formats
-        self.formats_listed = formats_given  # a listed format that fails is an error; a default one, a warning
         self.example_input = example_input
         self.keep_float = list(keep_float)
         self.batch_to_input = batch_to_input or default_batch_to_input
@@ -267,23 +257,15 @@ class QuantizationCallback(Callback, ABC):
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
         self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
-        check_runs_here(
-            self.target,
-            f"{type(self).__name__}(target={self.target!r})",
-            "Its files are verified by running them here: train on such a CPU, or choose "
-            "target='avx2' (runs on any x86-64 CPU with AVX2).",
-        )
+        owner = type(self).__name__
+        check_target(self.target, owner)
         if trainer.is_global_zero:
-            _check_writable(self.dirpath, type(self).__name__)
-        self._check_example_runs(pl_module, self._resolve_example_inputs(pl_module))
-        names = dict(pl_module.named_modules())
-        missing = [name for name in self.keep_float if name not in names]
-        if missing:
-            options = ", ".join(n for n in names if n) or "(none)"
-            raise ValueError(
-                f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
-                f"Its modules are: {options}"
-            )
+            check_writable(self.dirpath, owner)
+        # run forward once on the example (modules that build their layers in configure_model are not built yet)
+        if type(pl_module).configure_model is LightningModule.configure_model:
+            example = self._resolve_example_inputs(pl_module)
+            check_example(pl_module, example, owner, "example_input= (or set example_input_array to)")
+        check_keep_float_names(pl_module, self.keep_float, owner)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.budget is not None and not self._dataloaders(trainer, "val"):
@@ -306,27 +288,6 @@ class QuantizationCallback(Callback, ABC):
         self._budget_metric_checked = True
         if self.budget.metric not in logged:
             raise ValueError(_unknown_metric(type(self).__name__, self.budget.metric, logged))
-
-    def _check_example_runs(self, pl_module: LightningModule, inputs: ModelInputs) -> None:
-        """Run forward once on the example input (eval, no grad) so a wrong shape or dtype fails before training.
-        Skipped for modules that build their layers in ``configure_model`` (not built yet at setup)."""
-        if type(pl_module).configure_model is not LightningModule.configure_model:
-            return
-        was_training = pl_module.training
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        try:
-            with torch.no_grad():
-                pl_module.eval()
-                inputs.to(device)(pl_module)
-        except Exception as err:
-            described = inputs.describe()
-            raise ValueError(
-                f"{type(self).__name__}: {type(pl_module).__name__}.forward fails on the example input "
-                f"(shape {described.get('shape')}, dtype {described.get('dtype')}): {type(err).__name__}: {err}. "
-                "Pass example_input= (or set example_input_array to) a batch of the shape and dtype forward takes."
-            ) from err
-        finally:
-            pl_module.train(was_training)
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]  # type: ignore[attr-defined]  # set by Lightning's callback connector
@@ -380,13 +341,7 @@ class QuantizationCallback(Callback, ABC):
                 if limit is not None and count >= limit:
                     return
                 inputs = self._batch_inputs(batch, trainer.lightning_module, dataloader).to("cpu")
-                bad = [t for t in inputs.tensors() if t.is_floating_point() and not torch.isfinite(t).all()]
-                if bad:
-                    raise ValueError(
-                        f"Batch {count} of the {dataloader} dataloader holds NaN or inf: calibration ranges and "
-                        "error checks computed from it would be NaN. Clean or clip the data (or drop those "
-                        "samples) before quantizing."
-                    )
+                check_finite(inputs, f"Batch {count} of the {dataloader} dataloader")
                 yield inputs
                 count += 1
 
@@ -648,17 +603,3 @@ def _first_sample_batch(loader: Any) -> Any:
     if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
     return collate([dataset[0]])
-
-
-def _check_writable(dirpath: Path, owner: str) -> None:
-    """Fail before training if the artifacts could not be written: create ``dirpath`` and a file in it."""
-    try:
-        Path(dirpath).mkdir(parents=True, exist_ok=True)
-        probe = Path(dirpath) / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(
-            f"{owner} cannot write into dirpath {str(dirpath)!r} ({type(err).__name__}: {err.strerror or err}): "
-            "pass a writable dirpath= (or fix the directory's permissions) before training."
-        ) from err
