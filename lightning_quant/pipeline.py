@@ -64,6 +64,7 @@ from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig
 from lightning_quant.quantization.qat import QATGraph
 from lightning_quant.quantization.weight_only import WeightOnlyConfig
+from lightning_quant.run_folder import claimed, destination, finish, moved, run_files
 from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
 NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
@@ -103,7 +104,9 @@ class DeploymentError(QuantizationError):
 @dataclass(frozen=True)
 class Run:
     """Who ships which model where: what every error and manifest of one run names. ``owner``: ``"deploy"`` or the
-    callback's class name; ``float_checkpoint``: where the trained float weights are safe, if on disk."""
+    callback's class name; ``float_checkpoint``: where the trained float weights are safe, if on disk; ``staging``:
+    the folder inside ``dirpath`` the run writes into until it succeeds (:mod:`lightning_quant.run_folder`;
+    ``None``: straight into ``dirpath``)."""
 
     owner: str
     dirpath: Path
@@ -111,6 +114,7 @@ class Run:
     backend: str
     model_name: str
     float_checkpoint: Optional[str] = None
+    staging: Optional[Path] = None
 
 
 @dataclass
@@ -189,28 +193,29 @@ def deploy(
         )
     dirpath = Path(dirpath)
     check_writable(dirpath, "deploy")
-    run = Run("deploy", dirpath, approach, backend, type(model).__name__)
-    try:
-        with torch.no_grad():
-            reference = convert(model, config, inputs, calibration)
-    except Exception as err:
-        raise failure(err, run) from err
-    deployment = ship(
-        reference,
-        float_model,
-        inputs,
-        chosen,
-        run,
-        timing_inputs=calibration[0] if calibration else None,
-        dynamic_batch=dynamic_batch,
-        target=target,
-        onnx_quantization=ort_quantization(config, calibration),
-        keep_float=getattr(config, "keep_float", ()),
-        details={"bits": config.bits, "group_size": config.group_size}
-        if isinstance(config, WeightOnlyConfig)
-        else None,
-        started=started,
-    )
+    with claimed(dirpath, "deploy") as staging:
+        run = Run("deploy", dirpath, approach, backend, type(model).__name__, staging=staging)
+        try:
+            with torch.no_grad():
+                reference = convert(model, config, inputs, calibration)
+        except Exception as err:
+            raise failure(err, run) from err
+        deployment = ship(
+            reference,
+            float_model,
+            inputs,
+            chosen,
+            run,
+            timing_inputs=calibration[0] if calibration else None,
+            dynamic_batch=dynamic_batch,
+            target=target,
+            onnx_quantization=ort_quantization(config, calibration),
+            keep_float=getattr(config, "keep_float", ()),
+            details={"bits": config.bits, "group_size": config.group_size}
+            if isinstance(config, WeightOnlyConfig)
+            else None,
+            started=started,
+        )
     raise_failures(deployment, run, formats_listed=formats is not None)
     return deployment
 
@@ -320,11 +325,16 @@ def ship(
     ``faster_than_float: false`` and is never ``recommended``. Anything else that fails writes a manifest with
     ``status: "failed"`` and ``errors.log``, and raises :class:`QuantizationError` naming ``run.owner``.
 
+    With ``run.staging`` (:mod:`lightning_quant.run_folder`) everything is written there first and moved into
+    ``run.dirpath``, replacing the previous run's files, only if the run has verified files (or ``dirpath`` holds no
+    good run to keep); otherwise it stays in its staging folder, which the manifest and errors then name.
+
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
     ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them."""
     started = time.perf_counter() if started is None else started
     dirpath, approach = run.dirpath, run.approach
+    out = run.staging or dirpath  # where the files are written until the run is published into dirpath
     failures: dict[str, str] = {}
     try:
         quantized_ops = count_quantized_ops(reference)
@@ -339,7 +349,7 @@ def ship(
                     reference,
                     inputs,
                     formats,
-                    dirpath,
+                    out,
                     dynamic_batch=dynamic_batch,
                     float_model=float_model,
                     onnx_quantization=onnx_quantization,
@@ -357,13 +367,13 @@ def ship(
                 artifacts,
                 reference,
                 [inputs, second],
-                dirpath,
+                out,
                 float_model,
                 failures,
                 data_cases=[1] if real_batch else None,
                 target=target,
             )
-            runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
+            runtimes = {a.format: load_artifact(out / a.path, a.format) for a in artifacts}
             speed = measure_speed(float_model, reference, runtimes, timing_inputs)
             model = InferenceModel(
                 float_model.forward,
@@ -377,6 +387,9 @@ def ship(
         metrics = NO_EVALUATION if evaluate is None else evaluate(model)
     except Exception as err:
         raise failure(err, run, failures) from err
+    # a run with verified files replaces the previous one; one without leaves a good previous run in place
+    final = destination(run.staging, dirpath, succeeded=bool(artifacts))
+    failures = {name: moved(why, run.staging, final) for name, why in failures.items()}  # paths once published
     manifest = build_manifest(
         approach=approach,
         backend=run.backend,
@@ -391,18 +404,20 @@ def ship(
         target=resolve_target(target),
         size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
         quantized_ops=quantized_ops,
-        float_checkpoint=run.float_checkpoint,
+        float_checkpoint=_published(run.float_checkpoint, run.staging, final),
         keep_float=keep_float,
         accuracy_budget=accuracy_budget,
         details=details,
         seconds=time.perf_counter() - started,
-        dirpath=dirpath,
+        dirpath=final,
         failures=failures,
     )
-    write_manifest(manifest, dirpath)
+    manifest["files"] = run_files(out)  # what the next run in dirpath replaces
+    write_manifest(manifest, out)
+    finish(run.staging, final)
     if artifacts and manifest["recommended"] is None:
-        warnings.warn(_slower_than_float_message(run.owner, manifest, dirpath / FILENAME), stacklevel=2)
-    return Deployment(manifest, model, dirpath, failures)
+        warnings.warn(_slower_than_float_message(run.owner, manifest, final / FILENAME), stacklevel=2)
+    return Deployment(manifest, model, final, failures)
 
 
 def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True) -> None:
@@ -415,6 +430,8 @@ def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True
     shipped = [a["format"] for a in deployment.manifest["artifacts"]]
     listing = "\n- " + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
     recorded = f"{deployment.dirpath / FILENAME} records every failure."
+    if deployment.dirpath != run.dirpath:  # nothing verified: the previous run in dirpath was kept
+        recorded += f" {run.dirpath} still holds the previous run, unchanged and complete."
     if formats_listed or not shipped:
         safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
         raise QuantizationError(
@@ -431,26 +448,44 @@ def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True
 
 def failure(err: BaseException, run: Run, failures: Optional[dict[str, str]] = None) -> DeploymentError:
     """The error that ends a failed run, after ``errors.log`` (the full report) and a ``status: "failed"``
-    manifest are written; a manifest that cannot be written (a full disk) is only mentioned."""
-    dirpath = run.dirpath
-    log = write_report(err, dirpath / ERROR_LOG)
+    manifest are written: into ``run.dirpath`` if it holds no good run, else left in the run's staging folder, so
+    the previous run stays complete. A manifest that cannot be written (a full disk) is only mentioned."""
+    out = run.staging or run.dirpath
+    final = destination(run.staging, run.dirpath, succeeded=False)
+    write_report(err, out / ERROR_LOG)
     cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
-    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
-    message = f"{run.owner} failed on {run.model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
+    checkpoint = _published(run.float_checkpoint, run.staging, final)
+    safe = f" The trained float model is safe: {checkpoint}" if checkpoint else ""
+    message = f"{run.owner} failed on {run.model_name}: {type(err).__name__}: {cause}\n"
+    message += f"Full report: {final / ERROR_LOG}.{safe}"
+    if final != run.dirpath:
+        message += (
+            f"\n{run.dirpath} still holds the previous run, unchanged and complete; this run's failed manifest and "
+            f"report are in {final}."
+        )
+    message = moved(message, run.staging, final)
     manifest = failed_manifest(
         approach=run.approach,
         backend=run.backend,
         model=run.model_name,
         error=message,
-        float_checkpoint=run.float_checkpoint,
-        dirpath=dirpath,
-        failures=failures or {},
+        float_checkpoint=checkpoint,
+        dirpath=final,
+        failures={name: moved(why, run.staging, final) for name, why in (failures or {}).items()},
     )
+    manifest["files"] = run_files(out)
     try:
-        write_manifest(manifest, dirpath)
+        write_manifest(manifest, out)
+        finish(run.staging, final)
     except OSError as write_error:  # e.g. the disk is full: the error being raised says what failed
-        message += f"\n({dirpath / FILENAME} could not be written either: {write_error})"
+        message += f"\n({final / FILENAME} could not be written either: {write_error})"
     return DeploymentError(message, manifest)
+
+
+def _published(path: Optional[str], staging: Optional[Path], final: Path) -> Optional[str]:
+    """Where ``path`` (e.g. the float checkpoint, maybe written into the staging folder) is once the run's files
+    are in ``final``."""
+    return moved(path, staging, final) if path else path
 
 
 def _verify(

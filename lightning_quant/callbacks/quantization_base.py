@@ -97,6 +97,7 @@ from lightning_quant.quantization import single_input_channel_convs
 from lightning_quant.quantization.budget import MetricBudget, fallback_search
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import quantizable_layers, save_sensitivity
+from lightning_quant.run_folder import lock, new_staging, unlock
 from lightning_quant.target import DEFAULT_TARGET, check_target_name
 
 _DATALOADERS = ("train", "val")
@@ -106,14 +107,17 @@ class QuantizationCallback(Callback, ABC):
     r"""Base of the callbacks that turn the trained float model into verified artifacts at fit end: int8 (or
     weight-only) by ``config``, or the float model itself when ``config`` is ``None``.
 
-    At fit end (rank zero does the work; all ranks wait for it):
+    From setup to teardown the fit holds ``dirpath`` (a lock file: another run into it is refused). At fit end
+    (rank zero does the work; all ranks wait for it), in a fresh folder inside ``dirpath`` whose files replace the
+    previous run's only when this one succeeds (:mod:`lightning_quant.run_folder`):
 
-    1. make sure a float checkpoint is on disk (the trainer's last checkpoint, else ``dirpath/float.ckpt``),
+    1. make sure a float checkpoint is on disk (the trainer's last checkpoint, else ``float.ckpt``),
     2. ``convert`` (subclass) and count the quantized ops (zero is an error),
-    3. export every format into ``dirpath`` (atomic writes), reload each in a fresh process and compare it
+    3. export every format (atomic writes), reload each in a fresh process and compare it
        with the converted model, time it against float,
     4. evaluate float and int8 with the module's own validation metrics,
-    5. write ``manifest.json``, log the numbers to the Trainer's logger and print one small table.
+    5. write ``manifest.json``, move the files into ``dirpath``, log the numbers to the Trainer's logger and print
+       one small table.
 
     With ``max_metric_drop``, step 2 checks the int8 model against the budget first (one validation pass
     for float, one for int8) and, while it is over, returns the most sensitive layers to float one at a time
@@ -192,6 +196,8 @@ class QuantizationCallback(Callback, ABC):
         self.budget_float_layers: list[str] = []
         self.quantized_model: Optional[nn.Module] = None
         self.manifest: Optional[dict[str, Any]] = None
+        self._lock: Optional[Path] = None  # held from setup to teardown (rank zero)
+        self._staging: Optional[Path] = None  # this fit end's files until they are published into dirpath
 
     # ------------------------------------------------------------------ subclass API
     def formats_for(self, model: nn.Module) -> list[str]:
@@ -266,6 +272,20 @@ class QuantizationCallback(Callback, ABC):
             example = self._resolve_example_inputs(pl_module)
             check_example(pl_module, example, owner, "example_input= (or set example_input_array to)")
         check_keep_float_names(pl_module, self.keep_float, owner)
+        if trainer.is_global_zero:  # dirpath is this fit's until teardown: another run into it is refused
+            self._lock = lock(self.dirpath, owner)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._unlock()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            unlock(self._lock)
+            self._lock = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.budget is not None and not self._dataloaders(trainer, "val"):
@@ -310,16 +330,24 @@ class QuantizationCallback(Callback, ABC):
             )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
-        error: Optional[BaseException] = None
-        if trainer.is_global_zero:
-            try:
-                self._quantize_export_and_report(trainer, pl_module, float_checkpoint)
-            except BaseException as err:  # re-raised after the other ranks are released
-                error = err
-        trainer.strategy.barrier("lightning_quant.on_fit_end")
-        if error is not None:
-            raise error
+        # rank zero writes this run's files (the float checkpoint first) into a fresh folder inside dirpath; they
+        # replace the previous run's only when the run succeeds (lightning_quant.run_folder)
+        self._staging = new_staging(self.output_dir) if trainer.is_global_zero else None
+        try:
+            float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
+            error: Optional[BaseException] = None
+            if trainer.is_global_zero:
+                try:
+                    self._quantize_export_and_report(trainer, pl_module, float_checkpoint)
+                except BaseException as err:  # re-raised after the other ranks are released
+                    error = err
+            trainer.strategy.barrier("lightning_quant.on_fit_end")
+            if error is not None:
+                raise error
+        finally:
+            staging, self._staging = self._staging, None
+            if staging is not None and staging.is_dir() and not any(staging.iterdir()):
+                staging.rmdir()
 
     def state_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "manifest": self.manifest}
@@ -414,7 +442,7 @@ class QuantizationCallback(Callback, ABC):
             and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step
         ):
             return str(last)
-        path = self.output_dir / "float.ckpt"
+        path = (self._staging or self.output_dir) / "float.ckpt"
         temporary = path.with_name(path.name + ".tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -433,7 +461,8 @@ class QuantizationCallback(Callback, ABC):
         started = time.perf_counter()
         dirpath = self.output_dir
         dirpath.mkdir(parents=True, exist_ok=True)
-        run = Run(type(self).__name__, dirpath, self.approach, self.backend, type(pl_module).__name__, float_checkpoint)
+        owner, name = type(self).__name__, type(pl_module).__name__
+        run = Run(owner, dirpath, self.approach, self.backend, name, float_checkpoint, self._staging)
         was_training = pl_module.training
         pl_module.eval()
         self.budget_float_layers = []
@@ -540,7 +569,7 @@ class QuantizationCallback(Callback, ABC):
         if result.sensitivity:
             save_sensitivity(
                 result.sensitivity,
-                self.output_dir,
+                self._staging or self.output_dir,
                 title=f"{type(pl_module).__name__}, {self.approach}: "
                 "relative output error with one layer quantized (most sensitive on top)",
             )
