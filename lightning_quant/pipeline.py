@@ -433,7 +433,8 @@ def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True
     if deployment.dirpath != run.dirpath:  # nothing verified: the previous run in dirpath was kept
         recorded += f" {run.dirpath} still holds the previous run, unchanged and complete."
     if formats_listed or not shipped:
-        safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
+        checkpoint = _published(run.float_checkpoint, run.staging, deployment.dirpath)
+        safe = f" The trained float model is safe: {checkpoint}" if checkpoint else ""
         raise QuantizationError(
             f"{run.owner} could not produce {len(failures)} of {len(failures) + len(shipped)} format(s) for "
             f"{run.model_name}:{listing}\nThe other formats are complete and verified: {shipped}; {recorded}{safe}"

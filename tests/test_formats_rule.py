@@ -56,10 +56,12 @@ def test_with_default_formats_a_callback_ships_what_verified_and_warns_once(tmp_
 
 def test_a_format_the_user_listed_that_fails_ends_the_fit_with_an_error(tmp_path):
     callback = WeightOnlyQuantization(formats=["onnx", "torch_export"])
-    with pytest.raises(QuantizationError, match="could not produce 1 of 2 format"):
+    with pytest.raises(QuantizationError, match="could not produce 1 of 2 format") as error:
         fast_trainer(tmp_path, [callback]).fit(RunningProduct())
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
     assert list(manifest["failures"]) == ["onnx"] and [a["format"] for a in manifest["artifacts"]] == ["torch_export"]
+    assert f"The trained float model is safe: {tmp_path / 'quantized' / 'float.ckpt'}" in str(error.value)
+    assert (tmp_path / "quantized" / "float.ckpt").is_file() and manifest["float_checkpoint"] == "float.ckpt"
 
 
 def test_deploy_follows_the_same_rule(tmp_path):
