@@ -56,24 +56,22 @@ def lock(dirpath: Path, owner: str) -> Path:
     dirpath.mkdir(parents=True, exist_ok=True)
     path = dirpath / LOCK
     record = {"owner": owner, "pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
-    for attempt in range(2):
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _read_lock(path)
-            if attempt == 0 and _is_stale(holder):
-                path.unlink(missing_ok=True)
-                continue
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _read_lock(path)
+        if not _is_stale(holder):
             raise FolderInUseError(
                 f"{owner}: {dirpath} is in use by another run ({holder.get('owner', '?')}, pid "
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('started', '?')}): one run "
                 f"writes into a folder at a time. Wait for it to end, or choose another dirpath. If no such run is "
                 f"alive (its machine restarted), delete {path}."
             ) from None
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(record, file)
-        return path
-    raise AssertionError("unreachable")  # pragma: no cover
+        path.unlink(missing_ok=True)  # its process is gone: take the folder over
+        return lock(dirpath, owner)
+    with os.fdopen(descriptor, "w") as file:
+        json.dump(record, file)
+    return path
 
 
 def unlock(path: Path) -> None:

@@ -140,3 +140,13 @@ def test_a_fit_into_a_folder_in_use_is_refused_before_training(tmp_path):
     fast_trainer(tmp_path, [callback]).fit(DigitsClassifier(MLPNet()), datamodule=DigitsDataModule(batch_size=32))
     manifest = complete(tmp_path / "quantized")
     assert manifest["float_checkpoint"] == "float.ckpt" and "float.ckpt" in manifest["files"]
+
+
+def test_a_lock_left_by_a_process_that_is_gone_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = {"owner": "deploy", "pid": int(gone.stdout), "host": socket.gethostname(), "started": "earlier"}
+    (tmp_path / LOCK).write_text(json.dumps(left))
+    held = lock(tmp_path, "PostTrainingQuantization")
+    assert json.loads(held.read_text())["pid"] == os.getpid()
+    unlock(held)
+    assert not held.exists()
