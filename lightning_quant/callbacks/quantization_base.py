@@ -512,7 +512,7 @@ class QuantizationCallback(Callback, ABC):
         self.manifest, self.quantized_model = deployment.manifest, deployment.model
         self._log(trainer, deployment.manifest)
         if budget_report is not None and not budget_report["within_budget"]:
-            rank_zero_warn(_over_budget_message(run.owner, budget_report, dirpath / FILENAME))
+            rank_zero_warn(_over_budget_message(run.owner, budget_report, deployment.dirpath / FILENAME))
         raise_failures(deployment, run, self.formats_listed)
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
