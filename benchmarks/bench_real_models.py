@@ -168,8 +168,7 @@ def main() -> None:
         "ChannelsLast. Speed-ups: fastest of interleaved rounds on a validation batch (bert 32x16 tokens, "
         "resnet 32x1x8x8, demo_transformer 8x64 bytes), timed by the callback; metric: the validation "
         "metric (up to 8 batches) of the float model and of the recommended file (`quantized_model`). "
-        "`torch_export` is the portable program users lower themselves, not a runtime: the slow-file rule "
-        "(a file under 0.9x float is deleted) does not apply to it.",
+        "`torch_export` is the portable program users lower themselves, not a runtime (slow as is).",
         "",
         *table(rows),
         f"Run took {time.perf_counter() - started:.0f} s.",

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from lightning_quant.benchmark import TOO_FAST_TO_TIME_MS
 from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import CpuTarget, cpu_info
@@ -75,8 +76,9 @@ def build_manifest(
     layer type, how many layers were quantized and how many stay float, why each float one does, and the tied weights.
 
     ``speed`` is :func:`~lightning_quant.benchmark.measure_speed`'s result: each file's ``latency_ms`` and
-    ``speedup_vs_float`` come from it (float and files timed side by side), ``recommended`` is the fastest file
-    if it beats the float model, else ``None``. ``cpu`` is the machine that built and verified the files;
+    ``speedup_vs_float`` come from it (float and files timed side by side), with ``faster_than_float`` and the
+    ``load_average`` they were measured under; every verified file is listed, slower than float or not.
+    ``recommended`` is the fastest file if it beats the float model, else ``None``. ``cpu`` is the machine that built and verified the files;
     ``target`` (:class:`~lightning_quant.target.CpuTarget`) the CPUs they are made for.
     """
     latency_ms = speed["latency_ms"]
@@ -87,6 +89,7 @@ def build_manifest(
         entry["latency_ms"] = latency_ms.get(artifact.format)
         entry["speedup_vs_float"] = speed["speedup_vs_float"].get(artifact.format)
         entry["faster_than_float"] = entry["speedup_vs_float"] is not None and entry["speedup_vs_float"] > 1
+        entry["load_average"] = speed["load_average"]  # of the machine while it was timed
         entries.append(entry)
     fastest = speed["fastest"]
     recommended = fastest if fastest is not None and speed["speedup_vs_float"][fastest] > 1 else None
@@ -115,10 +118,18 @@ def build_manifest(
             "input_shape": latency_input.describe()["shape"],
             "spread_ms": speed["spread_ms"],
             "load_average": speed["load_average"],
-            "note": f"fastest of {speed['rounds']} interleaved rounds after warm-up, the least disturbed by other "
+            "too_fast_to_time": speed["too_fast_to_time"],
+            "note": f"fastest call of {speed['rounds']} interleaved rounds of {speed.get('block', 1)} calls after "
+            "warm-up (each model called once untimed first, so it runs as on its own), the least disturbed by other "
             "processes (spread_ms: p25, median, p75); "
             "float = the float module eager; quantized = the fastest file (what quantized_model runs); "
-            "per format = the file loaded in its runtime",
+            "per format = the file loaded in its runtime"
+            + (
+                f"; too_fast_to_time: the float model runs in under {TOO_FAST_TO_TIME_MS} ms a call, where call "
+                "overhead dominates and ratios move by more than 10% from run to run (time a larger batch)"
+                if speed["too_fast_to_time"]
+                else ""
+            ),
         },
         "size_bytes": {
             **size_bytes,
@@ -219,7 +230,7 @@ def format_table(manifest: dict[str, Any]) -> str:
     latency_ms = manifest["latency_ms"]
     for kind in ("float", "quantized"):
         values = metrics.get(kind, {})
-        latency = latency_ms.get(kind)  # no quantized latency when every file was slower than float and deleted
+        latency = latency_ms.get(kind)  # no quantized latency when every format failed
         rows.append(
             [
                 kind if kind == "float" else ("optimized" if approach == "float" else f"int{bits} ({approach})"),

@@ -36,7 +36,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from lightning_quant.benchmark import measure_speed, model_bytes, without_slower_files
+from lightning_quant.benchmark import measure_speed, model_bytes
+from lightning_quant.checks import (
+    check_example,
+    check_finite,
+    check_formats,
+    check_keep_float_names,
+    check_same_call,
+    check_target,
+    check_writable,
+)
 from lightning_quant.errors import QuantizationError, first_lines, write_report
 from lightning_quant.export import (
     Artifact,
@@ -48,7 +57,7 @@ from lightning_quant.export import (
     load_artifact,
     verify_artifacts,
 )
-from lightning_quant.export.api import ERROR_LOG, UNLOWERED, InferenceOnly
+from lightning_quant.export.api import ERROR_LOG, InferenceOnly
 from lightning_quant.inputs import ModelInputs, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
@@ -56,27 +65,32 @@ from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantC
 from lightning_quant.quantization.layer_report import layer_report
 from lightning_quant.quantization.qat import QATGraph
 from lightning_quant.quantization.weight_only import WeightOnlyConfig
-from lightning_quant.target import DEFAULT_TARGET, resolve_target
+from lightning_quant.run_folder import claimed, destination, finish, moved, run_files
+from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_target
 
 NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
 
-# config type -> (approach, backend, default formats); ``None`` is the float model itself, exported for inference
-_APPROACHES: dict[Any, tuple[str, str, tuple[str, ...]]] = {
-    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx")),
+_PT2E = ("aoti", "onnx", "torch_export")
+# config type -> (approach, backend, default formats, supported formats, as the callbacks of that approach have
+# them); ``None`` is the float model itself, exported for inference
+_APPROACHES: dict[Any, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
+    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx"), _PT2E),
     DynamicQuantConfig: (
         "dynamic",
         "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
         ("aoti", "onnx"),
+        (*_PT2E, "torchscript"),
     ),
     # ONNX Runtime's MatMulNBits runs the packed weights; the .pt2 program is the compact portable form
     WeightOnlyConfig: (
         "weight_only",
         "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)",
         ("onnx", "torch_export"),
+        (*_PT2E, "torchao"),
     ),
     # a QAT-trained graph (prepare_qat, then training): converted with the ranges it learned
-    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx")),
-    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", ("aoti", "onnx", "torch_export")),
+    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx"), _PT2E),
+    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", _PT2E, _PT2E),
 }
 
 
@@ -91,7 +105,9 @@ class DeploymentError(QuantizationError):
 @dataclass(frozen=True)
 class Run:
     """Who ships which model where: what every error and manifest of one run names. ``owner``: ``"deploy"`` or the
-    callback's class name; ``float_checkpoint``: where the trained float weights are safe, if on disk."""
+    callback's class name; ``float_checkpoint``: where the trained float weights are safe, if on disk; ``staging``:
+    the folder inside ``dirpath`` the run writes into until it succeeds (:mod:`lightning_quant.run_folder`;
+    ``None``: straight into ``dirpath``)."""
 
     owner: str
     dirpath: Path
@@ -99,19 +115,19 @@ class Run:
     backend: str
     model_name: str
     float_checkpoint: Optional[str] = None
+    staging: Optional[Path] = None
 
 
 @dataclass
 class Deployment:
     """What :func:`ship` made: the manifest (also in ``dirpath/manifest.json``), ``model`` (calls run the fastest
-    verified file, with the float model's inputs and output structure), ``failures`` (formats that could not be
-    exported or verified, and why) and ``slow`` (files verified but deleted for running slower than float)."""
+    verified file, with the float model's inputs and output structure) and ``failures`` (formats that could not be
+    exported or verified, and why)."""
 
     manifest: dict[str, Any]
     model: InferenceModel
     dirpath: Path
     failures: dict[str, str] = field(default_factory=dict)
-    slow: dict[str, str] = field(default_factory=dict)
 
 
 def deploy(
@@ -123,9 +139,12 @@ def deploy(
     dirpath: Union[str, Path],
     formats: Optional[Sequence[str]] = None,
     dynamic_batch: bool = True,
-    target: str = DEFAULT_TARGET,
+    target: Optional[str] = None,
 ) -> Deployment:
     """Quantize ``model`` by ``config`` and ship it into ``dirpath``: verified files and ``manifest.json``.
+
+    Every argument is checked before any work, as the callbacks check theirs (formats, target and this CPU,
+    ``keep_float`` names, the example input and calibration batches).
 
     Args:
         model: the float model (switched to eval mode, otherwise not modified).
@@ -137,16 +156,18 @@ def deploy(
             without the fake-quant graph), or ``None`` to export the float model itself for inference.
         example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
             batch of 2 or more: export treats a dimension of size 1 as a constant).
-        calibration_data: static only: real input batches in the same form.
+        calibration_data: static only: real input batches, each the call the example is (any batch size).
         dirpath: where the files and ``manifest.json`` go.
         formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only);
             default ``aoti`` and ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
+            A listed format that fails is an error; of the default ones, what verified ships, with a warning.
         dynamic_batch: files take any batch size; ``False`` pins the example's.
-        target: the CPUs the files are for (:mod:`lightning_quant.target`).
+        target: the CPUs the files are for (:mod:`lightning_quant.target`). Default: the config's ``target``
+            (``"avx2"`` for configs without one); a different one than the config's is refused (one target source).
 
     Raises:
         QuantizationError: quantization, or every format, failed (``manifest.json`` and ``errors.log`` say why);
-            or some formats failed, after the others were written and verified.
+            or some of the formats listed in ``formats`` failed, after the others were written and verified.
     """
     if type(config) not in _APPROACHES:
         raise TypeError(
@@ -155,44 +176,85 @@ def deploy(
         )
     if isinstance(config, QATGraph) and config.model is not model:
         raise ValueError("the QATGraph was prepared from another model: pass the model it trained (qat.model) with it")
-    approach, backend, default_formats = _APPROACHES[type(config)]
-    if isinstance(config, StaticQuantConfig) and calibration_data is None:
+    approach, backend, default_formats, supported = _APPROACHES[type(config)]
+    chosen = check_formats(formats, supported, default_formats, "deploy")
+    target = _one_target(config, target)
+    check_target(target, "deploy")
+    started = time.perf_counter()
+    float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
+    forward = own_forward(model)
+    inputs = example_inputs_for_export(example_inputs, forward)
+    check_example(float_model, inputs, "deploy", "example_inputs=")
+    check_keep_float_names(model, getattr(config, "keep_float", ()), "deploy")
+    calibration = _calibration_batches(calibration_data, forward, inputs)
+    if isinstance(config, StaticQuantConfig) and not calibration:
         raise ValueError(
             "static int8 needs calibration_data: a few dozen real input batches (the form "
             "example_inputs has) to measure activation ranges on"
         )
     dirpath = Path(dirpath)
-    dirpath.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    float_model = model.eval() if "forward" not in vars(model) else float_copy(model).eval()
-    forward = own_forward(model)
-    inputs = example_inputs_for_export(example_inputs, forward)
-    calibration = [ModelInputs.from_value(batch).bind(forward) for batch in calibration_data or ()]
-    run = Run("deploy", dirpath, approach, backend, type(model).__name__)
-    try:
-        with torch.no_grad():
-            reference = convert(model, config, inputs, calibration)
-    except Exception as err:
-        raise failure(err, run) from err
-    deployment = ship(
-        reference,
-        float_model,
-        inputs,
-        list(formats or default_formats),
-        run,
-        timing_inputs=calibration[0] if calibration else None,
-        dynamic_batch=dynamic_batch,
-        target=target,
-        onnx_quantization=ort_quantization(config, calibration),
-        keep_float=getattr(config, "keep_float", ()),
-        config=config,
-        details={"bits": config.bits, "group_size": config.group_size}
-        if isinstance(config, WeightOnlyConfig)
-        else None,
-        started=started,
-    )
-    raise_failures(deployment, run)
+    check_writable(dirpath, "deploy")
+    with claimed(dirpath, "deploy") as staging:
+        run = Run("deploy", dirpath, approach, backend, type(model).__name__, staging=staging)
+        try:
+            with torch.no_grad():
+                reference = convert(model, config, inputs, calibration)
+        except Exception as err:
+            raise failure(err, run) from err
+        deployment = ship(
+            reference,
+            float_model,
+            inputs,
+            chosen,
+            run,
+            timing_inputs=calibration[0] if calibration else None,
+            dynamic_batch=dynamic_batch,
+            target=target,
+            onnx_quantization=ort_quantization(config, calibration),
+            keep_float=getattr(config, "keep_float", ()),
+            config=config,
+            details={"bits": config.bits, "group_size": config.group_size}
+            if isinstance(config, WeightOnlyConfig)
+            else None,
+            started=started,
+        )
+    raise_failures(deployment, run, formats_listed=formats is not None)
     return deployment
+
+
+def _one_target(config: Any, target: Optional[str]) -> str:
+    """The one target of a deploy: ``target`` or the config's (they must agree: the config makes the int8 weights
+    for its target, deploy the files)."""
+    configured = getattr(config, "target", None)
+    if target is not None:
+        check_target_name(target)
+    if target is not None and configured is not None and target != configured:
+        raise ValueError(
+            f"deploy(target={target!r}) and {type(config).__name__}(target={configured!r}) disagree: the config "
+            f"makes the int8 weights for its target and deploy the files, so they must name one. Set it once, in "
+            f"the config: {type(config).__name__}(..., target={target!r}), and leave deploy's target out."
+        )
+    return target or configured or DEFAULT_TARGET
+
+
+def _calibration_batches(
+    data: Optional[Iterable[Any]], forward: Callable[..., Any], example: ModelInputs
+) -> list[ModelInputs]:
+    """``data`` as calls of ``forward``, each checked: it binds, is the call ``example`` is, holds no NaN/inf."""
+    batches = []
+    for index, batch in enumerate(data or ()):
+        what = f"deploy: calibration_data[{index}]"
+        try:
+            inputs = ModelInputs.from_value(batch).bind(forward)
+        except TypeError as err:
+            raise ValueError(
+                f"{what} does not fit {forward.__qualname__}: {err}. Pass batches of what forward "
+                "takes, as example_inputs."
+            ) from err
+        check_same_call(inputs, example, what)
+        check_finite(inputs, what)
+        batches.append(inputs.to("cpu"))
+    return batches
 
 
 def convert(
@@ -261,10 +323,14 @@ def ship(
     started: Optional[float] = None,
 ) -> Deployment:
     """Export ``reference`` (the converted model) in ``formats``, verify, time and evaluate the files, and write
-    ``manifest.json`` into ``run.dirpath``. A format that fails is deleted and listed in ``failures``; a file
-    clearly slower than ``float_model`` is deleted and listed in ``slow`` (both under the manifest's
-    ``failures``). Anything else that fails writes a manifest with ``status: "failed"`` and ``errors.log``, and
-    raises :class:`QuantizationError` naming ``run.owner``.
+    ``manifest.json`` into ``run.dirpath``. A format that fails is deleted and listed in ``failures`` (also the
+    manifest's). Every verified file is kept, whatever its speed: a file slower than ``float_model`` is marked
+    ``faster_than_float: false`` and is never ``recommended``. Anything else that fails writes a manifest with
+    ``status: "failed"`` and ``errors.log``, and raises :class:`QuantizationError` naming ``run.owner``.
+
+    With ``run.staging`` (:mod:`lightning_quant.run_folder`) everything is written there first and moved into
+    ``run.dirpath``, replacing the previous run's files, only if the run has verified files (or ``dirpath`` holds no
+    good run to keep); otherwise it stays in its staging folder, which the manifest and errors then name.
 
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
@@ -273,6 +339,7 @@ def ship(
     per-layer report (``layers``)."""
     started = time.perf_counter() if started is None else started
     dirpath, approach = run.dirpath, run.approach
+    out = run.staging or dirpath  # where the files are written until the run is published into dirpath
     failures: dict[str, str] = {}
     try:
         quantized_ops = count_quantized_ops(reference)
@@ -289,7 +356,7 @@ def ship(
                     reference,
                     inputs,
                     formats,
-                    dirpath,
+                    out,
                     dynamic_batch=dynamic_batch,
                     float_model=float_model,
                     onnx_quantization=onnx_quantization,
@@ -307,17 +374,14 @@ def ship(
                 artifacts,
                 reference,
                 [inputs, second],
-                dirpath,
+                out,
                 float_model,
                 failures,
                 data_cases=[1] if real_batch else None,
                 target=target,
             )
-            runtimes = {a.format: load_artifact(dirpath / a.path, a.format) for a in artifacts}
-            speed, slow = without_slower_files(
-                measure_speed(float_model, reference, runtimes, timing_inputs), exempt=UNLOWERED
-            )
-            artifacts = _drop_slow(artifacts, slow, runtimes, dirpath)
+            runtimes = {a.format: load_artifact(out / a.path, a.format) for a in artifacts}
+            speed = measure_speed(float_model, reference, runtimes, timing_inputs)
             model = InferenceModel(
                 float_model.forward,
                 reference,
@@ -330,6 +394,9 @@ def ship(
         metrics = NO_EVALUATION if evaluate is None else evaluate(model)
     except Exception as err:
         raise failure(err, run, failures) from err
+    # a run with verified files replaces the previous one; one without leaves a good previous run in place
+    final = destination(run.staging, dirpath, succeeded=bool(artifacts))
+    failures = {name: moved(why, run.staging, final) for name, why in failures.items()}  # paths once published
     manifest = build_manifest(
         approach=approach,
         backend=run.backend,
@@ -345,65 +412,89 @@ def ship(
         size_bytes={"float": model_bytes(float_model), "quantized": model_bytes(reference)},
         quantized_ops=quantized_ops,
         layers=layers,
-        float_checkpoint=run.float_checkpoint,
+        float_checkpoint=_published(run.float_checkpoint, run.staging, final),
         keep_float=keep_float,
         accuracy_budget=accuracy_budget,
         details=details,
         seconds=time.perf_counter() - started,
-        dirpath=dirpath,
-        failures={**failures, **slow},
+        dirpath=final,
+        failures=failures,
     )
-    write_manifest(manifest, dirpath)
-    manifest_path = dirpath / FILENAME
-    if slow:
-        warnings.warn(
-            f"{run.owner}: "
-            + "; ".join(f"{name} {why}" for name, why in slow.items())
-            + f". {manifest_path} records it under failures.",
-            stacklevel=2,
-        )
+    manifest["files"] = run_files(out)  # what the next run in dirpath replaces
+    write_manifest(manifest, out)
+    finish(run.staging, final)
     if artifacts and manifest["recommended"] is None:
-        warnings.warn(_slower_than_float_message(run.owner, manifest, manifest_path), stacklevel=2)
-    return Deployment(manifest, model, dirpath, failures, slow)
+        warnings.warn(_slower_than_float_message(run.owner, manifest, final / FILENAME), stacklevel=2)
+    return Deployment(manifest, model, final, failures)
 
 
-def raise_failures(deployment: Deployment, run: Run) -> None:
-    """Raise :class:`QuantizationError` listing the formats that failed, if any (the others are on disk)."""
+def raise_failures(deployment: Deployment, run: Run, formats_listed: bool = True) -> None:
+    """Report the formats that failed, if any (the others are on disk, verified, and the manifest records every
+    failure). Formats the user listed (``formats_listed``) must all be made: :class:`QuantizationError`. With the
+    default formats, what verified ships and one warning says what failed; none verified is an error either way."""
     failures = deployment.failures
     if not failures:
         return
-    formats = len(failures) + len(deployment.manifest["artifacts"]) + len(deployment.slow)
-    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
-    raise QuantizationError(
-        f"{run.owner} could not produce {len(failures)} of {formats} format(s) for {run.model_name}:\n- "
-        + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
-        + f"\nThe other formats are complete and verified: {[a['format'] for a in deployment.manifest['artifacts']]}; "
-        f"{deployment.dirpath / FILENAME} records every failure.{safe}"
+    shipped = [a["format"] for a in deployment.manifest["artifacts"]]
+    listing = "\n- " + "\n- ".join(f"{name}: {error}" for name, error in failures.items())
+    recorded = f"{deployment.dirpath / FILENAME} records every failure."
+    if deployment.dirpath != run.dirpath:  # nothing verified: the previous run in dirpath was kept
+        recorded += f" {run.dirpath} still holds the previous run, unchanged and complete."
+    if formats_listed or not shipped:
+        checkpoint = _published(run.float_checkpoint, run.staging, deployment.dirpath)
+        safe = f" The trained float model is safe: {checkpoint}" if checkpoint else ""
+        raise QuantizationError(
+            f"{run.owner} could not produce {len(failures)} of {len(failures) + len(shipped)} format(s) for "
+            f"{run.model_name}:{listing}\nThe other formats are complete and verified: {shipped}; {recorded}{safe}"
+        )
+    warnings.warn(
+        f"{run.owner}: {len(failures)} of the default formats failed for {run.model_name}; the verified ones ship: "
+        f"{shipped}.{listing}\n{recorded} Pass formats=[...] to choose them yourself (a listed format that fails "
+        "is an error).",
+        stacklevel=2,
     )
 
 
 def failure(err: BaseException, run: Run, failures: Optional[dict[str, str]] = None) -> DeploymentError:
     """The error that ends a failed run, after ``errors.log`` (the full report) and a ``status: "failed"``
-    manifest are written; a manifest that cannot be written (a full disk) is only mentioned."""
-    dirpath = run.dirpath
-    log = write_report(err, dirpath / ERROR_LOG)
+    manifest are written: into ``run.dirpath`` if it holds no good run, else left in the run's staging folder, so
+    the previous run stays complete. A manifest that cannot be written (a full disk) is only mentioned."""
+    out = run.staging or run.dirpath
+    final = destination(run.staging, run.dirpath, succeeded=False)
+    write_report(err, out / ERROR_LOG)
     cause = err if isinstance(err, (QuantizationError, ValueError)) else first_lines(err, 3)
-    safe = f" The trained float model is safe: {run.float_checkpoint}" if run.float_checkpoint else ""
-    message = f"{run.owner} failed on {run.model_name}: {type(err).__name__}: {cause}\nFull report: {log}.{safe}"
+    checkpoint = _published(run.float_checkpoint, run.staging, final)
+    safe = f" The trained float model is safe: {checkpoint}" if checkpoint else ""
+    message = f"{run.owner} failed on {run.model_name}: {type(err).__name__}: {cause}\n"
+    message += f"Full report: {final / ERROR_LOG}.{safe}"
+    if final != run.dirpath:
+        message += (
+            f"\n{run.dirpath} still holds the previous run, unchanged and complete; this run's failed manifest and "
+            f"report are in {final}."
+        )
+    message = moved(message, run.staging, final)
     manifest = failed_manifest(
         approach=run.approach,
         backend=run.backend,
         model=run.model_name,
         error=message,
-        float_checkpoint=run.float_checkpoint,
-        dirpath=dirpath,
-        failures=failures or {},
+        float_checkpoint=checkpoint,
+        dirpath=final,
+        failures={name: moved(why, run.staging, final) for name, why in (failures or {}).items()},
     )
+    manifest["files"] = run_files(out)
     try:
-        write_manifest(manifest, dirpath)
+        write_manifest(manifest, out)
+        finish(run.staging, final)
     except OSError as write_error:  # e.g. the disk is full: the error being raised says what failed
-        message += f"\n({dirpath / FILENAME} could not be written either: {write_error})"
+        message += f"\n({final / FILENAME} could not be written either: {write_error})"
     return DeploymentError(message, manifest)
+
+
+def _published(path: Optional[str], staging: Optional[Path], final: Path) -> Optional[str]:
+    """Where ``path`` (e.g. the float checkpoint, maybe written into the staging folder) is once the run's files
+    are in ``final``."""
+    return moved(path, staging, final) if path else path
 
 
 def _verify(
@@ -441,28 +532,25 @@ def _verify(
     return verified, verification
 
 
-def _drop_slow(
-    artifacts: list[Artifact], slow: Mapping[str, str], runtimes: dict[str, Any], dirpath: Path
-) -> list[Artifact]:
-    for artifact in artifacts:
-        if artifact.format in slow:
-            runtimes.pop(artifact.format)
-            (dirpath / artifact.path).unlink(missing_ok=True)
-    return [artifact for artifact in artifacts if artifact.format not in slow]
-
-
 def _discard(artifact: Artifact, error: BaseException, dirpath: Path, failures: dict[str, str]) -> None:
     (Path(dirpath) / artifact.path).unlink(missing_ok=True)
     failures[artifact.format] = f"{artifact.path} failed verification and was deleted: {error}"
 
 
 def _slower_than_float_message(owner: str, manifest: dict[str, Any], manifest_path: Path) -> str:
+    latency = manifest["latency_ms"]
     times = ", ".join(f"{a['path']} {a['latency_ms']:.3g} ms" for a in manifest["artifacts"])
+    too_fast = (
+        f" At {latency['float']:.2g} ms a call the model is too fast to time reliably (too_fast_to_time: true)."
+        if latency["too_fast_to_time"]
+        else ""
+    )
     return (
         f"{owner}: no exported file is faster than the float model on this CPU ({manifest['cpu']['model']}): "
-        f"float {manifest['latency_ms']['float']:.3g} ms, {times} (batch {manifest['latency_ms']['input_shape']}). "
-        f"{manifest_path} says so (recommended: null). The files are correct; for speed ship the float model, "
-        "time a larger batch, or try another approach or format."
+        f"float {latency['float']:.3g} ms, {times} (input {latency['input_shape']}, load average "
+        f"{latency['load_average'][0]}).{too_fast} {manifest_path} says so (recommended: null, faster_than_float: "
+        "false); the files are verified and kept. For speed ship the float model, time a larger batch, or try "
+        "another approach or format."
     )
 
 

@@ -71,6 +71,55 @@ def test_deploy_names_what_is_wrong_with_its_arguments(tmp_path):
     assert not (tmp_path / "manifest.json").exists()  # refused before anything was tried
 
 
+def test_deploy_checks_every_argument_before_any_work_as_the_callbacks_do(tmp_path, cpu_lacking_a_target):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 10)).eval()
+    x, out = torch.rand(4, 1, 8, 8), tmp_path / "out"
+    refused = [
+        (dict(formats="onnx"), TypeError, r"deploy: formats must be a list of strings .* \['onnx'\]"),
+        (dict(formats=["onnx", "tflite"]), ValueError, r"deploy cannot export format\(s\) \['tflite'\]"),
+        (dict(formats=["torchao"]), ValueError, r"cannot export format\(s\) \['torchao'\]"),  # weight-only only
+        (dict(target="avx3"), ValueError, "Unknown target 'avx3'"),
+        (
+            dict(config=DynamicQuantConfig(target=cpu_lacking_a_target)),  # "amx" here: the README says refused
+            RuntimeError,
+            rf"deploy\(target={cpu_lacking_a_target!r}\).* lacks .*target='avx2'",
+        ),
+        (dict(config=DynamicQuantConfig(keep_float=("head",))), ValueError, r"keep_float names modules .*\['head'\]"),
+        (
+            dict(config=StaticQuantConfig(target="avx512_vnni"), target="avx2"),
+            ValueError,
+            r"deploy\(target='avx2'\) and StaticQuantConfig\(target='avx512_vnni'\) disagree.*Set it once",
+        ),
+        (
+            dict(example_inputs=torch.randint(0, 9, (4, 1, 8, 8))),  # int64 where the conv takes float
+            ValueError,
+            r"Sequential.forward fails on the example input \(shape \[4, 1, 8, 8\], dtype int64\).*example_inputs=",
+        ),
+        (dict(example_inputs=torch.full((4, 1, 8, 8), float("nan"))), ValueError, "example input holds NaN or inf"),
+        (
+            dict(config=StaticQuantConfig(), calibration_data=[x, torch.rand(4, 1, 6, 6)]),  # another image size
+            ValueError,
+            r"calibration_data\[1\] is not the call the example input is",
+        ),
+        (
+            dict(config=StaticQuantConfig(), calibration_data=[(x, x)]),  # two arguments to a forward of one
+            ValueError,
+            r"calibration_data\[0\] does not fit",
+        ),
+        (
+            dict(config=StaticQuantConfig(), calibration_data=[x.clone().fill_(float("inf"))]),
+            ValueError,
+            r"calibration_data\[0\] holds NaN or inf",
+        ),
+        (dict(config=StaticQuantConfig(), calibration_data=[]), ValueError, "static int8 needs calibration_data"),
+    ]
+    for changes, error, message in refused:
+        arguments = {**dict(model=model, config=DynamicQuantConfig(), example_inputs=x, dirpath=out), **changes}
+        with pytest.raises(error, match=message):
+            deploy(**arguments)
+    assert not out.exists()  # nothing was written, not even the folder
+
+
 def test_a_failed_quantization_writes_a_failed_manifest_and_the_full_report(tmp_path):
     nothing_to_quantize = nn.Sequential(nn.Flatten(), nn.ReLU()).eval()
     with pytest.raises(QuantizationError, match="deploy failed on Sequential.*produced no quantized op") as caught:

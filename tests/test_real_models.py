@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,24 +138,28 @@ def test_resnet_float_export_for_inference(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "make",
+    "make, failing",
     [
-        # ONNX Runtime's own static int8 of this model is 20% off float (verification deletes that file)
-        lambda: PostTrainingQuantization(num_calibration_batches=3, formats=["aoti"]),
-        lambda: DynamicQuantization(),
-        lambda: QuantizationAwareTraining(),
+        # default formats (aoti, onnx): ONNX Runtime's own static int8 of this model is 22% off float, so its onnx
+        # file fails verification; the aoti file is verified and ships, and the fit ends normally with a warning
+        (lambda: PostTrainingQuantization(num_calibration_batches=3), ["onnx"]),
+        (lambda: DynamicQuantization(), []),
+        (lambda: QuantizationAwareTraining(), []),
     ],
     ids=["static", "dynamic", "qat"],
 )
-def test_lightnings_demo_transformer(make, tmp_path):
+def test_lightnings_demo_transformer(make, failing, tmp_path):
     callback = make()
     torch.manual_seed(0)
     trainer = fast_trainer(tmp_path, [callback], limit_train_batches=4, num_sanity_val_steps=2)
-    trainer.fit(DemoTransformer())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(DemoTransformer())
     manifest = callback.manifest
-    # ONNX Runtime's int8 attention can run slower than float here; such a file is deleted, nothing else may fail
     assert "aoti" in {a["format"] for a in manifest["artifacts"]}, manifest.get("failures")
-    assert all("slower than the float model" in why for why in manifest.get("failures", {}).values()), manifest
+    assert list(manifest["failures"]) == failing and manifest["status"] == ("partial" if failing else "ok")
+    warned = [str(w.message) for w in caught if "of the default formats failed" in str(w.message)]
+    assert len(warned) == (1 if failing else 0) and all(name in warned[0] for name in failing)
     for artifact in manifest["artifacts"]:
         assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
         if artifact["format"] == "aoti":  # nn.Transformer's causal-mask check, resolved from the example

@@ -61,7 +61,6 @@ class DynamicQuantization(QuantizationCallback):
     ) -> None:
         super().__init__(**kwargs)
         self.config = DynamicQuantConfig(recurrent=recurrent, keep_float=tuple(self.keep_float), target=self.target)
-        self._formats_given = kwargs.get("formats") is not None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -75,7 +74,7 @@ class DynamicQuantization(QuantizationCallback):
         blocked = [f for f in self.formats if f in _NEEDS_TORCH_EXPORT]
         if not recurrent_layers or not blocked:
             return self.formats
-        if not self._formats_given:
+        if not self.formats_listed:
             return ["onnx", "torchscript"]
         raise ValueError(
             f"{type(model).__name__} has recurrent layers {recurrent_layers}: their int8 version (legacy "

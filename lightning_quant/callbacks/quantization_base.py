@@ -72,6 +72,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks._evaluation import evaluate_validation, evaluated_batches
+from lightning_quant.checks import (
+    check_example,
+    check_finite,
+    check_formats,
+    check_keep_float_names,
+    check_target,
+    check_writable,
+)
 from lightning_quant.errors import first_lines
 from lightning_quant.export import FORMATS, OnnxQuantization
 from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
@@ -92,7 +100,8 @@ from lightning_quant.quantization import single_input_channel_convs
 from lightning_quant.quantization.budget import MetricBudget, fallback_search
 from lightning_quant.quantization.config import check_keep_float
 from lightning_quant.quantization.sensitivity import quantizable_layers, save_sensitivity
-from lightning_quant.target import DEFAULT_TARGET, check_runs_here, check_target_name
+from lightning_quant.run_folder import lock, new_staging, unlock
+from lightning_quant.target import DEFAULT_TARGET, check_target_name
 
 _DATALOADERS = ("train", "val")
 
@@ -101,14 +110,17 @@ class QuantizationCallback(Callback, ABC):
     r"""Base of the callbacks that turn the trained float model into verified artifacts at fit end: int8 (or
     weight-only) by ``config``, or the float model itself when ``config`` is ``None``.
 
-    At fit end (rank zero does the work; all ranks wait for it):
+    From setup to teardown the fit holds ``dirpath`` (a lock file: another run into it is refused). At fit end
+    (rank zero does the work; all ranks wait for it), in a fresh folder inside ``dirpath`` whose files replace the
+    previous run's only when this one succeeds (:mod:`lightning_quant.run_folder`):
 
-    1. make sure a float checkpoint is on disk (the trainer's last checkpoint, else ``dirpath/float.ckpt``),
+    1. make sure a float checkpoint is on disk (the trainer's last checkpoint, else ``float.ckpt``),
     2. ``convert`` (subclass) and count the quantized ops (zero is an error),
-    3. export every format into ``dirpath`` (atomic writes), reload each in a fresh process and compare it
+    3. export every format (atomic writes), reload each in a fresh process and compare it
        with the converted model, time it against float,
     4. evaluate float and int8 with the module's own validation metrics,
-    5. write ``manifest.json``, log the numbers to the Trainer's logger and print one small table.
+    5. write ``manifest.json``, move the files into ``dirpath``, log the numbers to the Trainer's logger and print
+       one small table.
 
     With ``max_metric_drop``, step 2 checks the int8 model against the budget first (one validation pass
     for float, one for int8) and, while it is over, returns the most sensitive layers to float one at a time
@@ -122,7 +134,8 @@ class QuantizationCallback(Callback, ABC):
     Args:
         dirpath: where artifacts and ``manifest.json`` go. Default: ``<trainer.default_root_dir>/quantized``.
         formats: a list from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"`` (those the
-            approach supports). Default: the approach's ``default_formats``.
+            approach supports); a listed format that fails ends the fit with an error. Default: the approach's
+            ``default_formats``, of which what verified ships (a warning and the manifest say what failed).
         example_input: the call of ``forward`` the files serve, used to export: a tensor, a tuple of positional
             arguments or a dict of keyword arguments. Default: the module's ``example_input_array``. The files
             are timed on the first validation batch, or on this input where batches are a different call
@@ -172,28 +185,12 @@ class QuantizationCallback(Callback, ABC):
         target: str = DEFAULT_TARGET,
     ) -> None:
         check_target_name(target)
-        if isinstance(formats, str):
-            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
-        formats = list(self.default_formats if formats is None else formats)
-        if not all(isinstance(f, str) for f in formats):
-            raise TypeError(f"formats must be a list of strings from {list(self.supported_formats)}, got {formats!r}")
-        unknown = [f for f in formats if f not in self.supported_formats]
-        if unknown:
-            raise ValueError(
-                f"{type(self).__name__} cannot export format(s) {unknown}; choose from {list(self.supported_formats)}"
-            )
-        if not formats:
-            raise ValueError(
-                f"formats is empty: {type(self).__name__} would export nothing; list at least one of "
-                f"{list(self.supported_formats)} (or leave formats out for {list(self.default_formats)})"
-            )
-        if len(set(formats)) != len(formats):
-            raise ValueError(f"formats lists a format twice: {formats}")
+        self.formats_listed = formats is not None  # a listed format that fails is an error; a default one, a warning
+        self.formats = check_formats(formats, self.supported_formats, self.default_formats, type(self).__name__)
         check_keep_float(keep_float)
         if batch_to_input is not None and not callable(batch_to_input):
             raise TypeError(f"batch_to_input must be a callable batch -> model input, got {batch_to_input!r}")
         self.dirpath = Path(dirpath) if dirpath is not None else None
-        self.formats = formats
         self.example_input = example_input
         self.keep_float = list(keep_float)
         self.batch_to_input = batch_to_input or default_batch_to_input
@@ -205,6 +202,8 @@ class QuantizationCallback(Callback, ABC):
         self.budget_float_layers: list[str] = []
         self.quantized_model: Optional[nn.Module] = None
         self.manifest: Optional[dict[str, Any]] = None
+        self._lock: Optional[Path] = None  # held from setup to teardown (rank zero)
+        self._staging: Optional[Path] = None  # this fit end's files until they are published into dirpath
 
     # ------------------------------------------------------------------ subclass API
     def formats_for(self, model: nn.Module) -> list[str]:
@@ -270,24 +269,33 @@ class QuantizationCallback(Callback, ABC):
             self.dirpath = Path(trainer.default_root_dir) / "quantized"
         self._budget_metric_checked = False
         self._check_no_conflicting_callback(trainer)
-        check_runs_here(
-            self.target,
-            f"{type(self).__name__}(target={self.target!r})",
-            "Its files are verified by running them here: train on such a CPU, or choose "
-            "target='avx2' (runs on any x86-64 CPU with AVX2).",
-        )
+        owner = type(self).__name__
+        check_target(self.target, owner)
         if trainer.is_global_zero:
-            _check_writable(self.dirpath, type(self).__name__)
-        if self._given_example(pl_module) is not None:  # else it is the first training batch: checked at train start
-            self._check_example_runs(pl_module, self._resolve_example_inputs(trainer, pl_module))
-        names = dict(pl_module.named_modules())
-        missing = [name for name in self.keep_float if name not in names]
-        if missing:
-            options = ", ".join(n for n in names if n) or "(none)"
-            raise ValueError(
-                f"keep_float names modules that {type(pl_module).__name__} does not have: {missing}. "
-                f"Its modules are: {options}"
-            )
+            check_writable(self.dirpath, owner)
+        # run forward once on the example (modules that build their layers in configure_model are not built yet)
+        # (without an example the first training batch is the example: checked at train start)
+        if (
+            type(pl_module).configure_model is LightningModule.configure_model
+            and self._given_example(pl_module) is not None
+        ):
+            example = self._resolve_example_inputs(trainer, pl_module)
+            check_example(pl_module, example, owner, "example_input= (or set example_input_array to)")
+        check_keep_float_names(pl_module, self.keep_float, owner)
+        if trainer.is_global_zero:  # dirpath is this fit's until teardown: another run into it is refused
+            self._lock = lock(self.dirpath, owner)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._unlock()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            unlock(self._lock)
+            self._lock = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.budget is not None and not self._dataloaders(trainer, "val"):
@@ -300,7 +308,7 @@ class QuantizationCallback(Callback, ABC):
         # needs batches, not at fit end after all the training
         inputs = self._resolve_example_inputs(trainer, pl_module)
         if self._given_example(pl_module) is None:
-            self._check_example_runs(pl_module, inputs)
+            check_example(pl_module, inputs, type(self).__name__, "example_input_array (or batch_to_input=)")
         for loader in self._dataloaders(trainer, "train"):
             sample = _first_sample_batch(loader)
             if sample is not None and self.reads_batches:
@@ -316,27 +324,6 @@ class QuantizationCallback(Callback, ABC):
         self._budget_metric_checked = True
         if self.budget.metric not in logged:
             raise ValueError(_unknown_metric(type(self).__name__, self.budget.metric, logged))
-
-    def _check_example_runs(self, pl_module: LightningModule, inputs: ModelInputs) -> None:
-        """Run forward once on the example input (eval, no grad) so a wrong shape or dtype fails before training.
-        Skipped for modules that build their layers in ``configure_model`` (not built yet at setup)."""
-        if type(pl_module).configure_model is not LightningModule.configure_model:
-            return
-        was_training = pl_module.training
-        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
-        try:
-            with torch.no_grad():
-                pl_module.eval()
-                inputs.to(device)(pl_module)
-        except Exception as err:
-            described = inputs.describe()
-            raise ValueError(
-                f"{type(self).__name__}: {type(pl_module).__name__}.forward fails on the example input "
-                f"(shape {described.get('shape')}, dtype {described.get('dtype')}): {type(err).__name__}: {err}. "
-                "Pass example_input= (or set example_input_array to) a batch of the shape and dtype forward takes."
-            ) from err
-        finally:
-            pl_module.train(was_training)
 
     def _check_no_conflicting_callback(self, trainer: Trainer) -> None:
         others = [c for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c is not self]  # type: ignore[attr-defined]  # set by Lightning's callback connector
@@ -359,16 +346,24 @@ class QuantizationCallback(Callback, ABC):
             )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
-        error: Optional[BaseException] = None
-        if trainer.is_global_zero:
-            try:
-                self._quantize_export_and_report(trainer, pl_module, float_checkpoint)
-            except BaseException as err:  # re-raised after the other ranks are released
-                error = err
-        trainer.strategy.barrier("lightning_quant.on_fit_end")
-        if error is not None:
-            raise error
+        # rank zero writes this run's files (the float checkpoint first) into a fresh folder inside dirpath; they
+        # replace the previous run's only when the run succeeds (lightning_quant.run_folder)
+        self._staging = new_staging(self.output_dir) if trainer.is_global_zero else None
+        try:
+            float_checkpoint = self._ensure_float_checkpoint(trainer)  # collective: every rank calls it
+            error: Optional[BaseException] = None
+            if trainer.is_global_zero:
+                try:
+                    self._quantize_export_and_report(trainer, pl_module, float_checkpoint)
+                except BaseException as err:  # re-raised after the other ranks are released
+                    error = err
+            trainer.strategy.barrier("lightning_quant.on_fit_end")
+            if error is not None:
+                raise error
+        finally:
+            staging, self._staging = self._staging, None
+            if staging is not None and staging.is_dir() and not any(staging.iterdir()):
+                staging.rmdir()
 
     def state_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "manifest": self.manifest}
@@ -393,13 +388,7 @@ class QuantizationCallback(Callback, ABC):
                 if limit is not None and count >= limit:
                     return
                 inputs = self._batch_inputs(batch, trainer.lightning_module, dataloader, example).to("cpu")
-                bad = [t for t in inputs.tensors() if t.is_floating_point() and not torch.isfinite(t).all()]
-                if bad:
-                    raise ValueError(
-                        f"Batch {count} of the {dataloader} dataloader holds NaN or inf: calibration ranges and "
-                        "error checks computed from it would be NaN. Clean or clip the data (or drop those "
-                        "samples) before quantizing."
-                    )
+                check_finite(inputs, f"Batch {count} of the {dataloader} dataloader")
                 yield inputs
                 count += 1
 
@@ -528,7 +517,7 @@ class QuantizationCallback(Callback, ABC):
             and getattr(checkpoint, "_last_global_step_saved", None) == trainer.global_step
         ):
             return str(last)
-        path = self.output_dir / "float.ckpt"
+        path = (self._staging or self.output_dir) / "float.ckpt"
         temporary = path.with_name(path.name + ".tmp")
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -547,7 +536,8 @@ class QuantizationCallback(Callback, ABC):
         started = time.perf_counter()
         dirpath = self.output_dir
         dirpath.mkdir(parents=True, exist_ok=True)
-        run = Run(type(self).__name__, dirpath, self.approach, self.backend, type(pl_module).__name__, float_checkpoint)
+        owner, name = type(self).__name__, type(pl_module).__name__
+        run = Run(owner, dirpath, self.approach, self.backend, name, float_checkpoint, self._staging)
         was_training = pl_module.training
         pl_module.eval()
         self.budget_float_layers = []
@@ -599,8 +589,8 @@ class QuantizationCallback(Callback, ABC):
         self.manifest, self.quantized_model = deployment.manifest, deployment.model
         self._log(trainer, deployment.manifest)
         if budget_report is not None and not budget_report["within_budget"]:
-            rank_zero_warn(_over_budget_message(run.owner, budget_report, dirpath / FILENAME))
-        raise_failures(deployment, run)
+            rank_zero_warn(_over_budget_message(run.owner, budget_report, deployment.dirpath / FILENAME))
+        raise_failures(deployment, run, self.formats_listed)
 
     def _validation_batches(self, trainer: Trainer) -> tuple[list[Any], list[float]]:
         """The fit's validation dataloaders and how many batches of each the Trainer validates;
@@ -656,7 +646,7 @@ class QuantizationCallback(Callback, ABC):
         if result.sensitivity:
             save_sensitivity(
                 result.sensitivity,
-                self.output_dir,
+                self._staging or self.output_dir,
                 title=f"{type(pl_module).__name__}, {self.approach}: "
                 "relative output error with one layer quantized (most sensitive on top)",
             )
@@ -748,17 +738,3 @@ def _first_sample_batch(loader: Any) -> Any:
     if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
     return collate([dataset[0]])
-
-
-def _check_writable(dirpath: Path, owner: str) -> None:
-    """Fail before training if the artifacts could not be written: create ``dirpath`` and a file in it."""
-    try:
-        Path(dirpath).mkdir(parents=True, exist_ok=True)
-        probe = Path(dirpath) / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(
-            f"{owner} cannot write into dirpath {str(dirpath)!r} ({type(err).__name__}: {err.strerror or err}): "
-            "pass a writable dirpath= (or fix the directory's permissions) before training."
-        ) from err

@@ -35,9 +35,6 @@ _FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], A
     ),
 }
 FORMATS: tuple[str, ...] = tuple(_FORMATS)
-# not files to run as they are, so never deleted as slower than float: the unlowered program (for users to compile:
-# AOTInductor, torch.compile) and the torchao checkpoint (for torchao's own kernels, e.g. on GPU)
-UNLOWERED = ("torch_export", "torchao")
 ERROR_LOG = "errors.log"  # beside the files: what failed, in full (tracebacks, compiler output, FX graphs)
 
 # Smallest tolerance on the relative error max |file - expected| / max |expected| (see verify_artifacts for

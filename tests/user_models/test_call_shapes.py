@@ -119,7 +119,7 @@ def test_batches_that_are_not_a_call_of_forward_verify_on_the_example(tmp_path):
     fast_trainer(tmp_path, [callback]).fit(TwoInputs(), split_batches(64), split_batches(32))
     manifest = callback.manifest
     assert produced_formats(manifest) == {"onnx", "torch_export"}
-    outputs = run_files_alone(callback.dirpath, torch.randn(3, 8), torch.randn(3, 4))
+    outputs = run_files_alone(callback.dirpath, torch.randn(3, 8), torch.randn(3, 4), 1.0)  # defaults bound too
     assert all(tensors[0].shape == (3, 2) for tensors in outputs.values()) and outputs
     assert manifest["latency_ms"]["input_shape"] == [4, 8]  # timed on the example, not on a batch
     note = " ".join(manifest["notes"])
