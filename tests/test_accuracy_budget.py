@@ -111,7 +111,7 @@ def test_static_fallback_keeps_exactly_the_fragile_layer_float(static_run):
     # a model and be deleted for speed (produced_formats allows that, and only that)
     assert produced_formats(manifest) == {"torch_export", "onnx"}
     assert any("'onnx' is ONNX Runtime quantize_static (QDQ)" in note for note in manifest["notes"])
-    assert callback.budget_float_layers == ["net.fragile"]
+    assert [layer["name"] for layer in manifest["accuracy_budget"]["float_layers"]] == ["net.fragile"]
     for artifact in manifest["artifacts"]:
         assert artifact["verification"]["relative_error"] <= artifact["verification"]["tolerance"]
     assert manifest["metrics"]["quantized"]["val/acc"] >= 0.98

@@ -198,8 +198,6 @@ class QuantizationCallback(Callback, ABC):
         self.target = target
         self.budget = MetricBudget.from_value(max_metric_drop)
         self._budget_metric_checked = False
-        # the layers the budget's search returned to float at the last fit end
-        self.budget_float_layers: list[str] = []
         self.quantized_model: Optional[nn.Module] = None
         self.manifest: Optional[dict[str, Any]] = None
         self._lock: Optional[Path] = None  # held from setup to teardown (rank zero)
@@ -540,7 +538,6 @@ class QuantizationCallback(Callback, ABC):
         run = Run(owner, dirpath, self.approach, self.backend, name, float_checkpoint, self._staging)
         was_training = pl_module.training
         pl_module.eval()
-        self.budget_float_layers = []
         try:
             with torch.no_grad(), _jit_is_scripting():
                 try:
@@ -555,7 +552,6 @@ class QuantizationCallback(Callback, ABC):
                         reference, keep_float, budget_report, float_metrics = self._convert_within_budget(
                             trainer, pl_module, float_model, inputs, calibration, self.budget
                         )
-                        self.budget_float_layers = keep_float[len(self.keep_float) :]
                     onnx = self.onnx_quantization(calibration, keep_float)
                     models = self.artifact_models(pl_module, keep_float)
                     details = self.manifest_details(float_model, inputs, calibration)

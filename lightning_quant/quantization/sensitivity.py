@@ -24,8 +24,6 @@ from lightning_quant.quantization.config import is_kept_float
 from lightning_quant.quantization.layers import is_transposed_linear
 from lightning_quant.report import markdown_table, write_table
 
-SENSITIVITY_FILES = ("sensitivity.csv", "sensitivity.md", "sensitivity.png")
-
 
 def quantizable_layers(
     model: nn.Module, types: tuple[type[nn.Module], ...], keep_float: Sequence[str] = ()
