@@ -1,8 +1,7 @@
 """Packed low-bit weights, shared by quantization/ and export/: the grid (:func:`quantize_weight`), the packing
 ONNX Runtime's ``MatMulNBits`` reads (:func:`pack`), and the ``lightning_quant::weight_only_linear`` op that runs
-it in PyTorch, written as ``MatMulNBits`` by the ONNX export (:func:`onnx_translations`) and as plain ATen ops for
-AOTInductor (:func:`decompose`). Importing this module registers the op (loading a ``.pt2`` that calls it needs
-that).
+it in PyTorch, written as ``MatMulNBits`` by the ONNX export (:func:`onnx_translations`) and as plain ATen ops in
+``.pt2`` files (:func:`decompose`), which therefore load without this package.
 """
 
 from __future__ import annotations
@@ -114,14 +113,17 @@ def _(
     return input.new_empty((*input.shape[:-1], packed.shape[0]))
 
 
-def decompose(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
-    """``program`` with ``weight_only_linear`` written as plain ATen ops (unpack, scale, linear), for
-    AOTInductor, which compiles ATen ops only; any other program as it is."""
+def decompose(program: torch.export.ExportedProgram, core_aten: bool = True) -> torch.export.ExportedProgram:
+    """``program`` with ``weight_only_linear`` written as ATen ops (unpack the nibbles with bitwise ops, subtract
+    the zero point, scale, matmul; the packed uint8 weights stay the program's constants), and with
+    ``core_aten`` every other op decomposed to core ATen too: for AOTInductor, which compiles ATen ops only, and
+    (``core_aten=False``: the rest of the graph as exported) for saved programs, which then load with plain torch.
+    Any other program as it is."""
     op = torch.ops.lightning_quant.weight_only_linear.default
     if not any(node.target is op for node in program.graph.nodes):
         return program
-    table = torch.export.default_decompositions()
-    table[torch.ops.lightning_quant.weight_only_linear.default] = linear_reference
+    table = torch.export.default_decompositions() if core_aten else {}
+    table[op] = linear_reference
     return program.run_decompositions(table)
 
 

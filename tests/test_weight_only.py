@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import compose_train, fast_trainer, run_train_script
+from conftest import compose_train, fast_trainer, run_files_alone, run_train_script
 from torch import nn
 
 from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization, load
@@ -153,6 +153,37 @@ def test_deploy_writes_verified_int4_files_a_quarter_of_float_that_load_reads(tm
     with torch.no_grad():
         assert torch.allclose(loaded(x), deployment.model(x), atol=1e-5)
         assert not torch.equal(loaded(x), model(x))  # the 4-bit weights, not the float ones
+
+
+def wide_mlp() -> nn.Module:  # 2 MB of float weights: the .pt2's own overhead (its graph, ~70 kB) is small beside
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256)).eval()
+
+
+def embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(4096, 128), nn.Flatten(), nn.Linear(3 * 128, 10)).eval()
+
+
+@pytest.mark.parametrize(
+    "model, example",
+    [(wide_mlp, lambda: torch.randn(8, 256)), (embedding_model, lambda: torch.randint(0, 4096, (8, 3)))],
+    ids=["linear", "embedding"],
+)
+def test_int4_programs_hold_core_aten_ops_only_and_run_with_plain_torch(model, example, tmp_path):
+    float_model, x = model(), example()
+    deployment = deploy(float_model, WeightOnlyConfig(bits=4), x, dirpath=tmp_path, formats=["torch_export"])
+    (artifact,) = json.loads((tmp_path / "manifest.json").read_text())["artifacts"]
+    program = torch.export.load(tmp_path / artifact["path"])
+    assert {node.target.namespace for node in program.graph.nodes if node.op == "call_function"} == {"aten"}
+    # in a fresh process that never imports lightning_quant: plain torch.export.load(path).module()(x)
+    outputs = run_files_alone(tmp_path, x)["torch_export"]
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[0], deployment.model(x))
+    # the packed uint8 weights are the program's constants (not unpacked at export): the file stays int4-sized
+    assert {t.dtype for t in program.state_dict.values() if t.dim() == 3} == {torch.uint8}
+    float_bytes = sum(p.numel() * p.element_size() for p in float_model.parameters())
+    assert (tmp_path / artifact["path"]).stat().st_size < 0.3 * float_bytes
 
 
 def lm_trainer(tmp_path, callback, epochs=2):
