@@ -199,17 +199,46 @@ def check_format_version(version: Any, what: str) -> None:
         )
 
 
+# what load and the CLI read from every artifact entry
+ARTIFACT_KEYS = {"path": str, "format": str, "sha256": str, "bytes": int}
+
+
 def read_manifest(path: Path | str, advice: str = ": the file is damaged; export again.") -> Any:
-    """The parsed JSON of the manifest file at ``path``.
+    """The parsed manifest file at ``path``: a JSON object whose ``artifacts`` (if any) are objects with the
+    :data:`ARTIFACT_KEYS`.
 
     Raises:
-        ValueError: the file is not valid JSON; the message names it, the parser's error, then ``advice``.
+        ValueError: the file is not UTF-8, not JSON, not a JSON object, or an artifact entry lacks a key (or has
+            one of another type); the message names the file and what is wrong, then ``advice``.
     """
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}){advice}") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err}){advice}") from err
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path} holds a JSON {type(manifest).__name__}, not the object a manifest is{advice}")
+    artifacts = manifest.get("artifacts", [])
+    if not isinstance(artifacts, list):
+        raise ValueError(f"{path}: 'artifacts' is a {type(artifacts).__name__}, not a list of entries{advice}")
+    for index, entry in enumerate(artifacts):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: artifacts[{index}] is a {type(entry).__name__}, not an object{advice}")
+        missing = [key for key in ARTIFACT_KEYS if key not in entry]
+        wrong = [
+            f"{key!r} is {entry[key]!r}, not of type {kind.__name__}"
+            for key, kind in ARTIFACT_KEYS.items()
+            if key in entry and (not isinstance(entry[key], kind) or isinstance(entry[key], bool))
+        ]
+        if missing or wrong:
+            problems = ([f"lacks {missing}"] if missing else []) + wrong
+            raise ValueError(
+                f"{path}: artifacts[{index}] ({entry.get('path', 'no path')!r}) {'; '.join(problems)} (every entry "
+                f"has {list(ARTIFACT_KEYS)}){advice}"
+            )
+    return manifest
 
 
 def write_manifest(manifest: dict[str, Any], dirpath: Path | str) -> Path:

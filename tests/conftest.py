@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -154,3 +156,38 @@ def run_files_alone(folder: Path, *args, **kwargs) -> dict[str, list]:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=True)
+
+
+def _without(key: str) -> Callable[[bytes], bytes]:
+    def damage(text: bytes) -> bytes:
+        manifest = json.loads(text)
+        del manifest["artifacts"][0][key]
+        return json.dumps(manifest).encode()
+
+    return damage
+
+
+def _bytes_as_text(text: bytes) -> bytes:
+    manifest = json.loads(text)
+    manifest["artifacts"][0]["bytes"] = str(manifest["artifacts"][0]["bytes"])
+    return json.dumps(manifest).encode()
+
+
+# ways a manifest.json can be broken (a function of the good file's bytes) and what the message says (a regex)
+BROKEN_MANIFESTS: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "not UTF-8": (lambda text: text.replace(b'"model"', b'"mod\xe9l"'), r"manifest.json is not UTF-8 text"),
+    "not JSON": (lambda text: text[: len(text) // 2], r"manifest.json is not valid JSON"),
+    "a list": (lambda text: b"[" + text + b"]", r"manifest.json holds a JSON list, not the object a manifest is"),
+    "no sha256": (_without("sha256"), r"manifest.json: artifacts\[0\] \('model.onnx'\) lacks \['sha256'\]"),
+    "no path": (_without("path"), r"manifest.json: artifacts\[0\] \('no path'\) lacks \['path'\]"),
+    "no format": (_without("format"), r"artifacts\[0\] \('model.onnx'\) lacks \['format'\] \(every entry has"),
+    "bytes as text": (_bytes_as_text, r"artifacts\[0\] \('model.onnx'\) 'bytes' is '\d+', not of type int"),
+}
+
+
+def break_manifest(folder: Path, how: str) -> str:
+    """Rewrite ``folder``'s manifest.json broken as :data:`BROKEN_MANIFESTS` says; return the message expected."""
+    damage, message = BROKEN_MANIFESTS[how]
+    path = folder / "manifest.json"
+    path.write_bytes(damage(path.read_bytes()))
+    return message

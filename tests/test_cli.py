@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import BROKEN_MANIFESTS, break_manifest
 
 from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.cli import main
@@ -148,6 +150,21 @@ def test_time_and_compare_refuse_a_changed_or_symlinked_file(exported, tmp_path,
     (copy / "model.onnx").symlink_to(outside)
     status, _, err = cli("time", str(copy / "model.onnx"), "--runs", "2", "--no-progress")
     assert status != 0 and "model.onnx is a symlink to" in err
+
+
+@pytest.mark.parametrize("how", list(BROKEN_MANIFESTS))
+def test_a_broken_manifest_is_a_message_naming_it_and_what_is_wrong(exported, tmp_path, cli, how):
+    copy = Path(shutil.copytree(exported, tmp_path / "copy"))
+    message = break_manifest(copy, how)
+    for command in (
+        ["inspect", str(copy)],
+        ["time", str(copy / "model.onnx"), "--runs", "2", "--no-progress"],
+        ["compare", str(copy / "model.onnx"), str(copy / "model_program.pt2"), "--runs", "2", "--no-progress"],
+    ):
+        status, _, err = cli(*command)
+        assert status == 2 and re.search(message, err), (command, err)
+        assert err.startswith(f"lightning-quant {command[0]}: error: {copy / 'manifest.json'}")
+        assert "Traceback" not in err
 
 
 def test_time_uses_the_manifest_input_and_batch_size(exported, cli):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fast_trainer
+from conftest import BROKEN_MANIFESTS, break_manifest, fast_trainer
 from torch.export.pt2_archive.constants import OPAQUE_OBJ_FILENAME_PREFIX
 
 from lightning_quant import DynamicQuantization
@@ -100,6 +100,15 @@ def test_unlisted_missing_and_unknown_files_are_refused(exported, tmp_path):
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load(out)
+
+
+@pytest.mark.parametrize("how", list(BROKEN_MANIFESTS))
+def test_a_broken_manifest_is_a_message_naming_it_and_what_is_wrong(exported, tmp_path, how):
+    out = copy_of(exported, tmp_path)
+    message = break_manifest(out, how)
+    with pytest.raises(ValueError, match=message) as refused:
+        load(out)
+    assert str(out / "manifest.json") in str(refused.value) and "export again" in str(refused.value)
 
 
 @pytest.mark.parametrize("where", ["absolute", "parent", "symlink"])
