@@ -10,11 +10,12 @@ import hydra
 from omegaconf import DictConfig
 
 import lightning_quant.configs  # noqa: F401  (registers the structured configs)
-from lightning_quant.app import train
+from lightning_quant.app import log_through_root, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    log_through_root()  # into Hydra's train.log too
     return train(cfg)
 
 

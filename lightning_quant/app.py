@@ -22,6 +22,19 @@ def _drop_lightning_tips(record: logging.LogRecord) -> bool:
     return "Tip: For seamless" not in record.getMessage()
 
 
+def log_through_root() -> None:
+    """Send Lightning's messages (lightning-quant's fit-end table among them) and Python warnings through the root
+    logger, whose handlers Hydra sets for each job: the console and the run folder's ``train.log``. Lightning,
+    imported before Hydra set them, found the root logger without handlers, so it gave its loggers console
+    handlers of their own and stopped them propagating: ``train.log`` stayed empty."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)  # the root's console handler prints them (once)
+        logger.propagate = True
+    logging.captureWarnings(True)  # warnings.warn (rank_zero_warn, the pipeline's) as "py.warnings" records
+
+
 def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[L.Callback]:
     """One callback per named entry; an entry set to null (``callbacks.ptq=null``) is skipped."""
     callbacks = []

@@ -387,3 +387,7 @@ def test_train_script_with_lstm_and_dynamic(tmp_path):
     assert manifest["approach"] == "dynamic"
     assert produced_formats(manifest) == {"onnx", "torchscript"}
     assert "LSTM (legacy torch.ao int8)" in manifest["quantized_ops"]
+    # Hydra's job log holds what the console showed: Lightning's messages, the fit-end table, warnings
+    log = (tmp_path / "train.log").read_text()
+    assert "`Trainer.fit` stopped" in log and "int8 (dynamic)" in log and "model.onnx" in log
+    assert "[py.warnings][WARNING]" in log and "the deprecated torch torch.ao.quantization.quantize_dynamic" in log
