@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lightning_quant import deploy, load
-from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig
+from lightning_quant.demo import ByteLanguageModel
+from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig
 
 
 def small_conv_net() -> nn.Module:
@@ -58,6 +59,30 @@ def test_the_manifest_times_a_file_as_it_runs_on_its_own(tmp_path):
         on_its_own = min(on_its_own, fastest_call_ms(onnx, x))
     assert 1 / 1.2 <= in_manifest / on_its_own <= 1.2, (in_manifest, on_its_own, deployment.manifest["latency_ms"])
     assert deployment.manifest["latency_ms"]["too_fast_to_time"] is False  # 0.4-0.8 ms a call
+
+
+def agrees_with_the_file_on_its_own(in_manifest: float, call) -> float:
+    """The fastest standalone call of ``call`` (no argument), timed again a second later while it is more than 20%
+    from ``in_manifest`` (another process's load can slow every call for a moment); returns that time."""
+    on_its_own = fastest_call_ms(lambda _: call(), None)
+    for _ in range(5):
+        if 1 / 1.2 <= in_manifest / on_its_own <= 1.2:
+            break
+        time.sleep(1)
+        on_its_own = min(on_its_own, fastest_call_ms(lambda _: call(), None))
+    return on_its_own
+
+
+def test_the_manifest_times_the_int4_generation_step_as_it_runs_on_its_own(tmp_path):
+    # the issue's case (#27): an int4 decode step's ONNX file, 1.37 ms in the manifest, 0.70-0.75 ms on its own
+    torch.manual_seed(0)
+    model = ByteLanguageModel(width=128, layers=2, heads=4, block_size=64).eval()
+    step = model.example_input_array  # one sequence, one byte, the empty cache, position 0
+    deployment = deploy(model, WeightOnlyConfig(bits=4), step, dirpath=tmp_path, formats=["onnx"])
+    in_manifest = deployment.manifest["latency_ms"]["onnx"]
+    onnx = load(tmp_path, "onnx")
+    on_its_own = agrees_with_the_file_on_its_own(in_manifest, lambda: onnx(*step))
+    assert 1 / 1.2 <= in_manifest / on_its_own <= 1.2, (in_manifest, on_its_own, deployment.manifest["latency_ms"])
 
 
 def test_a_verified_file_slower_than_float_is_kept_marked_and_never_recommended(tmp_path):
