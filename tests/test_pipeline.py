@@ -95,7 +95,7 @@ def test_deploy_checks_every_argument_before_any_work_as_the_callbacks_do(tmp_pa
             ValueError,
             r"Sequential.forward fails on the example input \(shape \[4, 1, 8, 8\], dtype int64\).*example_inputs=",
         ),
-        (dict(example_inputs=torch.full((4, 1, 8, 8), float("nan"))), ValueError, "example input holds NaN or inf"),
+        (dict(example_inputs=torch.full((4, 1, 8, 8), float("nan"))), ValueError, "example_input holds NaN or inf"),
         (
             dict(config=StaticQuantConfig(), calibration_data=[x, torch.rand(4, 1, 6, 6)]),  # another image size
             ValueError,
