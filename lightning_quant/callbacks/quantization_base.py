@@ -457,7 +457,8 @@ class QuantizationCallback(Callback, ABC):
         """The first batch of the training dataloader (its first ``batch_size`` samples, collated as the loader
         would, read without iterating the loader: that would move its sampler's generator); ``None`` if there is
         none or its dataset is iterable."""
-        return next(filter(None, map(_first_batch, self._dataloaders(trainer, "train"))), None)
+        batches = (_first_batch(loader) for loader in self._dataloaders(trainer, "train"))
+        return next((batch for batch in batches if batch is not None), None)  # a batch may be one tensor: no bool()
 
     @staticmethod
     def cpu_copy(pl_module: LightningModule) -> LightningModule:
