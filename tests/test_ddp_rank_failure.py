@@ -71,9 +71,24 @@ def run(out: Path, case: str) -> None:
         (out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"left_fit": time.time()}))
 
 
-def kill_session(session_id: int) -> list[int]:
-    """SIGKILL what is still running in the session; return those process ids (zombies, i.e. processes that
-    already exited and wait to be reaped, are not counted)."""
+def kill_session(session_id: int, grace_seconds: float = 5.0) -> list[int]:
+    """SIGKILL what is still running in the session after ``grace_seconds``; return those process ids (zombies,
+    i.e. processes that already exited and wait to be reaped, are not counted). The grace covers a process caught
+    while exiting: it closes its pipes (so communicate() returns) before the kernel marks it a zombie, which on a
+    loaded machine can be seen in between."""
+    deadline = time.monotonic() + grace_seconds
+    while _running_in(session_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    running = _running_in(session_id)
+    for pid in running:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return running
+
+
+def _running_in(session_id: int) -> list[int]:
     running = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -83,11 +98,6 @@ def kill_session(session_id: int) -> list[int]:
         state, process_group = fields[0], int(fields[2])
         if process_group == session_id and state not in ("Z", "X"):
             running.append(int(stat.parent.name))
-    for pid in running:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     return running
 
 
