@@ -21,7 +21,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from lightning_quant.inputs import ModelInputs
+from lightning_quant.inputs import ModelInputs, check_finite
 from lightning_quant.target import check_runs_here, check_target_name
 
 
@@ -66,15 +66,6 @@ def check_keep_float_names(model: nn.Module, keep_float: Sequence[str], owner: s
         raise ValueError(
             f"{owner}: keep_float names modules that {type(model).__name__} does not have: {missing}. "
             f"Its modules are: {options}"
-        )
-
-
-def check_finite(inputs: ModelInputs, what: str) -> None:
-    """No NaN or inf in the floating-point tensors of ``inputs`` (``what`` names them in the message)."""
-    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in inputs.tensors()):
-        raise ValueError(
-            f"{what} holds NaN or inf: calibration ranges and error checks computed from it would be NaN. Clean or "
-            "clip the data (or drop those samples) before quantizing."
         )
 
 

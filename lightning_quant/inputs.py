@@ -234,8 +234,9 @@ def check_finite(inputs: ModelInputs, what: str) -> None:
     for index, tensor in enumerate(inputs.tensors()):
         if not finite([tensor]):
             raise ValueError(
-                f"{what} holds NaN or inf (tensor {index}, shape {tuple(tensor.shape)}): outputs computed from it "
-                "cannot be checked. Use finite values (real data, or torch.rand)."
+                f"{what} holds NaN or inf (tensor {index}, shape {tuple(tensor.shape)}): calibration ranges and "
+                "outputs computed from it would be NaN, checking nothing. Clean or clip the data (or drop those "
+                "samples), or use finite values."
             )
 
 

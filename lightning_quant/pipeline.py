@@ -39,7 +39,6 @@ from torch import nn
 from lightning_quant.benchmark import measure_speed, model_bytes
 from lightning_quant.checks import (
     check_example,
-    check_finite,
     check_formats,
     check_keep_float_names,
     check_same_call,
@@ -58,7 +57,7 @@ from lightning_quant.export import (
     verify_artifacts,
 )
 from lightning_quant.export.api import ERROR_LOG, InferenceOnly
-from lightning_quant.inputs import ModelInputs, example_inputs_for_export
+from lightning_quant.inputs import ModelInputs, check_finite, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, build_manifest, failed_manifest, write_manifest
 from lightning_quant.quantization import count_quantized_ops, quantize
 from lightning_quant.quantization.config import DynamicQuantConfig, StaticQuantConfig

@@ -74,7 +74,6 @@ from torch import nn
 from lightning_quant.callbacks._evaluation import evaluate_validation, evaluated_batches
 from lightning_quant.checks import (
     check_example,
-    check_finite,
     check_formats,
     check_keep_float_names,
     check_target,
@@ -82,7 +81,7 @@ from lightning_quant.checks import (
 )
 from lightning_quant.errors import first_lines
 from lightning_quant.export import FORMATS, OnnxQuantization
-from lightning_quant.inputs import ModelInputs, default_batch_to_input, example_inputs_for_export
+from lightning_quant.inputs import ModelInputs, check_finite, default_batch_to_input, example_inputs_for_export
 from lightning_quant.manifest import FILENAME, FORMAT_VERSION, check_format_version, format_table, manifest_numbers
 from lightning_quant.pipeline import (
     DeploymentError,
@@ -307,9 +306,11 @@ class QuantizationCallback(Callback, ABC):
         inputs = self._resolve_example_inputs(trainer, pl_module)
         if self._given_example(pl_module) is None:
             check_example(pl_module, inputs, type(self).__name__, "example_input_array (or batch_to_input=)")
+        if not self.reads_batches:
+            return
         for loader in self._dataloaders(trainer, "train"):
-            sample = _first_sample_batch(loader)
-            if sample is not None and self.reads_batches:
+            sample = _first_batch(loader, size=1)
+            if sample is not None:
                 mismatch = self._batch_inputs(sample, pl_module, "train", inputs).mismatch(inputs)
                 if mismatch is not None:
                     raise ValueError(self._batch_mismatch_message(pl_module, mismatch, before_training=True))
@@ -425,8 +426,10 @@ class QuantizationCallback(Callback, ABC):
             batches = list(self.model_inputs(trainer, "val", limit, inputs)) or list(
                 self.model_inputs(trainer, "train", limit, inputs)
             )
-        except ValueError as err:  # a batch that does not bind to forward at all
-            return [], str(err).split(": ", 2)[-1].split(". Pass batch_to_input")[0]
+        except ValueError as err:
+            if not isinstance(err.__cause__, TypeError):  # a NaN batch, say: not a batch of another form
+                raise
+            return [], f"a batch does not bind to forward: {err.__cause__}"  # _batch_inputs raises from it
         mismatch = batches[0].mismatch(inputs) if batches else None
         return ([], mismatch) if mismatch is not None else (batches, None)
 
@@ -711,27 +714,18 @@ def _over_budget_message(owner: str, report: dict[str, Any], manifest_path: Path
     )
 
 
-def _first_batch(loader: Any) -> Any:
-    """The loader's first batch (its first ``batch_size`` samples, collated as the loader would), without iterating
-    the loader (see :func:`_first_sample_batch`). ``None`` for iterable datasets."""
+def _first_batch(loader: Any, size: Optional[int] = None) -> Any:
+    """The loader's first ``size`` samples (default: its ``batch_size``), collated as the loader would, without
+    iterating the loader: iterating would advance its sampler's generator and change the order training sees.
+    ``None`` for iterable datasets."""
     dataset: Any = getattr(loader, "dataset", None)
     collate = getattr(loader, "collate_fn", None)
     if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
         return None
-    size = min(len(dataset), getattr(loader, "batch_size", None) or 1)
+    size = min(len(dataset), size or getattr(loader, "batch_size", None) or 1)
     return collate([dataset[i] for i in range(size)])
 
 
 def _with_notes(details: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """``details`` with ``notes`` added to its ``notes`` list."""
     return {**details, "notes": [*details.get("notes", []), *notes]} if notes else details
-
-
-def _first_sample_batch(loader: Any) -> Any:
-    """A batch of the loader's first sample, collated as the loader would, without iterating the loader: iterating
-    would advance its sampler's generator and change the order training sees. ``None`` for iterable datasets."""
-    dataset: Any = getattr(loader, "dataset", None)
-    collate = getattr(loader, "collate_fn", None)
-    if collate is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__") or len(dataset) == 0:
-        return None
-    return collate([dataset[0]])
