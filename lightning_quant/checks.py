@@ -28,14 +28,24 @@ from lightning_quant.target import check_runs_here, check_target_name
 def check_formats(
     formats: Optional[Sequence[str]], supported: Sequence[str], default: Sequence[str], owner: str
 ) -> list[str]:
-    """``formats`` as a list (``default`` for ``None``): strings from ``supported``, at least one, none twice."""
+    """``formats`` as a list (for ``None``: the ``default`` ones installed here): strings from ``supported``, at least
+    one, none twice, each with its optional package installed."""
     if isinstance(formats, str) or (formats is not None and not all(isinstance(f, str) for f in formats)):
         hint = f" (a list: {[formats]})" if isinstance(formats, str) else ""
         raise TypeError(f"{owner}: formats must be a list of strings from {list(supported)}, got {formats!r}{hint}")
-    chosen = list(default if formats is None else formats)
+    from lightning_quant.export.formats import get_format, installed
+
+    chosen = list(installed(default) if formats is None else formats)
     unknown = [f for f in chosen if f not in supported]
     if unknown:
         raise ValueError(f"{owner} cannot export format(s) {unknown}; choose from {list(supported)}")
+    for name in chosen:
+        required = get_format(name).requires
+        if required is not None and not get_format(name).installed:
+            raise ValueError(
+                f"{owner}: format {name!r} needs the {required[0]} package, which is not installed: "
+                f'pip install "lightning-quant[{required[1]}]", or leave {name!r} out of formats'
+            )
     if not chosen:
         raise ValueError(
             f"formats is empty: {owner} would export nothing; list at least one of {list(supported)} "

@@ -23,11 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-FORMAT_BY_NAME = {"model_aoti.pt2": "aoti", "model_program.pt2": "torch_export"}
-FORMAT_BY_SUFFIX = {".onnx": "onnx", ".ts": "torchscript", ".torchscript": "torchscript"}
 _CHUNK = 10  # timed rounds between progress-bar updates
-# formats whose files are read by unpickling (tensors only): inspect reads them to find one that load would refuse
-UNPICKLED = ("torch_export", "torchao")
 
 
 class CliError(Exception):
@@ -70,18 +66,19 @@ def check_artifacts(manifest: dict[str, Any], manifest_path: Path) -> list[dict[
     import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, inside saved programs)
     from lightning_quant.export import load_artifact
     from lightning_quant.files import sha256
-    from lightning_quant.loading import artifact_file
+    from lightning_quant.loading import entry_files
 
     checked = []
     for artifact in manifest.get("artifacts", []):
         status, why = "ok", None
         try:
-            path = artifact_file(manifest_path, artifact.get("path"))
-            if not path.is_file():
+            files = entry_files(manifest_path, artifact)
+            path = files[0][0]
+            if not all(part.is_file() for part, _ in files):
                 status = "missing"
-            elif sha256(path) != artifact.get("sha256"):
+            elif any(sha256(part) != recorded for part, recorded in files):
                 status = "sha256 mismatch"
-            elif artifact.get("format") in UNPICKLED:  # read as load reads it, tensors only; nothing runs
+            elif _unpickled(artifact.get("format")):  # read as load reads it, tensors only; nothing runs
                 load_artifact(path, artifact["format"])
         except ValueError as err:
             status, why = "refused", str(err)
@@ -89,6 +86,13 @@ def check_artifacts(manifest: dict[str, Any], manifest_path: Path) -> list[dict[
             status, why = "does not load", f"{type(err).__name__}: {err}"
         checked.append({**artifact, "status": status, **({"why": why} if why else {})})
     return checked
+
+
+def _unpickled(name: Any) -> bool:
+    """Files of this format are read by unpickling (tensors only): inspect reads them to find one load would refuse."""
+    from lightning_quant.export.formats import FORMATS_BY_NAME
+
+    return name in FORMATS_BY_NAME and FORMATS_BY_NAME[name].unpickled
 
 
 def describe_manifest(manifest: dict[str, Any], checked: Sequence[dict[str, Any]]) -> str:
@@ -139,15 +143,15 @@ def describe_manifest(manifest: dict[str, Any], checked: Sequence[dict[str, Any]
 def artifact_format(path: Path, given: Optional[str] = None) -> str:
     """The export format of ``path``, a file without a manifest: ``given``, else what its file name says."""
     from lightning_quant.export import FORMATS
+    from lightning_quant.export.formats import format_of
 
     if given is not None:
         if given not in FORMATS:
             raise CliError(f"unknown format {given!r}; choose from {list(FORMATS)}")
         return given
-    if path.name in FORMAT_BY_NAME:
-        return FORMAT_BY_NAME[path.name]
-    if path.suffix in FORMAT_BY_SUFFIX:
-        return FORMAT_BY_SUFFIX[path.suffix]
+    named = format_of(path)
+    if named is not None:
+        return named.name
     raise CliError(f"cannot tell the format of {path}: pass --format (one of {list(FORMATS)})")
 
 

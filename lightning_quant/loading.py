@@ -71,17 +71,30 @@ def load(path_or_manifest: Union[str, Path], format: Optional[str] = None) -> An
             f"{manifest.get('error') or manifest.get('failures') or 'nothing was exported'}"
         )
     entry = _pick(manifest, requested, format, manifest_path)
+    for part, recorded in entry_files(manifest_path, entry):
+        if not part.is_file():
+            raise FileNotFoundError(
+                f"{part} is listed in {manifest_path} but missing: copy the whole export directory."
+            )
+        digest = sha256(part)
+        if digest != recorded:
+            raise ValueError(
+                f"{part} does not match {manifest_path}: sha256 {digest} != {recorded}. The file changed after "
+                "export (or was damaged or replaced); refusing to load it. Export again, or copy the directory intact."
+            )
     file = artifact_file(manifest_path, entry["path"])
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} is listed in {manifest_path} but missing: copy the whole export directory.")
-    digest = sha256(file)
-    if digest != entry["sha256"]:
-        raise ValueError(
-            f"{file} does not match {manifest_path}: sha256 {digest} != {entry['sha256']}. The file changed after "
-            "export (or was damaged or replaced); refusing to load it. Export again, or copy the directory intact."
-        )
     check_cpu_runs(manifest, file)
     return load_artifact(file, entry["format"])
+
+
+def entry_files(manifest_path: Path, entry: dict[str, Any]) -> list[tuple[Path, Any]]:
+    """The files of one manifest entry with the sha256 the manifest recorded for each: the file, then the weights
+    file beside it for formats that have one (OpenVINO's ``.bin``)."""
+    files = [(artifact_file(manifest_path, entry.get("path")), entry.get("sha256"))]
+    details = entry.get("details") or {}
+    if "weights_file" in details:
+        files.append((artifact_file(manifest_path, details["weights_file"]), details.get("weights_sha256")))
+    return files
 
 
 def artifact_file(manifest_path: Path, name: Any) -> Path:

@@ -69,27 +69,29 @@ from lightning_quant.target import DEFAULT_TARGET, check_target_name, resolve_ta
 
 NO_EVALUATION = {"float": {}, "quantized": {}, "note": "no evaluation data: nothing to evaluate"}
 
-_PT2E = ("aoti", "onnx", "torch_export")
+_PT2E = ("aoti", "onnx", "openvino", "torch_export")
 # config type -> (approach, backend, default formats, supported formats, as the callbacks of that approach have
-# them); ``None`` is the float model itself, exported for inference
+# them); ``None`` is the float model itself, exported for inference. "openvino" is a default only where OpenVINO is
+# installed (an optional extra).
 _APPROACHES: dict[Any, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
-    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx"), _PT2E),
+    StaticQuantConfig: ("static", "x86_inductor", ("aoti", "onnx", "openvino"), _PT2E),
     DynamicQuantConfig: (
         "dynamic",
         "x86 (torchao int8 dynamic Linear; legacy torch.ao int8 dynamic LSTM/GRU)",
         ("aoti", "onnx"),
-        (*_PT2E, "torchscript"),
+        # not "openvino": OpenVINO turns ONNX Runtime's dynamic int8 MatMuls back into float weights
+        ("aoti", "onnx", "torch_export", "torchscript"),
     ),
     # ONNX Runtime's MatMulNBits runs the packed weights; the .pt2 program is the compact portable form
     WeightOnlyConfig: (
         "weight_only",
         "ONNX Runtime MatMulNBits (packed int4/int8 weights, float compute)",
         ("onnx", "torch_export"),
-        (*_PT2E, "torchao"),
+        ("aoti", "onnx", "torch_export", "torchao"),
     ),
     # a QAT-trained graph (prepare_qat, then training): converted with the ranges it learned
-    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx"), _PT2E),
-    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime)", _PT2E, _PT2E),
+    QATGraph: ("qat", "x86_inductor", ("aoti", "onnx", "openvino"), _PT2E),
+    type(None): ("float", "float (AOTInductor with freezing; ONNX Runtime; OpenVINO)", _PT2E, _PT2E),
 }
 
 
@@ -157,8 +159,11 @@ def deploy(
             batch of 2 or more: export treats a dimension of size 1 as a constant).
         calibration_data: static only: real input batches, each the call the example is (any batch size).
         dirpath: where the files and ``manifest.json`` go.
-        formats: from ``"aoti"``, ``"onnx"``, ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only);
-            default ``aoti`` and ``onnx`` (float: also ``torch_export``; weight-only: ``onnx`` and ``torch_export``).
+        formats: from ``"aoti"``, ``"onnx"``, ``"openvino"`` (OpenVINO IR, with the ``openvino`` extra),
+            ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only); default ``aoti``, ``onnx`` and, where
+            OpenVINO is installed, ``openvino`` (float: also ``torch_export``; dynamic: ``aoti`` and ``onnx``, no
+            ``openvino``;
+            weight-only: ``onnx`` and ``torch_export``).
             A listed format that fails is an error; of the default ones, what verified ships, with a warning.
         dynamic_batch: files take any batch size; ``False`` pins the example's.
         target: the CPUs the files are for (:mod:`lightning_quant.target`). Default: the config's ``target``

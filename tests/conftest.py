@@ -131,6 +131,11 @@ for artifact in json.load(open(folder + "/manifest.json"))["artifacts"]:
         import onnxruntime
         session = onnxruntime.InferenceSession(path)
         out = [torch.from_numpy(o) for o in session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), flat)})]
+    elif fmt == "openvino":
+        import openvino
+        compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled([t.numpy() for t in flat])
+        out = [torch.from_numpy(result[port].copy()) for port in compiled.outputs]
     else:
         continue
     outputs[fmt] = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
@@ -140,9 +145,9 @@ torch.save(outputs, out_path)
 
 
 def run_files_alone(folder: Path, *args, **kwargs) -> dict[str, list]:
-    """Run every file of ``folder``'s manifest (aoti, torch_export, onnx) on ``args``/``kwargs`` in a fresh process
-    that imports neither lightning_quant nor transformers, each with its own runtime only; returns each format's
-    output tensors. The call's tensors are fed to an ONNX file in the order of its inputs."""
+    """Run every file of ``folder``'s manifest (aoti, torch_export, onnx, openvino) on ``args``/``kwargs`` in a fresh
+    process that imports neither lightning_quant nor transformers, each with its own runtime only; returns each
+    format's output tensors. The call's tensors are fed to an ONNX or OpenVINO file in the order of its inputs."""
     import tempfile
 
     import torch

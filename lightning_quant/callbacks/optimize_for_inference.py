@@ -58,8 +58,8 @@ class OptimizeForInference(QuantizationCallback):
 
     approach = "float"
     backend = "float (AOTInductor with freezing; ONNX Runtime)"
-    supported_formats = ("aoti", "onnx", "torch_export")
-    default_formats = ("aoti", "onnx", "torch_export")
+    supported_formats = ("aoti", "onnx", "openvino", "torch_export")
+    default_formats = ("aoti", "onnx", "openvino", "torch_export")  # "openvino" where installed
     config = None  # nothing is quantized: the shared path exports the float model, as deploy(model, None) does
 
     def __init__(
@@ -76,10 +76,12 @@ class OptimizeForInference(QuantizationCallback):
             raise ValueError(f"OptimizeForInference(dtype={dtype!r}) is not supported: use 'float32' or 'bfloat16'")
         if dtype == "bfloat16":
             formats = ["aoti", "torch_export"] if formats is None else formats
-            if "onnx" in formats:
+            through_onnx = [f for f in formats if f in ("onnx", "openvino")]
+            if through_onnx:
                 raise ValueError(
-                    "OptimizeForInference(dtype='bfloat16') cannot export 'onnx': ONNX Runtime's CPU kernels do not "
-                    "run bf16. Use formats=['aoti', 'torch_export'], or dtype='float32' for ONNX."
+                    f"OptimizeForInference(dtype='bfloat16') cannot export {through_onnx}: ONNX Runtime's CPU kernels "
+                    "do not run bf16 (and the OpenVINO file is converted from the ONNX one). Use "
+                    "formats=['aoti', 'torch_export'], or dtype='float32' for ONNX and OpenVINO."
                 )
         # keep_float and max_metric_drop are not parameters: nothing is quantized (so the signature is explicit,
         # not **kwargs, and the schema read from it has no such fields)

@@ -49,8 +49,8 @@ class PostTrainingQuantization(QuantizationCallback):
 
     approach = "static"
     backend = "x86_inductor"
-    supported_formats = ("aoti", "onnx", "torch_export")
-    default_formats = ("aoti", "onnx")
+    supported_formats = ("aoti", "onnx", "openvino", "torch_export")
+    default_formats = ("aoti", "onnx", "openvino")  # "openvino" where installed
     reads_batches = True  # calibration: batches of another form than the example are refused before training
     config: StaticQuantConfig
 

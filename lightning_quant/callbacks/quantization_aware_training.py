@@ -68,8 +68,8 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     approach = "qat"
     backend = "x86_inductor"
-    supported_formats = ("aoti", "onnx", "torch_export")
-    default_formats = ("aoti", "onnx")
+    supported_formats = ("aoti", "onnx", "openvino", "torch_export")
+    default_formats = ("aoti", "onnx", "openvino")  # "openvino" where installed
     config: QATConfig
 
     def __init__(

@@ -15,26 +15,13 @@ from torch.utils._pytree import tree_map_only
 
 from lightning_quant.capture import CaptureError
 from lightning_quant.errors import QuantizationError, first_lines, write_report
-from lightning_quant.export import aoti, onnx, torch_export, torchao_checkpoint, torchscript
+from lightning_quant.export.formats import FORMATS, get_format
 from lightning_quant.export.onnx import OnnxQuantization
 from lightning_quant.files import NO_SPACE, NoSpaceError, sha256
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.layers import with_plain_linears
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, resolve_target
 
-# format -> (file name, exporter, loader)
-_FORMATS: dict[str, tuple[str, Callable[..., dict[str, Any]], Callable[[Path], Any]]] = {
-    "aoti": ("model_aoti" + aoti.SUFFIX, aoti.export_aoti, aoti.load_aoti),
-    "onnx": ("model" + onnx.SUFFIX, onnx.export_onnx, onnx.load_onnx),
-    "torch_export": ("model_program" + torch_export.SUFFIX, torch_export.export_program, torch_export.load_program),
-    "torchscript": ("model" + torchscript.SUFFIX, torchscript.export_torchscript, torchscript.load_torchscript),
-    "torchao": (
-        "model_torchao" + torchao_checkpoint.SUFFIX,
-        torchao_checkpoint.export_torchao,
-        torchao_checkpoint.load_torchao,
-    ),
-}
-FORMATS: tuple[str, ...] = tuple(_FORMATS)
 ERROR_LOG = "errors.log"  # beside the files: what failed, in full (tracebacks, compiler output, FX graphs)
 
 # Smallest tolerance on the relative error max |file - expected| / max |expected| (see verify_artifacts for
@@ -97,7 +84,7 @@ def export(
         ExportError: a format failed (after every format was tried); the message names each failed format,
             the model and the reason; ``error.artifacts`` are the files that were written.
     """
-    unknown = [f for f in formats if f not in _FORMATS]
+    unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}")
     dirpath = Path(dirpath)
@@ -118,15 +105,16 @@ def export(
     artifacts = []
     failures: dict[str, str] = {}
     for name in formats:  # one format failing does not stop the others
-        filename, exporter, _ = _FORMATS[name]
+        format = get_format(name)
+        filename = format.filename
         source = models.get(name, model)
-        kwargs: dict[str, Any] = {"target": target} if name in ("aoti", "onnx") else {}
+        kwargs: dict[str, Any] = {"target": target} if format.takes_target else {}
         requantized = name in models
-        if name == "onnx" and onnx_quantization is not None:
+        if format.from_float_model and onnx_quantization is not None:
             kwargs.update(quantization=onnx_quantization, float_model=float_model)
             requantized = True
         try:
-            details = exporter(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
+            details = format.export(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
         except Exception as err:
             cause = str(err) if isinstance(err, CaptureError) else f"{type(err).__name__}: {first_lines(err, 3)}"
             failures[name] = f"Exporting {type(source).__name__} to {name!r} failed: {cause} {_fix(err)}"
@@ -136,11 +124,13 @@ def export(
         path = dirpath / filename
         if output_names is not None:
             details = {**details, "outputs": output_names}
+        for weights in format.files(path)[1:]:  # checked with the file by load and `lightning-quant inspect`
+            details = {**details, "weights_file": weights.name, "weights_sha256": sha256(weights)}
         artifacts.append(
             Artifact(
                 format=name,
                 path=filename,
-                bytes=path.stat().st_size,
+                bytes=sum(file.stat().st_size for file in format.files(path)),
                 sha256=sha256(path),
                 tolerance=TOLERANCES["requantized" if requantized else "same"],
                 compared_with="float" if requantized else "quantized",
@@ -231,9 +221,7 @@ def _fix(err: BaseException) -> str:
 
 def load_artifact(path: Union[str, Path], format: str) -> LoadedFile:
     """Open an exported file as a module taking the model's inputs: ``load_artifact(p, "onnx")(x)``."""
-    if format not in _FORMATS:
-        raise ValueError(f"Unknown export format {format!r}; choose from {list(FORMATS)}")
-    return LoadedFile(_FORMATS[format][2](Path(path)), format)
+    return LoadedFile(get_format(format).load(Path(path)), format)
 
 
 class InferenceOnly(nn.Module):

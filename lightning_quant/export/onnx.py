@@ -329,3 +329,20 @@ class OnnxRunner:
 
 def load_onnx(path: Path) -> OnnxRunner:
     return OnnxRunner(path)
+
+
+def int8_weight_range(path: Path) -> Optional[tuple[int, int]]:
+    """Smallest and largest value of the ONNX file's int8 initializers (its int8 weights and their zero points);
+    ``None`` when it has none."""
+    import onnx
+    from onnx import numpy_helper
+
+    low: Optional[int] = None
+    high: Optional[int] = None
+    for tensor in onnx.load(str(path)).graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            values = numpy_helper.to_array(tensor)
+            if values.size:
+                low = int(values.min()) if low is None else min(low, int(values.min()))
+                high = int(values.max()) if high is None else max(high, int(values.max()))
+    return None if low is None or high is None else (low, high)

@@ -47,6 +47,8 @@ def export_program(model: nn.Module, inputs: ModelInputs, path: Path, dynamic_ba
 
 def load_program(path: Path) -> Any:
     """The program's module, read without unpickling anything but tensors (:func:`tensors_only`)."""
+    import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, which programs may hold)
+
     with tensors_only(path):
         return torch.export.load(str(path)).module()
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from lightning_quant.errors import QuantizationError
+from lightning_quant.export.formats import get_format
 from lightning_quant.inputs import ModelInputs, check_finite, finite, tensors_in
 from lightning_quant.target import DEFAULT_TARGET, CpuTarget, cpu_info, emulates_narrower_isa, resolve_target
 
@@ -90,7 +91,7 @@ def verify_artifacts(
     # On a CPU wider than the target (VNNI for an "avx2" file), oneDNN's kernels for the target are not the ones
     # running here: run the PyTorch files again with oneDNN limited to the target's ISA. ONNX Runtime has no such
     # switch; its files are checked for the target's weight range instead (what makes its kernels exact).
-    narrower = [a for a in artifacts if a.format != "onnx"] if emulates_narrower_isa(target) else []
+    narrower = [a for a in artifacts if get_format(a.format).onednn_isa_switch] if emulates_narrower_isa(target) else []
     runs = [(artifacts, {}), *([(narrower, {"ONEDNN_MAX_CPU_ISA": target.onednn_isa})] if narrower else [])]
     outcome, emulated = (*_run_fresh(runs, inputs, timing_inputs, dirpath), {})[:2]
     report = {}
@@ -117,7 +118,8 @@ def verify_artifacts(
         if nan_runs:
             failures.append(f"{artifact.format} ({artifact.path}): outputs NaN or inf (runs {nan_runs})")
             continue
-        weight_range = onnx_int8_weight_range(dirpath / artifact.path) if artifact.format == "onnx" else None
+        weight_range_of = get_format(artifact.format).int8_weight_range
+        weight_range = weight_range_of(dirpath / artifact.path) if weight_range_of is not None else None
         against_quantized = _worst(_relative_error(expected, got) for got in outputs.values())
         if artifact.compared_with == "float":
             relative = _worst(_relative_error(expected_float, [got[i] for i in on_data]) for got in outputs.values())
@@ -272,24 +274,6 @@ def _run_fresh(
         return outcomes
 
 
-# int8 ONNX tensors that are weights: initializers of int8 type (activations are uint8, biases int32)
-def onnx_int8_weight_range(path: Path) -> Optional[tuple[int, int]]:
-    """Smallest and largest value of the ONNX file's int8 initializers (its int8 weights and their zero points);
-    ``None`` when it has none."""
-    import onnx
-    from onnx import numpy_helper
-
-    low: Optional[int] = None
-    high: Optional[int] = None
-    for tensor in onnx.load(str(path)).graph.initializer:
-        if tensor.data_type == onnx.TensorProto.INT8:
-            values = numpy_helper.to_array(tensor)
-            if values.size:
-                low = int(values.min()) if low is None else min(low, int(values.min()))
-                high = int(values.max()) if high is None else max(high, int(values.max()))
-    return None if low is None or high is None else (low, high)
-
-
 def _fits(weight_range: tuple[int, int], target: CpuTarget) -> bool:
     """Weights within the target's magnitude bound (ONNX Runtime's 7-bit weights are symmetric [-64, 64]: a pair
     of products 2 x 255 x 64 still fits int16)."""
@@ -323,16 +307,14 @@ def _main(request_path: str) -> None:
     from lightning_quant.export.api import load_artifact
 
     request = torch.load(request_path, weights_only=True)
-    if any(format == "torch_export" for format, _ in request["artifacts"]):
-        import lightning_quant.quantization  # noqa: F401  (registers torchao's tensor types, in saved programs)
     torch.set_num_threads(request["threads"])
     cases = [ModelInputs(*case) for case in request["inputs"]]
     timing = ModelInputs(*request["timing_inputs"]) if request["timing_inputs"] is not None else None
     outcome: dict[str, Any] = {}
     model: Any = None
-    # One at a time, ONNX Runtime last: its thread pool and PyTorch's OpenMP threads slow each other
+    # One at a time, ONNX Runtime and OpenVINO last: their thread pools and PyTorch's OpenMP threads slow each other
     # down badly when both are busy in one process (an AOTI call went from 0.75 ms to 6.9 ms interleaved).
-    for format, path in sorted(request["artifacts"], key=lambda artifact: artifact[0] == "onnx"):
+    for format, path in sorted(request["artifacts"], key=lambda artifact: get_format(artifact[0]).runs_in_own_threads):
         try:
             model = load_artifact(path, format)
             with torch.no_grad():
