@@ -37,6 +37,10 @@ for folder in folders:
             import onnxruntime
             session = onnxruntime.InferenceSession(path)
             out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+        elif fmt == "openvino":
+            import openvino
+            compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            out = torch.from_numpy(compiled([x.numpy()])[compiled.outputs[0]].copy())
         else:
             continue
         outputs[path] = out
@@ -64,7 +68,7 @@ def test_default_dynamic_and_int4_files_are_exact_on_an_emulated_haswell(tmp_pat
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 not found: install Debian's qemu-user (apt-get install -y qemu-user), as .ci/run does"
     torch.manual_seed(0)
-    # the default `python train.py`: static int8 of the digits conv net, aoti and onnx, target avx2
+    # the default `python train.py`: static int8 of the digits conv net, aoti, onnx and openvino, target avx2
     done = run_train_script(tmp_path / "train", "trainer.limit_train_batches=3")
     assert done.returncode == 0, done.stderr[-3000:]
     static = tmp_path / "train" / "quantized"
@@ -89,6 +93,7 @@ def test_default_dynamic_and_int4_files_are_exact_on_an_emulated_haswell(tmp_pat
     files = [key for key in native if key.startswith("/")]
     assert {Path(f).parent.name for f in files} == {"quantized", "dynamic", "int4"}
     assert any(f.endswith(".pt2") for f in files) and any(f.endswith(".onnx") for f in files)
+    assert any(f.endswith("model_openvino.xml") for f in files)  # the default train.py ships OpenVINO's IR too
     for file in files:
         difference = (haswell[file] - native[file]).abs().max() / native[file].abs().max()
         assert difference <= 1e-5, f"{file}: relative difference {difference:.3g} between Haswell and this CPU"

@@ -50,7 +50,7 @@ def test_the_manifest_describes_verified_float_artifacts(optimized):
     assert json.loads((dirpath / "manifest.json").read_text()) == manifest
     assert manifest["approach"] == "float" and manifest["dtype"] == "float32"
     assert manifest["quantized_ops"] == {}
-    assert produced_formats(manifest) == {"aoti", "onnx", "torch_export"}
+    assert produced_formats(manifest) == {"aoti", "onnx", "openvino", "torch_export"}
     for artifact in manifest["artifacts"]:
         assert (dirpath / artifact["path"]).stat().st_size == artifact["bytes"] > 0
         assert artifact["verification"]["relative_error"] < 1e-3  # float: the same numbers, not "close"

@@ -372,7 +372,7 @@ def test_train_script_with_ptq(tmp_path):
     manifest, result = run_train(tmp_path, "callbacks=ptq", "callbacks.ptq.num_calibration_batches=4")
     assert manifest["approach"] == "static"
     assert manifest["float_checkpoint"] == "../checkpoints/last.ckpt"  # the app's ModelCheckpoint(save_last=True)
-    assert produced_formats(manifest) == {"aoti", "onnx"}
+    assert produced_formats(manifest) == {"aoti", "onnx", "openvino"}
     console = result.stdout + result.stderr
     assert "int8 (static)" in console
     # nothing that is not about the user's model or data: no dependency deprecations, adverts or checkpoint notes

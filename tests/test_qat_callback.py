@@ -321,12 +321,12 @@ def test_forward_with_several_tensor_inputs_and_keyword_arguments(tmp_path):
 # ---------------------------------------------------------------------------------------------------- train.py
 @pytest.mark.slow
 def test_train_script_with_qat(tmp_path):
-    """`python train.py callbacks=qat`, default formats (AOTInductor and ONNX), 3 epochs of digits."""
+    """`python train.py callbacks=qat`, default formats (AOTInductor, ONNX and OpenVINO's IR), 3 epochs of digits."""
     result = run_train_script(tmp_path, "callbacks=qat", "trainer.max_epochs=3", "trainer.limit_train_batches=1.0")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "quantized" / "manifest.json").read_text())
     assert manifest["approach"] == "qat" and manifest["qat"]["started_epoch"] == 0
-    assert produced_formats(manifest) == {"aoti", "onnx"}
+    assert produced_formats(manifest) == {"aoti", "onnx", "openvino"}
     assert manifest["float_checkpoint"] == "../checkpoints/last.ckpt"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test/acc"] > 0.5  # tested from the best checkpoint, as the fake-quant model
