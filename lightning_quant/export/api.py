@@ -104,7 +104,9 @@ def export(
         float_model = tensor_outputs(with_plain_linears(float_model), inputs)[0]
     artifacts = []
     failures: dict[str, str] = {}
-    for name in formats:  # one format failing does not stop the others
+    written: dict[str, Artifact] = {}
+    # one format failing does not stop the others; a format converted from another's file comes after it
+    for name in sorted(formats, key=lambda name: get_format(name).converted_from in formats):
         format = get_format(name)
         filename = format.filename
         source = models.get(name, model)
@@ -113,6 +115,9 @@ def export(
         if format.from_float_model and onnx_quantization is not None:
             kwargs.update(quantization=onnx_quantization, float_model=float_model)
             requantized = True
+        made = written.get(format.converted_from or "")
+        if made is not None and models.get(format.converted_from or "", model) is source:
+            kwargs.update(source_file=dirpath / made.path, source_details=made.details)  # one export, not two
         try:
             details = format.export(source, inputs, dirpath / filename, dynamic_batch, **kwargs)
         except Exception as err:
@@ -126,18 +131,17 @@ def export(
             details = {**details, "outputs": output_names}
         for weights in format.files(path)[1:]:  # checked with the file by load and `lightning-quant inspect`
             details = {**details, "weights_file": weights.name, "weights_sha256": sha256(weights)}
-        artifacts.append(
-            Artifact(
-                format=name,
-                path=filename,
-                bytes=sum(file.stat().st_size for file in format.files(path)),
-                sha256=sha256(path),
-                tolerance=TOLERANCES["requantized" if requantized else "same"],
-                compared_with="float" if requantized else "quantized",
-                details=details,
-                target=target.name,
-            )
+        written[name] = Artifact(
+            format=name,
+            path=filename,
+            bytes=sum(file.stat().st_size for file in format.files(path)),
+            sha256=sha256(path),
+            tolerance=TOLERANCES["requantized" if requantized else "same"],
+            compared_with="float" if requantized else "quantized",
+            details=details,
+            target=target.name,
         )
+        artifacts.append(written[name])
     if failures:
         raise ExportError(artifacts, failures)
     return artifacts

@@ -42,6 +42,8 @@ class Format:
         weights_suffix: a second file beside the first holding the weights (OpenVINO's ``.bin``), if any.
         suffixes: file name endings the CLI recognises as this format when no manifest says.
         requires: the optional package its export and load need, with the extra that installs it.
+        converted_from: a format whose file this one is converted from: exported in the same call, that file is
+            passed on (``source_file``, ``source_details``) instead of being made a second time.
     """
 
     name: str
@@ -58,6 +60,7 @@ class Format:
     weights_suffix: Optional[str] = None
     suffixes: tuple[str, ...] = ()
     requires: Optional[tuple[str, str]] = None  # (module, pip extra)
+    converted_from: Optional[str] = None
 
     @property
     def installed(self) -> bool:
@@ -105,6 +108,7 @@ FORMAT_TABLE: tuple[Format, ...] = (
         weights_suffix=openvino.WEIGHTS_SUFFIX,
         suffixes=(openvino.SUFFIX,),
         requires=("openvino", "openvino"),
+        converted_from="onnx",
     ),
     Format(
         "torch_export",

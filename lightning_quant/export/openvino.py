@@ -57,17 +57,23 @@ def export_openvino(
     quantization: Optional[OnnxQuantization] = None,
     float_model: Optional[nn.Module] = None,
     target: CpuTarget = TARGETS["avx2"],
+    source_file: Optional[Path] = None,
+    source_details: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Write ``path`` (``.xml``) and its ``.bin``, converted from the ONNX :func:`export_onnx` makes with the same
-    arguments (the int8 weights therefore hold the ``target``'s range). Each file is moved into place whole, the
-    weights first, so a reader never finds an ``.xml`` without its weights."""
+    arguments (the int8 weights therefore hold the ``target``'s range), or from ``source_file``, that ONNX file
+    already made (with its ``source_details``). Each file is moved into place whole, the weights first, so a reader
+    never finds an ``.xml`` without its weights."""
     ov = _openvino()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-", dir=path.parent) as scratch:
-        onnx_path = Path(scratch) / "model.onnx"
-        details = export_onnx(model, inputs, onnx_path, dynamic_batch, quantization, float_model, target)
-        converted = ov.convert_model(str(onnx_path))
+        if source_file is None:
+            source_file = Path(scratch) / "model.onnx"
+            source_details = export_onnx(model, inputs, source_file, dynamic_batch, quantization, float_model, target)
+        details = dict(source_details or {})
+        details.pop("outputs", None)  # export() adds the model's own
+        converted = ov.convert_model(str(source_file))
         staged = Path(scratch) / path.name
         ov.save_model(converted, str(staged), compress_to_fp16=False)  # fp16 weights would change the numbers
         os.replace(weights_path(staged), weights_path(path))
