@@ -329,8 +329,16 @@ def test_every_config_file_composes(override):
 def test_launcher_options():
     parallel = compose_with_hydra(["hydra/launcher=parallel"]).hydra.launcher
     assert parallel._target_.endswith("JoblibLauncher") and parallel.n_jobs == 2
-    slurm = compose_with_hydra(["hydra/launcher=slurm"]).hydra.launcher
+    slurm = compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.gres=gpu:1"]).hydra.launcher
     assert slurm._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (slurm.partition, slurm.cpus_per_task, slurm.gres, slurm.account) == (None, 4, "gpu:1", None)
+    # the plugin's schema: every key of its SlurmQueueConf, typed
+    with pytest.raises(ConfigCompositionException, match="partiton"):
+        compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.partiton=cpu"])
+    with pytest.raises(ConfigCompositionException, match="cpus_per_task"):
+        compose_with_hydra(["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=many"])
+    local = compose_with_hydra(["hydra/launcher=submitit_local"]).hydra.launcher
+    assert local._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"
 
 
 def test_sweep_comparison_is_configured_and_validated():
