@@ -13,12 +13,10 @@ import os
 import subprocess
 import sys
 
-import pytest
+import hydra_plugins.hydra_submitit_launcher  # noqa: F401  (the test extra installs it: missing is a failure, not a skip)
 import yaml
 from conftest import FAST_TRAIN_SCRIPT, ROOT
 from test_hydra_sweep import read_csv
-
-pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (the slurm extra)")
 
 # the cheapest jobs that still make comparison rows: a few batches, no quantization callback (one float row each)
 FAST = [f"{key}={value}" for key, value in FAST_TRAIN_SCRIPT.items()] + [
