@@ -38,8 +38,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization.config import check_keep_float, is_kept_float
 from lightning_quant.quantization.layers import is_transposed_linear, linear_from_transposed, transposed_input_width
+from lightning_quant.quantization.weight_calibration import (
+    DATA_METHODS,
+    METHODS,
+    clip_quantize,
+    gptq_quantize,
+    input_second_moments,
+)
 from lightning_quant.weight_packing import dequantize, embedding_rows, pack, quantize_weight
 
 BITS = (4, 8)
@@ -56,6 +64,11 @@ class WeightOnlyConfig:
         group_size: input features sharing one scale: a power of two, 16 to 256 (ONNX Runtime's ``MatMulNBits``
             block sizes). Layers whose input width (embedding_dim) is not a multiple of it stay float.
         keep_float: names of submodules left in float (as in ``model.named_modules()``).
+        method: how the integers and scales are chosen (:mod:`~lightning_quant.quantization.weight_calibration`):
+            ``"rtn"`` (default) round to nearest, the largest weight of each group exact, no data; ``"clip"`` each
+            group's scale searched (clipped) for the least output error on calibration inputs (AWQ's clipping
+            search); ``"gptq"`` GPTQ's error compensation over calibration inputs, scales searched alike. The two
+            data methods need calibration batches; the files are the same either way (one scale per group).
 
     Example::
 
@@ -66,6 +79,7 @@ class WeightOnlyConfig:
     bits: int = 4
     group_size: int = 32
     keep_float: Sequence[str] = field(default_factory=tuple)
+    method: str = "rtn"
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -75,6 +89,16 @@ class WeightOnlyConfig:
                 f"group_size must be 16, 32, 64, 128 or 256 (ONNX Runtime's block sizes), got {self.group_size!r}"
             )
         check_keep_float(self.keep_float)
+        if self.method not in METHODS:
+            raise ValueError(
+                f"method must be one of {list(METHODS)} ('rtn': round to nearest, no data; 'clip' and 'gptq' read "
+                f"calibration batches), got {self.method!r}"
+            )
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether :func:`convert` reads calibration inputs (``method`` ``"clip"`` or ``"gptq"``)."""
+        return self.method in DATA_METHODS
 
 
 def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -130,10 +154,16 @@ class PackedWeight(nn.Module):
     packed: torch.Tensor
     scales: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, bits: int, group_size: int) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bits: int,
+        group_size: int,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.bits, self.group_size = bits, group_size
-        q, scale = quantize_weight(weight, bits, group_size)
+        q, scale = quantize_weight(weight, bits, group_size) if quantized is None else quantized
         self.register_buffer("packed", pack(q, bits, group_size))
         self.register_buffer("scales", scale.to(weight.dtype))
 
@@ -144,8 +174,14 @@ class WeightOnlyLinear(PackedWeight):
     ``scales``: float ``(out_features, groups)``). Its forward calls the ``lightning_quant::weight_only_linear``
     op, which the ONNX export writes as one ``MatMulNBits`` node."""
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int) -> None:
-        super().__init__(linear.weight, bits, group_size)
+    def __init__(
+        self,
+        linear: nn.Linear,
+        bits: int,
+        group_size: int,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(linear.weight, bits, group_size, quantized)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -174,8 +210,14 @@ class WeightOnlyEmbedding(PackedWeight):
     """An embedding table stored like :class:`WeightOnlyLinear`'s weight (each row in groups of ``group_size``),
     looked up packed and dequantized row by row (:func:`~lightning_quant.weight_packing.embedding_rows`)."""
 
-    def __init__(self, embedding: nn.Embedding, bits: int, group_size: int) -> None:
-        super().__init__(embedding.weight, bits, group_size)
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        bits: int,
+        group_size: int,
+        quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__(embedding.weight, bits, group_size, quantized)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -240,23 +282,39 @@ def remove_qat(model: nn.Module) -> None:
             del module.bits, module.group_size
 
 
-def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
+def convert(model: nn.Module, config: WeightOnlyConfig, calibration: Sequence[ModelInputs] = ()) -> nn.Module:
     """A copy of ``model`` whose quantizable layers (plain or fake-quantized) are :class:`WeightOnlyLinear` (Linear
-    and Conv1D) and :class:`WeightOnlyEmbedding`. Layers that share one weight (tied) share one packed copy."""
+    and Conv1D) and :class:`WeightOnlyEmbedding`. Layers that share one weight (tied) share one packed copy.
+    ``calibration``: calls of ``model`` (:class:`~lightning_quant.inputs.ModelInputs`) the data methods
+    (``config.method`` ``"clip"``, ``"gptq"``) read the Linear layers' inputs from; ignored by ``"rtn"``."""
+    if config.needs_calibration and not calibration:
+        raise ValueError(
+            f"WeightOnlyConfig(method={config.method!r}) chooses the weights on calibration inputs and got none: "
+            "pass real input batches (calibration_data= to deploy or quantize), or use method='rtn' (no data)"
+        )
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
+    names = quantizable_layers(converted, config)
+    moments = (
+        input_second_moments(
+            converted, [n for n in names if not isinstance(converted.get_submodule(n), nn.Embedding)], calibration
+        )
+        if config.needs_calibration
+        else {}
+    )
     # the first layer packed from each float weight, by (id, stored transposed): a Linear's weight and an embedding's
     # table are grouped alike ([rows, features]), so tied ones share one packed copy
     packed_weights: dict[tuple[int, bool], PackedWeight] = {}
-    for name in quantizable_layers(converted, config):
+    for name in names:
         layer = converted.get_submodule(name)
         source = (id(layer.weight), is_transposed_linear(layer))
         if is_transposed_linear(layer):
             layer = linear_from_transposed(layer)
+        quantized = _choose_weights(layer.weight, config, moments.get(name)) if source not in packed_weights else None
         stored: PackedWeight = (
-            WeightOnlyLinear(layer, config.bits, config.group_size)
+            WeightOnlyLinear(layer, config.bits, config.group_size, quantized)
             if isinstance(layer, nn.Linear)
-            else WeightOnlyEmbedding(layer, config.bits, config.group_size)  # type: ignore[arg-type]  # quantizable_layers
+            else WeightOnlyEmbedding(layer, config.bits, config.group_size, quantized)  # type: ignore[arg-type]  # quantizable_layers
         )
         first = packed_weights.setdefault(source, stored)
         stored.packed, stored.scales = first.packed, first.scales
@@ -265,3 +323,16 @@ def convert(model: nn.Module, config: WeightOnlyConfig) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(converted.get_submodule(parent), child, stored)
     return converted
+
+
+def _choose_weights(
+    weight: torch.Tensor, config: WeightOnlyConfig, moments: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(q, scale)`` of ``weight`` by ``config.method`` (``None``: round to nearest); ``moments`` the layer's input
+    second moments (``None`` for an embedding, whose rows' own squared error is its output error, and for a Linear the
+    calibration never called: its weights' squared error)."""
+    if config.method == "rtn":
+        return None
+    if config.method == "gptq" and moments is not None:
+        return gptq_quantize(weight, moments, config.bits, config.group_size)
+    return clip_quantize(weight, config.bits, config.group_size, moments)
