@@ -8,7 +8,7 @@ import json
 import onnx
 import pytest
 import torch
-from conftest import fast_trainer
+from conftest import compose_train, fast_trainer
 from torch import nn
 
 from lightning_quant import WeightOnlyQAT, WeightOnlyQuantization
@@ -152,3 +152,17 @@ def test_callback_with_a_data_method_refuses_a_fit_without_its_dataloader_before
     with pytest.raises(ValueError, match=r"method='clip'\) chooses the weights on batches of the val dataloader"):
         trainer.fit(model, train_dataloaders=data.train_dataloader())
     assert trainer.global_step == 0
+
+
+def test_the_int4_callback_config_selects_the_method_and_checks_it():
+    from hydra.errors import ConfigCompositionException
+    from hydra.utils import instantiate
+
+    cfg = compose_train(["experiment=byte_lm", "callbacks=int4", "callbacks.int4.method=gptq"])
+    callback = instantiate(cfg.callbacks.int4)
+    assert callback.config.method == "gptq" and callback.num_calibration_batches == 16
+    assert compose_train(["callbacks=int4"]).callbacks.int4.method == "rtn"  # data-free by default
+    with pytest.raises(ConfigCompositionException):  # a key the callback does not take
+        compose_train(["callbacks=int4", "callbacks.int4.calibration_batches=4"])
+    with pytest.raises(Exception, match=r"method must be one of \['rtn', 'clip', 'gptq'\]"):
+        instantiate(compose_train(["callbacks=int4", "callbacks.int4.method=awq"]).callbacks.int4)

@@ -310,7 +310,8 @@ def convert(model: nn.Module, config: WeightOnlyConfig, calibration: Sequence[Mo
         source = (id(layer.weight), is_transposed_linear(layer))
         if is_transposed_linear(layer):
             layer = linear_from_transposed(layer)
-        quantized = _choose_weights(layer.weight, config, moments.get(name)) if source not in packed_weights else None
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]  # Linear and Embedding (quantizable_layers)
+        quantized = _choose_weights(weight, config, moments.get(name)) if source not in packed_weights else None
         stored: PackedWeight = (
             WeightOnlyLinear(layer, config.bits, config.group_size, quantized)
             if isinstance(layer, nn.Linear)
