@@ -18,6 +18,7 @@ from lightning_quant.inputs import ModelInputs
 from lightning_quant.pipeline import deploy
 from lightning_quant.quantization import WeightOnlyConfig, quantize
 from lightning_quant.quantization.weight_calibration import gptq_quantize, input_second_moments
+from lightning_quant.quantization.weight_only import execution_order
 from lightning_quant.weight_packing import quantize_weight
 
 
@@ -166,3 +167,32 @@ def test_the_int4_callback_config_selects_the_method_and_checks_it():
         compose_train(["callbacks=int4", "callbacks.int4.calibration_batches=4"])
     with pytest.raises(Exception, match=r"method must be one of \['rtn', 'clip', 'gptq'\]"):
         instantiate(compose_train(["callbacks=int4", "callbacks.int4.method=awq"]).callbacks.int4)
+
+
+class Reversed(nn.Module):
+    """Layers declared in the opposite order to the one forward calls them in, the output tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = nn.Linear(64, 64)
+        self.first = nn.Linear(64, 64)
+        self.embedding = nn.Embedding(50, 64)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.second(torch.relu(self.first(self.embedding(tokens))))))
+
+
+def test_layers_are_chosen_in_call_order_and_a_tied_weight_once():
+    torch.manual_seed(0)
+    model = Reversed().eval()
+    batches = [torch.randint(0, 50, (16, 8)) for _ in range(3)]
+    names = ["second", "first", "embedding", "head"]
+    assert execution_order(model, names, ModelInputs.from_value(batches[0])) == ["embedding", "first", "second", "head"]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    gptq = quantize(model, WeightOnlyConfig(method="gptq"), batches[0], batches)
+    assert gptq.head.packed is gptq.embedding.packed  # one packed copy of the tied weight
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # float untouched
+    rtn = quantize(model, WeightOnlyConfig(), batches[0])
+    assert output_error(model, gptq, batches) < output_error(model, rtn, batches)

@@ -295,13 +295,7 @@ def convert(model: nn.Module, config: WeightOnlyConfig, calibration: Sequence[Mo
     converted = copy.deepcopy(model).eval()
     remove_qat(converted)
     names = quantizable_layers(converted, config)
-    moments = (
-        input_second_moments(
-            converted, [n for n in names if not isinstance(converted.get_submodule(n), nn.Embedding)], calibration
-        )
-        if config.needs_calibration
-        else {}
-    )
+    chosen = _calibrated_weights(converted, names, config, calibration) if config.needs_calibration else {}
     # the first layer packed from each float weight, by (id, stored transposed): a Linear's weight and an embedding's
     # table are grouped alike ([rows, features]), so tied ones share one packed copy
     packed_weights: dict[tuple[int, bool], PackedWeight] = {}
@@ -310,8 +304,7 @@ def convert(model: nn.Module, config: WeightOnlyConfig, calibration: Sequence[Mo
         source = (id(layer.weight), is_transposed_linear(layer))
         if is_transposed_linear(layer):
             layer = linear_from_transposed(layer)
-        weight: torch.Tensor = layer.weight  # type: ignore[assignment]  # Linear and Embedding (quantizable_layers)
-        quantized = _choose_weights(weight, config, moments.get(name)) if source not in packed_weights else None
+        quantized = chosen.get(name)
         stored: PackedWeight = (
             WeightOnlyLinear(layer, config.bits, config.group_size, quantized)
             if isinstance(layer, nn.Linear)
@@ -326,14 +319,65 @@ def convert(model: nn.Module, config: WeightOnlyConfig, calibration: Sequence[Mo
     return converted
 
 
+def _calibrated_weights(
+    model: nn.Module,
+    names: Sequence[str],
+    config: WeightOnlyConfig,
+    calibration: Sequence[ModelInputs],
+    sequential: bool = True,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (q, scale)}`` by ``config.method`` for the first layer of each weight among ``names`` (a tied weight
+    is chosen once). ``sequential`` (GPTQ's way): layers in the order the calibration calls reach them, each one's
+    inputs measured with the layers before it already quantized (their weights replaced, in ``model``, by what
+    they store), so that each one also makes up for the error the earlier ones left; otherwise all measured on the
+    float model in one pass. An embedding's rows are chosen by their own squared error, a Linear the calibration
+    never calls likewise."""
+    first_of_weight: dict[int, str] = {}
+    for name in names:
+        first_of_weight.setdefault(id(model.get_submodule(name).weight), name)
+    chosen_names = list(first_of_weight.values())
+    linears = [name for name in chosen_names if not isinstance(model.get_submodule(name), nn.Embedding)]
+    moments = {} if sequential else input_second_moments(model, linears, calibration)
+    chosen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name in execution_order(model, chosen_names, calibration[0]) if sequential else chosen_names:
+        layer = model.get_submodule(name)
+        transposed = is_transposed_linear(layer)
+        weight = layer.weight.t() if transposed else layer.weight
+        if sequential and name in linears:
+            moments = input_second_moments(model, [name], calibration)
+        q, scale = _choose_weights(weight, config, moments.get(name))
+        chosen[name] = (q, scale)
+        if sequential:  # the layers after this one see what it stores
+            stored = (q.float().reshape(*scale.shape, -1) * scale.unsqueeze(2)).flatten(1).to(weight.dtype)
+            with torch.no_grad():
+                layer.weight.copy_(stored.t() if transposed else stored)
+    return chosen
+
+
+def execution_order(model: nn.Module, names: Sequence[str], inputs: ModelInputs) -> list[str]:
+    """``names`` in the order ``model`` first calls them on ``inputs`` (those it does not call last)."""
+    order: list[str] = []
+    handles = [
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda module, args, name=name: None if name in order else order.append(name)
+        )
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            inputs(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order + [name for name in names if name not in order]
+
+
 def _choose_weights(
     weight: torch.Tensor, config: WeightOnlyConfig, moments: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(q, scale)`` of ``weight`` by ``config.method`` (``None``: round to nearest); ``moments`` the layer's input
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)`` of ``weight`` by ``config.method`` (``"clip"`` or ``"gptq"``); ``moments`` the layer's input
     second moments (``None`` for an embedding, whose rows' own squared error is its output error, and for a Linear the
     calibration never called: its weights' squared error)."""
-    if config.method == "rtn":
-        return None
     if config.method == "gptq" and moments is not None:
         return gptq_quantize(weight, moments, config.bits, config.group_size)
     return clip_quantize(weight, config.bits, config.group_size, moments)
