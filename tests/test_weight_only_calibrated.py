@@ -3,6 +3,7 @@ round to nearest on the data, the same MatMulNBits files, read from the fit's da
 
 from __future__ import annotations
 
+import copy
 import json
 
 import onnx
@@ -18,7 +19,7 @@ from lightning_quant.inputs import ModelInputs
 from lightning_quant.pipeline import deploy
 from lightning_quant.quantization import WeightOnlyConfig, quantize
 from lightning_quant.quantization.weight_calibration import gptq_quantize, input_second_moments
-from lightning_quant.quantization.weight_only import execution_order
+from lightning_quant.quantization.weight_only import _calibrated_weights, execution_order
 from lightning_quant.weight_packing import quantize_weight
 
 
@@ -196,3 +197,8 @@ def test_layers_are_chosen_in_call_order_and_a_tied_weight_once():
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # float untouched
     rtn = quantize(model, WeightOnlyConfig(), batches[0])
     assert output_error(model, gptq, batches) < output_error(model, rtn, batches)
+    # layer by layer (each measured after the ones before are quantized): on a copy, chosen once for the tied pair
+    copied, calls = copy.deepcopy(model), [ModelInputs.from_value(x) for x in batches]
+    chosen = _calibrated_weights(copied, names, WeightOnlyConfig(method="gptq"), calls, sequential=True)
+    assert sorted(chosen) == ["embedding", "first", "second"]
+    assert not torch.equal(copied.first.weight, model.first.weight)  # replaced by what it stores
