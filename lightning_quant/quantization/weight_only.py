@@ -344,7 +344,8 @@ def _calibrated_weights(
     for name in execution_order(model, chosen_names, calibration[0]) if sequential else chosen_names:
         layer = model.get_submodule(name)
         transposed = is_transposed_linear(layer)
-        weight = layer.weight.t() if transposed else layer.weight
+        parameter: torch.Tensor = layer.weight  # type: ignore[assignment]  # Linear, Conv1D, Embedding
+        weight = parameter.t() if transposed else parameter
         if sequential and name in linears:
             moments = input_second_moments(model, [name], calibration)
         q, scale = _choose_weights(weight, config, moments.get(name))
@@ -352,7 +353,7 @@ def _calibrated_weights(
         if sequential:  # the layers after this one see what it stores
             stored = (q.float().reshape(*scale.shape, -1) * scale.unsqueeze(2)).flatten(1).to(weight.dtype)
             with torch.no_grad():
-                layer.weight.copy_(stored.t() if transposed else stored)
+                parameter.copy_(stored.t() if transposed else stored)
     return chosen
 
 
