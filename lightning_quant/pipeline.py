@@ -157,7 +157,8 @@ def deploy(
             without the fake-quant graph), or ``None`` to export the float model itself for inference.
         example_inputs: an input of ``model.forward``: a tensor, a tuple of arguments or a dict of keywords (a
             batch of 2 or more: export treats a dimension of size 1 as a constant).
-        calibration_data: static only: real input batches, each the call the example is (any batch size).
+        calibration_data: static, and weight-only with ``method`` ``"clip"``/``"gptq"``: real input batches, each
+            the call the example is (any batch size).
         dirpath: where the files and ``manifest.json`` go.
         formats: from ``"aoti"``, ``"onnx"``, ``"openvino"`` (OpenVINO IR, with the ``openvino`` extra),
             ``"torch_export"``, ``"torchscript"``, ``"torchao"`` (weight-only); default ``aoti``, ``onnx`` and, where
@@ -196,6 +197,11 @@ def deploy(
             "static int8 needs calibration_data: a few dozen real input batches (the form "
             "example_inputs has) to measure activation ranges on"
         )
+    if isinstance(config, WeightOnlyConfig) and config.needs_calibration and not calibration:
+        raise ValueError(
+            f"WeightOnlyConfig(method={config.method!r}) needs calibration_data: real input batches (the form "
+            "example_inputs has) whose Linear inputs choose the weights; method='rtn' needs none"
+        )
     dirpath = Path(dirpath)
     check_writable(dirpath, "deploy")
     with claimed(dirpath, "deploy") as staging:
@@ -217,7 +223,7 @@ def deploy(
             onnx_quantization=ort_quantization(config, calibration),
             keep_float=getattr(config, "keep_float", ()),
             config=config,
-            details={"bits": config.bits, "group_size": config.group_size}
+            details={"bits": config.bits, "group_size": config.group_size, "method": config.method}
             if isinstance(config, WeightOnlyConfig)
             else None,
             started=started,

@@ -46,6 +46,11 @@ class WeightOnlyQAT(WeightOnlyQuantization):
             raise ValueError(
                 f"start_epoch must be a non-negative integer (the first fake-quantized epoch), got {start_epoch!r}"
             )
+        if kwargs.get("method", "rtn") != "rtn":
+            raise ValueError(
+                f"WeightOnlyQAT trains the weights for round to nearest, the grid its files store: method must be "
+                f"'rtn', got {kwargs['method']!r} (the data methods are for WeightOnlyQuantization, after training)"
+            )
         super().__init__(**kwargs)
         self.start_epoch = start_epoch
 

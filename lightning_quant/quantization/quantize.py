@@ -67,7 +67,8 @@ def quantize(
             :class:`~lightning_quant.quantization.weight_only.WeightOnlyConfig`.
         example_inputs: an input of ``model.forward`` (tensor, tuple of arguments, dict of keywords or
             :class:`ModelInputs`). Static: its batch dimension is exported as dynamic.
-        calibration_data: static only: an iterable of inputs in the same form (a few dozen real batches).
+        calibration_data: static, and weight-only with ``method`` ``"clip"``/``"gptq"``: an iterable of inputs in
+            the same form (a few dozen real batches).
 
     Returns:
         Static: the converted PT2E ``GraphModule`` (the q/dq *reference* graph: exact int8 numerics, but
@@ -95,7 +96,8 @@ def quantize(
     elif isinstance(config, DynamicQuantConfig):
         quantized = _quantize_dynamic(model, config)
     elif isinstance(config, WeightOnlyConfig):
-        quantized = weight_only_convert(model, config)
+        calibration = [ModelInputs.from_value(batch).bind(model.forward) for batch in calibration_data or ()]
+        quantized = weight_only_convert(model, config, calibration)
     else:
         raise TypeError(
             f"config must be a StaticQuantConfig, DynamicQuantConfig or WeightOnlyConfig, got {type(config).__name__}"
