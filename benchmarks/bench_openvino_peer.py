@@ -38,7 +38,7 @@ from lightning_quant.export import load_artifact
 from lightning_quant.quantization import StaticQuantConfig
 from lightning_quant.target import cpu_info
 
-RESULTS = Path(__file__).with_name("openvino_peer_results.md")
+RESULTS = Path(__file__).with_name("openvino_peer_results.md")  # --target avx512_vnni: ..._avx512_vnni.md
 CALIBRATION_BATCHES = 8
 
 
@@ -144,7 +144,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max())
 
 
-def bench_model(name: str, batches: list[int], rounds: int, out: Path) -> list[dict[str, Any]]:
+def bench_model(name: str, batches: list[int], rounds: int, out: Path, target: str) -> list[dict[str, Any]]:
     build, make_inputs = MODELS[name]
     torch.manual_seed(0)
     model, make_inputs = build()
@@ -154,10 +154,12 @@ def bench_model(name: str, batches: list[int], rounds: int, out: Path) -> list[d
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with torch.no_grad():
-        float_files = deploy(model, None, example, dirpath=out / f"{name}_float", formats=["aoti", "onnx", "openvino"])
+        float_files = deploy(
+            model, None, example, dirpath=out / f"{name}_float", formats=["aoti", "onnx", "openvino"], target=target
+        )
         int8_files = deploy(
             model,
-            StaticQuantConfig(),
+            StaticQuantConfig(target=target),
             example,
             calibration_data=calibration,
             dirpath=out / f"{name}_int8",
@@ -220,6 +222,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--batches", nargs="+", type=int, help="batch sizes (default: each model's two)")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--target",
+        default="avx2",
+        help="our files' CPU target: avx2 (default: 7-bit int8 weights, exact on every AVX2 CPU) or avx512_vnni "
+        "(8-bit weights, as NNCF makes them)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     info = cpu_info()
@@ -227,19 +235,21 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:
-            rows += bench_model(name, args.batches or MODELS[name][1], args.rounds, Path(scratch))
+            rows += bench_model(name, args.batches or MODELS[name][1], args.rounds, Path(scratch), args.target)
     import openvino
 
     header = (
         f"# Real-size models beside OpenVINO + NNCF (benchmarks/bench_openvino_peer.py)\n\n"
         f"CPU: {info['vendor']} {info['model']}, ISA flags {info['flags']}; {torch.get_num_threads()} threads; "
         f"torch {torch.__version__}, OpenVINO {openvino.__version__}. Random weights from transformers' default "
-        f"configs; static int8 calibrated on {CALIBRATION_BATCHES} batches of 4 random inputs (ours and NNCF's "
+        f"configs; our files for target {args.target!r}; static int8 calibrated on {CALIBRATION_BATCHES} batches "
+        "of 4 random inputs (ours and NNCF's "
         "alike). ms: fastest call of interleaved rounds in one process; error: max |file - float| / max |float| on "
         "the held-out batch timed.\n\n"
     )
-    RESULTS.write_text(header + table(rows) + f"\n\nRun took {time.perf_counter() - started:.0f} s.\n")
-    print(f"wrote {RESULTS}")
+    results = RESULTS if args.target == "avx2" else RESULTS.with_name(f"{RESULTS.stem}_{args.target}.md")
+    results.write_text(header + table(rows) + f"\n\nRun took {time.perf_counter() - started:.0f} s.\n")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":
