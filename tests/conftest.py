@@ -3,6 +3,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -37,7 +38,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 LONGEST_FILES = [
     "tests/test_real_models.py",
     "tests/user_models/test_gpt2.py",
-    "tests/test_avx2_emulated.py",
+    "tests/test_avx2_emulated.py",  # makes the shared default_train_run early, long before test_ptq_callbacks.py reads it
     "tests/user_models/test_hf_tutorial.py",
     "tests/test_export.py",
     "tests/test_qat_callback.py",
@@ -132,6 +133,42 @@ def run_train_script(run_dir: Path, *overrides: str) -> subprocess.CompletedProc
         text=True,
         timeout=600,
     )
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``make(folder)`` fills, made once per pytest run: under xdist the first worker to ask makes it
+    while the others wait on a file lock, then all read the same folder (tests must not change it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / f"{name}.done").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                make(folder)
+                (root / f"{name}.done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_train_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default ``python train.py`` (static int8 of the digits conv net, AOTInductor and ONNX, target avx2) with
+    the :data:`FAST_TRAIN_SCRIPT` settings, run once for every test that reads its folder or its console: its run
+    directory and the finished process (its exit code, stdout and stderr)."""
+
+    def make(folder: Path) -> None:
+        done = run_train_script(folder)
+        (folder / "process.json").write_text(
+            json.dumps({"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
+        )
+
+    folder = once_per_run(tmp_path_factory, "default_train_run", make)
+    process = json.loads((folder / "process.json").read_text())
+    return folder, subprocess.CompletedProcess(**process)
 
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
