@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +20,80 @@ from lightning_quant.target import TARGETS, missing_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+
+# Under pytest-xdist (`-n 2`, one worker a core) each worker and every process its tests start (train.py, DDP ranks,
+# QEMU, verification) computes on one thread: two workers of two threads each on two cores spin-wait on each other
+# and run 10-50x slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_name] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+# Under xdist the test files are handed out whole (a module-scoped fixture is built once), these first, longest first
+# (durations on an idle 2-core machine), so that the two workers end at about the same time; the rest follow in the
+# order they are collected in.
+LONGEST_FILES = [
+    "tests/test_real_models.py",
+    "tests/user_models/test_gpt2.py",
+    "tests/test_avx2_emulated.py",  # makes the shared default_train_run early, long before test_ptq_callbacks.py reads it
+    "tests/user_models/test_hf_tutorial.py",
+    "tests/test_export.py",
+    "tests/test_qat_callback.py",
+    "tests/test_weight_only.py",
+    "tests/test_target.py",
+    "tests/user_models/test_call_shapes.py",
+    "tests/test_ddp_rank_failure.py",
+    "tests/test_formats_rule.py",
+    "tests/test_pipeline.py",
+    "tests/test_run_folder.py",
+    "tests/test_optimize_for_inference.py",
+    "tests/test_ptq_callbacks.py",
+    "tests/test_hydra_user_app.py",
+    "tests/test_reliability_interrupt.py",
+    "tests/test_hydra_sweep.py",
+    "tests/test_dynamic_transformer.py",
+]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n 2``: whole files to a worker, in the order of collection (see :func:`pytest_collection_modifyitems`)."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # xdist would hand out the files with the most tests first
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {name: rank for rank, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: first.get(item.nodeid.partition("::")[0], len(first)))  # stable: in-file order kept
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    """Under xdist, every test (its setup, module fixtures included, call and teardown) holds a shared lock on one
+    file that all workers of the run see, and a test marked ``alone`` holds it exclusively: it starts once the
+    other worker's current test ends, and no other test starts until it is done. A gate lock, held while asking,
+    keeps a waiting ``alone`` test from being passed by ever-new shared holders. Without xdist this does nothing."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return (yield)
+    shared = item.config._tmp_path_factory.getbasetemp().parent  # type: ignore[attr-defined]  # the run's folder
+    alone = item.get_closest_marker("alone") is not None
+    with open(shared / "alone.gate", "w") as gate, open(shared / "alone.lock", "w") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        if not alone:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            return (yield)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
 
 FAST_FIT = dict(
     max_epochs=1,
@@ -56,6 +133,42 @@ def run_train_script(run_dir: Path, *overrides: str) -> subprocess.CompletedProc
         text=True,
         timeout=600,
     )
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, make: Callable[[Path], None]) -> Path:
+    """The folder ``make(folder)`` fills, made once per pytest run: under xdist the first worker to ask makes it
+    while the others wait on a file lock, then all read the same folder (tests must not change it)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not (root / f"{name}.done").exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                make(folder)
+                (root / f"{name}.done").touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_train_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The default ``python train.py`` (static int8 of the digits conv net, AOTInductor, ONNX and OpenVINO, target avx2) with
+    the :data:`FAST_TRAIN_SCRIPT` settings, run once for every test that reads its folder or its console: its run
+    directory and the finished process (its exit code, stdout and stderr)."""
+
+    def make(folder: Path) -> None:
+        done = run_train_script(folder)
+        (folder / "process.json").write_text(
+            json.dumps({"args": done.args, "returncode": done.returncode, "stdout": done.stdout, "stderr": done.stderr})
+        )
+
+    folder = once_per_run(tmp_path_factory, "default_train_run", make)
+    process = json.loads((folder / "process.json").read_text())
+    return folder, subprocess.CompletedProcess(**process)
 
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:

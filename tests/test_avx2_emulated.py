@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import run_train_script
 
 from lightning_quant import deploy
 from lightning_quant.demo import MLPNet
@@ -64,14 +63,15 @@ def run(tmp_path: Path, prefix: list[str], folders: dict[Path, torch.Tensor], re
     return torch.load(out, weights_only=True)
 
 
-def test_default_dynamic_and_int4_files_are_exact_on_an_emulated_haswell(tmp_path):
+def test_default_dynamic_and_int4_files_are_exact_on_an_emulated_haswell(tmp_path, default_train_run):
     qemu = shutil.which("qemu-x86_64")
     assert qemu, "qemu-x86_64 not found: install Debian's qemu-user (apt-get install -y qemu-user), as .ci/run does"
     torch.manual_seed(0)
-    # the default `python train.py`: static int8 of the digits conv net, aoti, onnx and openvino, target avx2
-    done = run_train_script(tmp_path / "train", "trainer.limit_train_batches=3")
+    # the default `python train.py`: static int8 of the digits conv net, aoti, onnx and openvino, target avx2 (one
+    # run, shared with test_ptq_callbacks.py and test_target.py)
+    run_dir, done = default_train_run
     assert done.returncode == 0, done.stderr[-3000:]
-    static = tmp_path / "train" / "quantized"
+    static = run_dir / "quantized"
     dynamic = tmp_path / "dynamic"
     deploy(MLPNet(hidden=256).eval(), DynamicQuantConfig(), torch.rand(8, 1, 8, 8), dirpath=dynamic, formats=["onnx"])
     int4 = tmp_path / "int4"

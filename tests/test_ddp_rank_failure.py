@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 BOUND_SECONDS = 240  # process start-up and a short fit on a loaded 2-core machine; a hang would be 30 min
+TIMEOUT_SECONDS = 30  # the process group's (conf/trainer/ddp.yaml's default is 30 min)
 
 
 def run(out: Path, case: str) -> None:
@@ -52,7 +53,9 @@ def run(out: Path, case: str) -> None:
     quantization = DynamicQuantization(formats=["torch_export"], dirpath=out / "quantized", keep_float=keep_float)
     L.seed_everything(0)
     trainer = L.Trainer(
-        strategy=DDPStrategy(timeout=timedelta(seconds=10)),
+        # the process-group timeout also bounds the rendezvous: rank 1 (a fresh Python importing torch and Lightning)
+        # must connect within it, which took over 10 s beside another test on a loaded 2-core machine
+        strategy=DDPStrategy(timeout=timedelta(seconds=TIMEOUT_SECONDS)),
         accelerator="cpu",
         devices=2,
         max_epochs=1,
@@ -139,7 +142,7 @@ def test_a_failing_rank_ends_the_whole_run_with_a_nonzero_exit(tmp_path, case):
             >= (tmp_path / "quantized" / "manifest.json").stat().st_mtime
         )
     elif case == "rank 0 hangs at fit end":
-        # rank 1's barrier timed out (15 s here), it exited, and Lightning's observer killed rank 0
+        # rank 1's barrier timed out (TIMEOUT_SECONDS here), it exited, and Lightning's observer killed rank 0
         assert process.returncode == -signal.SIGKILL
         assert "rank1" in stderr.lower() and ("timed out" in stderr.lower() or "timeout" in stderr.lower())
 

@@ -13,6 +13,8 @@ from lightning_quant import deploy, load
 from lightning_quant.demo import ByteLanguageModel
 from lightning_quant.quantization import DynamicQuantConfig, StaticQuantConfig, WeightOnlyConfig
 
+pytestmark = pytest.mark.alone  # the manifest's timings are compared with timings taken here
+
 
 def small_conv_net() -> nn.Module:
     torch.manual_seed(0)
