@@ -247,7 +247,7 @@ def test_a_fit_without_checkpointing_still_saves_the_float_checkpoint_first(tmp_
         (
             lambda: PostTrainingQuantization(formats=["tflite"]),
             ValueError,
-            r"cannot export format\(s\) \['tflite'\]; choose from \['aoti', 'onnx', 'torch_export'\]",
+            r"cannot export format\(s\) \['tflite'\]; choose from \['aoti', 'onnx', 'openvino', 'torch_export'\]",
         ),
         (lambda: PostTrainingQuantization(formats=["torchscript"]), ValueError, "cannot export format"),
         (lambda: PostTrainingQuantization(formats="onnx"), TypeError, "formats must be a list"),

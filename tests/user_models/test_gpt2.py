@@ -77,6 +77,11 @@ for pair in sys.argv[2:]:
         outputs = [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: ids.numpy()})]
     elif fmt == "aoti":
         outputs = torch._inductor.aoti_load_package(path)(ids)
+    elif fmt == "openvino":
+        import openvino
+        compiled = openvino.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        result = compiled([ids.numpy()])
+        outputs = [torch.from_numpy(result[port].copy()) for port in compiled.outputs]
     else:
         outputs = torch.export.load(path).module()(ids)
     print(fmt, [tuple(o.shape) for o in outputs])
