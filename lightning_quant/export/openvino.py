@@ -5,8 +5,8 @@ The IR is converted from the same ONNX as the ``"onnx"`` format: ONNX Runtime's 
 with the callback's calibration batches (static int8), the converted graph's own quantize/dequantize pairs (QAT),
 or the float model (:class:`OptimizeForInference`). OpenVINO turns each quantize/dequantize pair into its int8
 kernels, so the int8 scales are ours and no second calibration runs. Measured on ResNet-50 (transformers'
-default config, 224x224, batch 1, 2 threads, AVX-512 VNNI EPYC): this file 6.8 ms, the same ONNX in ONNX Runtime
-7.9 ms, OpenVINO + NNCF's own int8 of the float model 6.5 ms (benchmarks/bench_openvino_peer.py).
+default config, 224x224, batch 1, 2 threads, AVX-512 VNNI EPYC, load 2.4): this file 6.87 ms, the same ONNX in
+ONNX Runtime 8.34 ms, OpenVINO + NNCF's own int8 of the float model 6.64 ms (benchmarks/openvino_peer_results.md).
 
 Loaded with ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's default on CPUs with AVX-512 BF16 or AMX runs the float
 parts in bfloat16 (1.4% off on that ResNet-50's int8 file), which is not the program that was verified.
