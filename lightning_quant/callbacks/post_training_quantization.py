@@ -9,11 +9,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_quant.callbacks.quantization_base import QuantizationCallback
+from lightning_quant.callbacks.quantization_base import QuantizationCallback, check_calibration_arguments
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import StaticQuantConfig, single_input_channel_convs
-
-_DATALOADERS = ("train", "val")
 
 
 class PostTrainingQuantization(QuantizationCallback):
@@ -63,16 +61,7 @@ class PostTrainingQuantization(QuantizationCallback):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (
-            isinstance(num_calibration_batches, bool)
-            or not isinstance(num_calibration_batches, int)
-            or num_calibration_batches < 1
-        ):
-            raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
-        if calibration_dataloader not in _DATALOADERS:
-            raise ValueError(
-                f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}"
-            )
+        check_calibration_arguments(num_calibration_batches, calibration_dataloader)
         self.config = StaticQuantConfig(
             observer=observer, per_channel=per_channel, keep_float=tuple(self.keep_float), target=self.target
         )

@@ -105,6 +105,19 @@ from lightning_quant.target import DEFAULT_TARGET, check_target_name
 _DATALOADERS = ("train", "val")
 
 
+def check_calibration_arguments(num_calibration_batches: Any, calibration_dataloader: Any) -> None:
+    """The calibration settings of a callback that reads batches: a positive number of them, from ``"train"`` or
+    ``"val"``."""
+    if (
+        isinstance(num_calibration_batches, bool)
+        or not isinstance(num_calibration_batches, int)
+        or num_calibration_batches < 1
+    ):
+        raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
+    if calibration_dataloader not in _DATALOADERS:
+        raise ValueError(f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}")
+
+
 class QuantizationCallback(Callback, ABC):
     r"""Base of the callbacks that turn the trained float model into verified artifacts at fit end: int8 (or
     weight-only) by ``config``, or the float model itself when ``config`` is ``None``.

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_quant.callbacks.post_training_quantization import _is_empty
-from lightning_quant.callbacks.quantization_base import _DATALOADERS, QuantizationCallback, _first_batch
+from lightning_quant.callbacks.quantization_base import QuantizationCallback, _first_batch, check_calibration_arguments
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import WeightOnlyConfig
 from lightning_quant.quantization.weight_only import quantizable_layers
@@ -73,16 +73,7 @@ class WeightOnlyQuantization(QuantizationCallback):
         self.config = WeightOnlyConfig(
             bits=bits, group_size=group_size, keep_float=tuple(self.keep_float), method=method
         )
-        if (
-            isinstance(num_calibration_batches, bool)
-            or not isinstance(num_calibration_batches, int)
-            or num_calibration_batches < 1
-        ):
-            raise ValueError(f"num_calibration_batches must be a positive integer, got {num_calibration_batches!r}")
-        if calibration_dataloader not in _DATALOADERS:
-            raise ValueError(
-                f"calibration_dataloader must be one of {list(_DATALOADERS)}, got {calibration_dataloader!r}"
-            )
+        check_calibration_arguments(num_calibration_batches, calibration_dataloader)
         self.num_calibration_batches = num_calibration_batches
         self.calibration_dataloader = calibration_dataloader
 
