@@ -33,6 +33,7 @@ def compare_latency_ms(
     repeats: int = 20,
     statistic: Callable[[list[float]], Any] = statistics.median,
     block: int = 1,
+    span_s: float = 0.0,
 ) -> dict[str, Any]:
     """Latency of each model (``statistic`` of the calls, default median), in ms, timed in interleaved rounds.
 
@@ -45,6 +46,9 @@ def compare_latency_ms(
     Runtime's fastest call 0.50 ms timed call by call in alternation, 0.35 ms on its own, 0.35-0.37 ms in
     blocks of 5-20.
 
+    ``span_s`` spreads the rounds over at least that many seconds (a pause after each round that finished early):
+    a moment of another process's work (a few hundred ms) then disturbs some rounds, not all of them.
+
     Example::
 
         >>> sorted(compare_latency_ms({"a": nn.Linear(4, 4), "b": nn.Identity()}, torch.zeros(2, 4)))
@@ -56,13 +60,15 @@ def compare_latency_ms(
         for _ in range(warmup):
             for model in models.values():
                 inputs(model)
-        for _ in range(repeats):
+        started = time.perf_counter()
+        for index in range(repeats):
             for name, model in models.items():
                 inputs(model)  # untimed: takes the cores and caches over from the model before
                 for _ in range(block):
                     start = time.perf_counter()
                     inputs(model)
                     times[name].append(time.perf_counter() - start)
+            time.sleep(max(0.0, started + span_s * (index + 1) / repeats - time.perf_counter()))
     return {name: statistic([t * 1000.0 for t in values]) for name, values in times.items()}
 
 
@@ -88,10 +94,12 @@ def measure_speed(
     warmup: int = 10,
     repeats: int = 10,
     block: int = 10,
+    span_s: float = 0.5,
 ) -> dict[str, Any]:
     """Time the float model and every exported file side by side, in interleaved rounds of ``block`` calls each
     (another process's load falls on all of them alike, so their ratios hold, and each file is timed as it runs
-    on its own: see :func:`compare_latency_ms`); pick the fastest file.
+    on its own: see :func:`compare_latency_ms`), the rounds spread over at least ``span_s`` seconds; pick the fastest
+    file.
 
     Returns ``latency_ms`` (per name, the fastest call: ``float``, each format, and ``quantized``: the
     fastest file's, or the eager ``reference``'s when there is no file), ``spread_ms`` (``[p25, median, p75]`` per
@@ -112,7 +120,9 @@ def measure_speed(
     # (ONNX Runtime's and OpenMP's threads wait for a busy core) and moves medians and their ratios with it; the
     # least disturbed call is what the file costs on this CPU, and its ratio to float's held within a few percent
     # from a quiet to a loaded machine (benchmarks/load_results.md).
-    timed = compare_latency_ms(models, inputs, warmup, repeats, lambda v: (min(v), quartiles(v)), block)
+    # Spread over half a second: in one CI run the rounds of an int4 step (0.2 ms a call, all rounds within 30 ms)
+    # all fell in one disturbed moment, 1.5x the file's standalone time.
+    timed = compare_latency_ms(models, inputs, warmup, repeats, lambda v: (min(v), quartiles(v)), block, span_s)
     latency = {name: best for name, (best, _) in timed.items()}
     spread = {name: values for name, (_, values) in timed.items()}
     fastest: Optional[str] = min(runtimes, key=latency.__getitem__) if runtimes else None

@@ -44,35 +44,41 @@ def fastest_call_ms(model, x, calls=100, rounds=3) -> float:
     return best
 
 
+def agrees_with_the_files_on_their_own(manifest: dict, name: str, file_call, float_call) -> tuple[float, float]:
+    """The manifest's time of the file ``name`` against its float model's, and the same ratio timed here, each of
+    the two on its own (fastest of 100 calls in a row, the two alternating every few rounds), timed again a second
+    later while the two ratios are more than 20% apart.
+
+    Ratios, not times: this VM's whole CPU runs 1.4x slower for seconds at a time (idle machine, same process:
+    the int4 step 0.21 ms and its float model 0.31 ms for 3 s, then 0.148 and 0.216), which moves every time
+    alike. A neighbour slowing the file inside the manifest's rounds (#27: 1.37 ms in the manifest, 0.70-0.75 on
+    its own) moves the file's time alone and shows in its ratio."""
+    latency = manifest["latency_ms"]
+    in_manifest = latency[name] / latency["float"]
+    best_file, best_float = float("inf"), float("inf")
+    for attempt in range(6):
+        if attempt:
+            time.sleep(1)
+        best_file = min(best_file, fastest_call_ms(lambda _: file_call(), None))
+        best_float = min(best_float, fastest_call_ms(lambda _: float_call(), None))
+        if 1 / 1.2 <= in_manifest / (best_file / best_float) <= 1.2:
+            break
+    return in_manifest, best_file / best_float
+
+
 def test_the_manifest_times_a_file_as_it_runs_on_its_own(tmp_path):
     x = torch.rand(8, 3, 32, 32)
     calibration = [torch.rand(8, 3, 32, 32) for _ in range(4)]
+    model = small_conv_net()
     # the slow unlowered program and the float model are timed beside the onnx file: they must not slow it down
-    deployment = deploy(
-        small_conv_net(), StaticQuantConfig(), x, calibration, dirpath=tmp_path, formats=["onnx", "torch_export"]
-    )
-    in_manifest = deployment.manifest["latency_ms"]["onnx"]
+    deployment = deploy(model, StaticQuantConfig(), x, calibration, dirpath=tmp_path, formats=["onnx", "torch_export"])
     onnx = load(tmp_path, "onnx")
-    on_its_own = fastest_call_ms(onnx, x)
-    for _ in range(5):  # another process's load can slow every call for a moment: time again, a second later
-        if in_manifest / on_its_own >= 1 / 1.2:
-            break
-        time.sleep(1)
-        on_its_own = min(on_its_own, fastest_call_ms(onnx, x))
+    with torch.no_grad():
+        in_manifest, on_its_own = agrees_with_the_files_on_their_own(
+            deployment.manifest, "onnx", lambda: onnx(x), lambda: model(x)
+        )
     assert 1 / 1.2 <= in_manifest / on_its_own <= 1.2, (in_manifest, on_its_own, deployment.manifest["latency_ms"])
     assert deployment.manifest["latency_ms"]["too_fast_to_time"] is False  # 0.4-0.8 ms a call
-
-
-def agrees_with_the_file_on_its_own(in_manifest: float, call) -> float:
-    """The fastest standalone call of ``call`` (no argument), timed again a second later while it is more than 20%
-    from ``in_manifest`` (another process's load can slow every call for a moment); returns that time."""
-    on_its_own = fastest_call_ms(lambda _: call(), None)
-    for _ in range(5):
-        if 1 / 1.2 <= in_manifest / on_its_own <= 1.2:
-            break
-        time.sleep(1)
-        on_its_own = min(on_its_own, fastest_call_ms(lambda _: call(), None))
-    return on_its_own
 
 
 def test_the_manifest_times_the_int4_generation_step_as_it_runs_on_its_own(tmp_path):
@@ -81,9 +87,11 @@ def test_the_manifest_times_the_int4_generation_step_as_it_runs_on_its_own(tmp_p
     model = ByteLanguageModel(width=128, layers=2, heads=4, block_size=64).eval()
     step = model.example_input_array  # one sequence, one byte, the empty cache, position 0
     deployment = deploy(model, WeightOnlyConfig(bits=4), step, dirpath=tmp_path, formats=["onnx"])
-    in_manifest = deployment.manifest["latency_ms"]["onnx"]
     onnx = load(tmp_path, "onnx")
-    on_its_own = agrees_with_the_file_on_its_own(in_manifest, lambda: onnx(*step))
+    with torch.no_grad():
+        in_manifest, on_its_own = agrees_with_the_files_on_their_own(
+            deployment.manifest, "onnx", lambda: onnx(*step), lambda: model(*step)
+        )
     assert 1 / 1.2 <= in_manifest / on_its_own <= 1.2, (in_manifest, on_its_own, deployment.manifest["latency_ms"])
 
 
