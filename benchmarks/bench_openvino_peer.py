@@ -156,9 +156,7 @@ def bench_model(
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with torch.no_grad():
-        float_files = deploy(
-            model, None, example, dirpath=out / f"{name}_float", formats=formats, target=target
-        )
+        float_files = deploy(model, None, example, dirpath=out / f"{name}_float", formats=formats, target=target)
         int8_files = deploy(
             model,
             StaticQuantConfig(target=target),
