@@ -204,7 +204,8 @@ def test_default_run_records_cpu_target_speed_and_the_recommended_file(default_t
     assert len(manifest["latency_ms"]["load_average"]) == 2
 
 
-def test_a_file_slower_than_float_is_never_recommended():
+def manifest_with_a_slow_file(file_format: str, artifacts: list, dynamic_batch: bool = True) -> dict:
+    """A static-int8 manifest of a Linear model whose file (``file_format``) is timed 2 ms slower than float."""
     model = nn.Linear(4, 4).eval()
     x = torch.zeros(2, 4)
 
@@ -212,15 +213,15 @@ def test_a_file_slower_than_float_is_never_recommended():
         time.sleep(0.002)
         return model(inputs)
 
-    speed = measure_speed(model, model, {"onnx": slow}, x, repeats=5)
-    assert speed["fastest"] == "onnx" and speed["speedup_vs_float"]["onnx"] < 1
-    manifest = build_manifest(
+    speed = measure_speed(model, model, {file_format: slow}, x, repeats=3, span_s=0)
+    assert speed["fastest"] == file_format and speed["speedup_vs_float"][file_format] < 1
+    return build_manifest(
         approach="static",
         backend="x86",
         model="Linear",
         example_inputs=ModelInputs.from_value(x),
-        dynamic_batch=True,
-        artifacts=[],
+        dynamic_batch=dynamic_batch,
+        artifacts=artifacts,
         verification={},
         metrics={},
         speed=speed,
@@ -229,36 +230,17 @@ def test_a_file_slower_than_float_is_never_recommended():
         size_bytes={"float": 1, "quantized": 1},
         quantized_ops={},
     )
-    assert manifest["recommended"] is None
+
+
+def test_a_file_slower_than_float_is_never_recommended():
+    assert manifest_with_a_slow_file("onnx", [])["recommended"] is None
 
 
 @pytest.mark.parametrize("dynamic_batch", [True, False])
 def test_an_int8_aoti_file_slower_than_float_says_how_to_make_it_fast(dynamic_batch):
     # a ResNet-50's int8 .pt2 for any batch size ran at 59.7 ms, pinned to batch 1 at 7.4 ms, float eager 35.3 ms
-    model = nn.Linear(4, 4).eval()
-    x = torch.zeros(2, 4)
-
-    def slow(inputs):
-        time.sleep(0.002)
-        return model(inputs)
-
     aoti = Artifact("aoti", "model_aoti.pt2", 1, "0" * 64, 0.01)
-    manifest = build_manifest(
-        approach="static",
-        backend="x86",
-        model="Linear",
-        example_inputs=ModelInputs.from_value(x),
-        dynamic_batch=dynamic_batch,
-        artifacts=[aoti],
-        verification={},
-        metrics={},
-        speed=measure_speed(model, model, {"aoti": slow}, x, repeats=3, span_s=0),
-        latency_input=ModelInputs.from_value(x),
-        target=resolve_target("avx2"),
-        size_bytes={"float": 1, "quantized": 1},
-        quantized_ops={},
-    )
-    [entry] = manifest["artifacts"]
+    [entry] = manifest_with_a_slow_file("aoti", [aoti], dynamic_batch)["artifacts"]
     assert entry["faster_than_float"] is False
     if dynamic_batch:
         assert "dynamic_batch=False" in entry["note"] and "prepack" in entry["note"]
