@@ -9,7 +9,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_quant.callbacks.quantization_base import QuantizationCallback, check_calibration_arguments
+from lightning_quant.callbacks.quantization_base import QuantizationCallback, _is_empty, check_calibration_arguments
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import StaticQuantConfig, single_input_channel_convs
 
@@ -133,10 +133,3 @@ class PostTrainingQuantization(QuantizationCallback):
                 *notes,
             ],
         }
-
-
-def _is_empty(loader: Any) -> bool:
-    try:
-        return len(loader) == 0
-    except TypeError:  # an iterable without a length: look at its first batch
-        return next(iter(loader), None) is None

@@ -739,6 +739,13 @@ def _first_batch(loader: Any, size: Optional[int] = None) -> Any:
     return collate([dataset[i] for i in range(size)])
 
 
+def _is_empty(loader: Any) -> bool:
+    try:
+        return len(loader) == 0
+    except TypeError:  # an iterable without a length: look at its first batch
+        return next(iter(loader), None) is None
+
+
 def _with_notes(details: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """``details`` with ``notes`` added to its ``notes`` list."""
     return {**details, "notes": [*details.get("notes", []), *notes]} if notes else details

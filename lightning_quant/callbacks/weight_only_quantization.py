@@ -9,8 +9,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_quant.callbacks.post_training_quantization import _is_empty
-from lightning_quant.callbacks.quantization_base import QuantizationCallback, _first_batch, check_calibration_arguments
+from lightning_quant.callbacks.quantization_base import (
+    QuantizationCallback,
+    _first_batch,
+    _is_empty,
+    check_calibration_arguments,
+)
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.quantization import WeightOnlyConfig
 from lightning_quant.quantization.weight_only import quantizable_layers
