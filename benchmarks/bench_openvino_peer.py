@@ -72,7 +72,13 @@ def resnet50() -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:
 def mobilenet_v2() -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:
     from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
 
-    return ImageLogits(MobileNetV2ForImageClassification(MobileNetV2Config())), lambda b: (torch.randn(b, 3, 224, 224),)
+    model = MobileNetV2ForImageClassification(MobileNetV2Config())
+    # transformers initialises convolutions with std 0.02: through 52 of them the logits fall to 1e-22 and every int8
+    # file (NNCF's too) outputs zeros. torchvision's init (Kaiming, fan-out) keeps activations near 1.
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+    return ImageLogits(model), lambda b: (torch.randn(b, 3, 224, 224),)
 
 
 def bert_base() -> tuple[nn.Module, Callable[[int], tuple[torch.Tensor, ...]]]:

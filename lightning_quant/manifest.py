@@ -36,17 +36,6 @@ def library_versions() -> dict[str, Optional[str]]:
     return versions
 
 
-# Inductor prepacks a quantized conv's oneDNN weights for the input shape it is compiled for, and for none when the
-# batch is symbolic (torch/_inductor/fx_passes/quantization.py: x_shape=None): measured on transformers' ResNet-50,
-# 224x224, batch 1, 2 threads, load 1.4, AVX-512 VNNI EPYC: int8 .pt2 for any batch size 59.7 ms, pinned to batch 1
-# 7.4 ms, float eager 35.3 ms.
-AOTI_DYNAMIC_BATCH_NOTE = (
-    "slower than float: compiled for any batch size, where AOTInductor does not prepack the int8 convolution "
-    "weights for oneDNN (a ResNet-50 at batch 1: 59.7 ms, 7.4 ms pinned to batch 1, float eager 35.3 ms); pin the "
-    "batch size (dynamic_batch=False) for a fast .pt2, or use the onnx/openvino file"
-)
-
-
 def build_manifest(
     *,
     approach: str,
@@ -101,13 +90,6 @@ def build_manifest(
         entry["speedup_vs_float"] = speed["speedup_vs_float"].get(artifact.format)
         entry["faster_than_float"] = entry["speedup_vs_float"] is not None and entry["speedup_vs_float"] > 1
         entry["load_average"] = speed["load_average"]  # of the machine while it was timed
-        if (
-            artifact.format == "aoti"
-            and approach in ("static", "qat")
-            and dynamic_batch
-            and not entry["faster_than_float"]
-        ):
-            entry["note"] = AOTI_DYNAMIC_BATCH_NOTE
         entries.append(entry)
     fastest = speed["fastest"]
     recommended = fastest if fastest is not None and speed["speedup_vs_float"][fastest] > 1 else None

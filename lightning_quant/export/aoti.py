@@ -7,12 +7,21 @@ applies only to a graph captured without autograd, hence ``torch.no_grad()`` aro
 The C++ is compiled for the target's ISA (``-march``, vector width), not ``-march=native``: a package built on
 an AVX-512 machine for ``target="avx2"`` runs on any AVX2 CPU. oneDNN picks its kernels (and the layout of the
 prepacked weights) when the package runs, so a package is portable across CPUs that have its ``-march``.
+
+For any batch size, Inductor prepacks the int8 weights for no input shape (``x_shape=None`` for a symbolic batch,
+in torch/_inductor/fx_passes/quantization.py) and oneDNN re-lays them out on every call. They are prepacked for
+the example input's shape instead (:class:`_PrepackForExampleShape`); oneDNN checks the layout at run time, so
+other batch sizes stay right. Measured on transformers' ResNet-50, static int8, 224x224, 2 threads, AVX-512 VNNI
+EPYC, load 1.6, one process: batch 1: 60.3 ms without the shape, 7.40 ms with it, 7.22 ms pinned to batch 1, float
+eager 36.6 ms; batch 16: 151 ms without, 92.9 ms with (float eager 909 ms).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +50,46 @@ def export_aoti(
         warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
         captured = capture(model, inputs, dynamic_batch)
-        torch._inductor.aoti_compile_and_package(
-            decompose(captured.program), package_path=str(temporary), inductor_configs=configs
-        )
+        with _prepack_for_example_shape():
+            torch._inductor.aoti_compile_and_package(
+                decompose(captured.program), package_path=str(temporary), inductor_configs=configs
+            )
     return {
         "how": "torch.export -> torch._inductor.aoti_compile_and_package",
         "inductor_configs": configs,
         "load": "torch._inductor.aoti_load_package(path)(*args, **kwargs)",
         **captured.details(),
     }
+
+
+class _PrepackForExampleShape:
+    """An Inductor freezing pass: give each int8 weight prepack that got no input shape (a symbolic batch) the
+    shape of the example input, so oneDNN lays the weights out once, at compile time, for that shape."""
+
+    PREPACKS = (torch.ops.onednn.qconv_prepack.default, torch.ops.onednn.qlinear_prepack.default)
+
+    def apply(self, graph: torch.fx.Graph) -> None:
+        from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+        for node in graph.nodes:
+            target = getattr(node.target, "default", node.target)  # Inductor inserts the op packet
+            if node.op != "call_function" or target not in self.PREPACKS or node.args[-1] is not None:
+                continue
+            activation = next(iter(node.users)).args[0]  # the int8 conv / linear's input
+            node.args = (*node.args[:-1], [optimization_hint(size) for size in activation.meta["val"].shape])
+
+
+@contextlib.contextmanager
+def _prepack_for_example_shape() -> Iterator[None]:
+    from torch._inductor.fx_passes import freezing_patterns
+
+    passes: list[Any] = freezing_patterns.pass_patterns  # Inductor calls each one's apply(graph) in order
+    hint = _PrepackForExampleShape()
+    passes.append(hint)  # after the pass that inserts the prepacks
+    try:
+        yield
+    finally:
+        passes.remove(hint)
 
 
 def load_aoti(path: Path) -> Any:
