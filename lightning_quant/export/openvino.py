@@ -5,8 +5,8 @@ The IR is converted from the same ONNX as the ``"onnx"`` format: ONNX Runtime's 
 with the callback's calibration batches (static int8), the converted graph's own quantize/dequantize pairs (QAT),
 or the float model (:class:`OptimizeForInference`). OpenVINO turns each quantize/dequantize pair into its int8
 kernels, so the int8 scales are ours and no second calibration runs. Measured on ResNet-50 (transformers'
-default config, 224x224, batch 1, 2 threads, AVX-512 VNNI EPYC, load 2.4): this file 6.87 ms, the same ONNX in
-ONNX Runtime 8.34 ms, OpenVINO + NNCF's own int8 of the float model 6.64 ms (benchmarks/openvino_peer_results.md).
+default config, 224x224, batch 1, 2 threads, AVX-512 VNNI EPYC, idle: load 1.6): this file 6.21 ms, the same ONNX
+in ONNX Runtime 7.86 ms, OpenVINO + NNCF's own int8 of the float model 6.11 ms (benchmarks/openvino_peer_results.md).
 
 Loaded with ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's default on CPUs with AVX-512 BF16 or AMX runs the float
 parts in bfloat16 (1.4% off on that ResNet-50's int8 file), which is not the program that was verified.
@@ -115,7 +115,8 @@ class OpenVinoRunner:
             raise ValueError(
                 f"the OpenVINO model takes {len(self.input_names)} inputs {self.input_names}, got {len(tensors)} tensors"
             )
-        results = self.request.infer([t.detach().cpu().numpy() for t in tensors])
+        # share_inputs: OpenVINO reads the arrays in place (the call is synchronous) instead of copying them first
+        results = self.request.infer([t.detach().cpu().numpy() for t in tensors], share_inputs=True)
         # copies: the request reuses its output buffers on the next call
         outputs = [torch.from_numpy(np.array(results[port])) for port in self.compiled.outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
