@@ -239,30 +239,29 @@ def bench_model(
     return rows, head_to_head
 
 
+def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | batch | variant | ms | vs float eager | vs OpenVINO+NNCF int8 | rel. error vs float | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    columns = ["model", "batch", "variant", "ms", "vs float eager", "vs OpenVINO+NNCF int8", "rel. error vs float"]
+    cells = [
+        [row["model"], str(row["batch"]), row["variant"], f"{row['ms']:.2f}", f"{row['vs_float']:.2f}x"]
+        + [f"{row['vs_nncf_int8']:.2f}x", f"{row['error']:.4f}", row["load"]]
+        for row in rows
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['batch']} | {row['variant']} | {row['ms']:.2f} | {row['vs_float']:.2f}x | "
-            f"{row['vs_nncf_int8']:.2f}x | {row['error']:.4f} | {row['load']} |"
-        )
-    return "\n".join(lines)
+    return markdown_table([*columns, "load avg"], cells)
 
 
 def duel_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| model | batch | our recommended int8 file | ms | OpenVINO + NNCF int8 ms | ours vs NNCF | load avg |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+    columns = ["model", "batch", "our recommended int8 file", "ms", "OpenVINO + NNCF int8 ms", "ours vs NNCF"]
+    cells = [
+        [row["model"], str(row["batch"]), row["ours"], f"{row['ours_ms']:.2f}", f"{row['nncf_ms']:.2f}"]
+        + [f"{row['nncf_ms'] / row['ours_ms']:.2f}x", row["load"]]
+        for row in rows
     ]
-    for row in rows:
-        lines.append(
-            f"| {row['model']} | {row['batch']} | {row['ours']} | {row['ours_ms']:.2f} | {row['nncf_ms']:.2f} | "
-            f"{row['nncf_ms'] / row['ours_ms']:.2f}x | {row['load']} |"
-        )
-    return "\n".join(lines)
+    return markdown_table([*columns, "load avg"], cells)
 
 
 def main() -> None:
