@@ -44,8 +44,7 @@ def test_static_int8_in_every_format_reloads_in_a_fresh_process_and_matches(stat
 
     def apply_and_record(self, graph):
         apply(self, graph)
-        prepacks = [n for n in graph.nodes if getattr(n.target, "default", n.target) in self.PREPACKS]
-        prepacked_for.extend(node.args[-1] for node in prepacks)
+        prepacked_for.extend(node.args[-1] for node in self.prepacks(graph))
 
     monkeypatch.setattr(_PrepackForExampleShape, "apply", apply_and_record)
     inputs = ModelInputs.from_value(calibration[0][:4])

@@ -68,15 +68,22 @@ class _PrepackForExampleShape:
 
     PREPACKS = (torch.ops.onednn.qconv_prepack.default, torch.ops.onednn.qlinear_prepack.default)
 
+    @classmethod
+    def prepacks(cls, graph: torch.fx.Graph) -> list[torch.fx.Node]:
+        """The graph's int8 weight prepacks; their last argument is the input shape they pack for."""
+        # Inductor inserts the op packet; its .default is the overload
+        return [
+            n for n in graph.nodes if n.op == "call_function" and getattr(n.target, "default", n.target) in cls.PREPACKS
+        ]
+
     def apply(self, graph: torch.fx.Graph) -> None:
         from torch.fx.experimental.symbolic_shapes import optimization_hint
 
-        for node in graph.nodes:
-            target = getattr(node.target, "default", node.target)  # Inductor inserts the op packet
-            if node.op != "call_function" or target not in self.PREPACKS or node.args[-1] is not None:
-                continue
-            activation = next(iter(node.users)).args[0]  # the int8 conv / linear's input
-            node.args = (*node.args[:-1], [optimization_hint(size) for size in activation.meta["val"].shape])
+        for node in self.prepacks(graph):
+            if node.args[-1] is None:
+                activation = next(iter(node.users)).args[0]  # the int8 conv / linear's input
+                assert isinstance(activation, torch.fx.Node)
+                node.args = (*node.args[:-1], [optimization_hint(size) for size in activation.meta["val"].shape])
 
 
 @contextlib.contextmanager
