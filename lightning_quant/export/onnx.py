@@ -145,11 +145,46 @@ def _torch_onnx_export(model: nn.Module, inputs: ModelInputs, path: Path, dynami
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*different number of inputs than the flatten dynamic_shapes")
         program = torch.onnx.export(
-            captured.program, dynamo=True, verbose=False, report=False, custom_translation_table=onnx_translations()
+            captured.program,
+            dynamo=True,
+            verbose=False,
+            report=False,
+            custom_translation_table={**onnx_translations(), **_attention_translations()},
         )
     assert program is not None  # dynamo=True always returns the program
     program.save(str(path))
     return captured.details()
+
+
+def _attention_translations() -> dict[Any, Any]:
+    """``scaled_dot_product_attention`` with a boolean mask, written as torch.onnx writes it for a float mask.
+
+    torch.onnx turns a boolean mask into an additive one (0 where kept, the dtype's *finite* minimum where masked)
+    and then guards the softmax with ``Where(IsNaN(w), 0, w)``. With a finite minimum the softmax never returns
+    NaN, so the guard changes no output; but it splits the attention pattern that OpenVINO fuses into one kernel
+    (measured on BERT-base int8, batch 1: attention 1.6 ms fused, ~3 ms with the guard). Converting the mask
+    first, with the same values, writes the float-mask form: no guard."""
+    from onnxscript import ir
+    from onnxscript import opset18 as op
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
+
+    def attention(
+        query: Any,
+        key: Any,
+        value: Any,
+        attn_mask: Any = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: Optional[float] = None,
+        enable_gqa: bool = False,
+    ) -> Any:
+        if attn_mask is not None and attn_mask.dtype == ir.DataType.BOOL:
+            kept = op.Constant(value=ir.tensor(0.0, dtype=query.dtype))
+            masked = op.Constant(value=ir.tensor(query.dtype.min, dtype=query.dtype))
+            attn_mask = op.Where(attn_mask, kept, masked)
+        return aten_scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    return {torch.ops.aten.scaled_dot_product_attention.default: attention}
 
 
 # Loggers that report progress at INFO while we export (Hydra sets the root logger to INFO): the ONNX IR
