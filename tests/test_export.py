@@ -263,3 +263,37 @@ def test_bert_attention_with_a_padding_mask_is_one_fused_openvino_kernel(tmp_pat
     )
     layers = {op.get_rt_info()["layerType"].astype(str) for op in compiled.get_runtime_model().get_ordered_ops()}
     assert "Subgraph" in layers and not {"Softmax", "MatMul"} & layers  # q @ k^T, softmax and @ v: one kernel
+
+
+def test_bias_correction_takes_the_weights_rounding_out_of_the_outputs_mean(tmp_path, monkeypatch):
+    """On inputs far from zero mean (digits' raw 0-16 pixels), rounding 7-bit weights shifts each channel's output
+    by (W_int8 - W) @ mean(input); the corrected biases take that shift out, measured on held-out inputs."""
+    import numpy as np
+
+    from lightning_quant.export import onnx as onnx_format
+
+    torch.manual_seed(0)
+    model = ConvNet(channels=16).eval()
+    calibration = [ModelInputs.from_value(batch * 16) for batch in digits_like()]
+    held_out = digits_like(2, 64)[1] * 16
+    want = model(held_out).detach().numpy()
+
+    def export_with(name: str) -> tuple[dict, np.ndarray]:
+        path = tmp_path / f"{name}.onnx"
+        recipe = OrtStaticQuantization(calibration)
+        details = onnx_format.export_onnx(model, calibration[0], path, quantization=recipe, float_model=model)
+        session = onnxruntime.InferenceSession(str(path))
+        return details, session.run(None, {session.get_inputs()[0].name: held_out.numpy()})[0]
+
+    corrected_details, corrected = export_with("corrected")
+    monkeypatch.setattr(onnx_format, "correct_biases", lambda *args: 0)
+    _, plain = export_with("plain")
+
+    assert (
+        "5 biases corrected" in corrected_details["how"]
+    )  # 4 convolutions (their folded batch norms had no shift: biases added) and the head
+    mean_shift = {
+        name: np.abs((got - want).mean(0)).max() for name, got in (("plain", plain), ("corrected", corrected))
+    }
+    assert mean_shift["corrected"] < mean_shift["plain"] / 2
+    assert np.abs(corrected - want).max() < np.abs(plain - want).max()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_quant.capture import capture
+from lightning_quant.export.bias_correction import correct_biases
 from lightning_quant.files import atomic_path
 from lightning_quant.inputs import ModelInputs
 from lightning_quant.target import TARGETS, CpuTarget
@@ -123,10 +124,11 @@ def export_onnx(
                     extra_options={**options, "MatMulConstBOnly": True},
                     reduce_range=reduce_range,
                 )
+                corrected = correct_biases(temporary, prepared_path, batches)
                 how = (
                     f"float ONNX -> onnxruntime quantize_static (QDQ, {'per-channel' if quantization.per_channel else 'per-tensor'}"
                     f" {bits}-bit int8 weights, uint8 activations, {method} calibration on "
-                    f"{len(batches)} batches)"
+                    f"{len(batches)} batches; {corrected} biases corrected for their weights' rounding)"
                 )
             else:
                 quantize_dynamic(
