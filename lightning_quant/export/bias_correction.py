@@ -9,8 +9,10 @@ benchmark's 8 calibration batches): 7-bit weights alone put the logits 0.058 off
 0.109 to 0.040 at batch 16 (NNCF's int8: 0.052 and 0.066). The corrected bias is an int32 in the same form as
 ONNX Runtime's own (input scale x weight scale), so where the file is exact does not change.
 
-Corrected: ``Conv`` and ``Gemm`` nodes whose weight and bias both come from ``DequantizeLinear`` of initializers
-(ONNX Runtime's QDQ form). Other layers (a ``MatMul`` whose bias is a separate ``Add``) are left as they are.
+Corrected: ``Conv`` and ``Gemm`` nodes whose weight comes from ``DequantizeLinear`` of an initializer (ONNX
+Runtime's QDQ form): their int32 bias is adjusted or, where they have none, added. A ``MatMul`` whose bias is a
+separate ``Add`` (a transformer's linear layers) is left as it is: measured on BERT-base, correcting those made the
+batch-1 error smaller and the batch-8 error larger.
 """
 
 from __future__ import annotations
