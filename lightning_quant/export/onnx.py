@@ -167,9 +167,9 @@ def _attention_translations() -> dict[Any, Any]:
     (measured on BERT-base int8, batch 1: attention 1.6 ms fused, ~3 ms with the guard). Converting the mask
     first, with the same values, writes the float-mask form: no guard."""
     from onnxscript import ir, opset18
+    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
 
     op: Any = opset18  # its stubs expect TensorProtos; in a translation it is traced with ir values
-    from onnxscript.function_libs.torch_lib.ops.nn import aten_scaled_dot_product_attention
 
     def attention(
         query: Any,
