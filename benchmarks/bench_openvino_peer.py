@@ -239,61 +239,39 @@ def bench_model(
     return rows, head_to_head
 
 
-def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+def markdown_table(columns: list[tuple[str, Callable[[dict[str, Any]], str]]], rows: list[dict[str, Any]]) -> str:
+    """One row per dict: each column's header and how it writes a row's cell."""
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |", "|" + " --- |" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows])
+
+
+TABLE_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("model", lambda row: row["model"]),
+    ("batch", lambda row: str(row["batch"])),
+    ("variant", lambda row: row["variant"]),
+    ("ms", lambda row: f"{row['ms']:.2f}"),
+    ("vs float eager", lambda row: f"{row['vs_float']:.2f}x"),
+    ("vs OpenVINO+NNCF int8", lambda row: f"{row['vs_nncf_int8']:.2f}x"),
+    ("rel. error vs float", lambda row: f"{row['error']:.4f}"),
+    ("load avg", lambda row: row["load"]),
+]
+DUEL_COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("model", lambda row: row["model"]),
+    ("batch", lambda row: str(row["batch"])),
+    ("our recommended int8 file", lambda row: row["ours"]),
+    ("ms", lambda row: f"{row['ours_ms']:.2f}"),
+    ("OpenVINO + NNCF int8 ms", lambda row: f"{row['nncf_ms']:.2f}"),
+    ("ours vs NNCF", lambda row: f"{row['nncf_ms'] / row['ours_ms']:.2f}x"),
+    ("load avg", lambda row: row["load"]),
+]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    columns = [
-        "model",
-        "batch",
-        "variant",
-        "ms",
-        "vs float eager",
-        "vs OpenVINO+NNCF int8",
-        "rel. error vs float",
-        "load avg",
-    ]
-    cells = [
-        [
-            row["model"],
-            str(row["batch"]),
-            row["variant"],
-            f"{row['ms']:.2f}",
-            f"{row['vs_float']:.2f}x",
-            f"{row['vs_nncf_int8']:.2f}x",
-            f"{row['error']:.4f}",
-            row["load"],
-        ]
-        for row in rows
-    ]
-    return markdown_table(columns, cells)
+    return markdown_table(TABLE_COLUMNS, rows)
 
 
 def duel_table(rows: list[dict[str, Any]]) -> str:
-    columns = [
-        "model",
-        "batch",
-        "our recommended int8 file",
-        "ms",
-        "OpenVINO + NNCF int8 ms",
-        "ours vs NNCF",
-        "load avg",
-    ]
-    cells = [
-        [
-            row["model"],
-            str(row["batch"]),
-            row["ours"],
-            f"{row['ours_ms']:.2f}",
-            f"{row['nncf_ms']:.2f}",
-            f"{row['nncf_ms'] / row['ours_ms']:.2f}x",
-            row["load"],
-        ]
-        for row in rows
-    ]
-    return markdown_table(columns, cells)
+    return markdown_table(DUEL_COLUMNS, rows)
 
 
 def main() -> None:
