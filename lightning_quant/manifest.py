@@ -293,7 +293,7 @@ def format_table(manifest: dict[str, Any]) -> str:
         relative = " (relative)" if budget["relative"] else ""
         lines.append(
             f"budget {budget['metric']}: drop {budget['drop']:.4g} vs max {budget['max_drop']:.4g}{relative}: {verdict}; "
-            f"fully int8 {budget['before']:.4g}, exported {budget['after']:.4g}; "
+            f"every layer converted {budget['before']:.4g}, exported {budget['after']:.4g}; "
             f"float layers {[layer['name'] for layer in budget['float_layers']]}; {budget['evaluations']} validation passes"
         )
     return "\n".join(lines)

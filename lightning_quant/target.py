@@ -9,8 +9,10 @@ Separately, AOTInductor compiles C++ for a vector ISA (``-march``): a package bu
 on an AVX2 CPU.
 
 A :class:`CpuTarget` says both: the weight range and the ISA the files are built for. ``"avx2"`` (default)
-is any x86-64 CPU with AVX2 (Intel Haswell and later, AMD Zen and later); ``"avx512_vnni"`` and ``"amx"``
-name newer CPUs and keep full 8-bit weights; ``"native"`` is the best of those this CPU has.
+is any x86-64 CPU with AVX2 (Intel Haswell and later, AMD Zen and later); ``"avx512_vnni"``, ``"avx512_bf16"``
+(AMD Zen 4 and later, Intel Cooper Lake) and ``"amx"`` name newer CPUs and keep full 8-bit weights; the last two also
+compute bfloat16 natively, so float files may run in bf16 for them (:attr:`CpuTarget.bf16`). ``"native"`` is the best
+of those this CPU has.
 
 Example::
 
@@ -18,6 +20,8 @@ Example::
     (-64, 63)
     >>> resolve_target("avx512_vnni").weight_range
     (-128, 127)
+    >>> resolve_target("avx2").bf16, resolve_target("avx512_bf16").bf16
+    (False, True)
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ class CpuTarget:
     """The CPUs files are made for.
 
     Args:
-        name: ``"avx2"``, ``"avx512_vnni"`` or ``"amx"``.
+        name: ``"avx2"``, ``"avx512_vnni"``, ``"avx512_bf16"`` or ``"amx"``.
         requires: CPU flags (as ``/proc/cpuinfo`` spells them) a machine needs to run the files.
         weight_bits: 7 where the int8 kernels sum u8 x s8 products in int16 (no VNNI), else 8.
         march: the ``-march`` AOTInductor compiles its C++ for.
@@ -73,6 +77,12 @@ class CpuTarget:
         return -half, half - 1
 
     @property
+    def bf16(self) -> bool:
+        """Every CPU of this target computes bfloat16 natively (AVX-512 BF16 or AMX-BF16). Elsewhere oneDNN emulates
+        bf16 or falls back to reference kernels, slower than float32: a bf16 file is only fast for such a target."""
+        return bool({"avx512_bf16", "amx_bf16"} & set(self.requires))
+
+    @property
     def inductor_configs(self) -> dict[str, Any]:
         """AOTInductor options that compile for this target rather than for the building machine."""
         return {"cpp.march": self.march, "cpp.simdlen": self.simdlen}
@@ -91,9 +101,20 @@ TARGETS: dict[str, CpuTarget] = {
         512,
         "AVX512_CORE_VNNI",
     ),
+    "avx512_bf16": CpuTarget(
+        "avx512_bf16",
+        ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"),
+        8,
+        "x86-64-v4",
+        512,
+        "AVX512_CORE_BF16",
+    ),
     "amx": CpuTarget(
         "amx",
-        ("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "amx_tile", "amx_int8"),
+        (
+            *("avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16"),
+            *("amx_tile", "amx_int8", "amx_bf16"),
+        ),
         8,
         "sapphirerapids",
         512,
@@ -109,7 +130,7 @@ def check_target_name(name: Any) -> None:
     if not isinstance(name, str) or name not in TARGET_NAMES:
         raise ValueError(
             f"Unknown target {name!r}; choose one of {list(TARGET_NAMES)}: 'avx2' (default) runs on any x86-64 CPU "
-            "with AVX2, 'avx512_vnni'/'amx' only on CPUs with those instructions, 'native' is this CPU's best."
+            "with AVX2, 'avx512_vnni'/'avx512_bf16'/'amx' only on CPUs with those instructions, 'native' is this CPU's best."
         )
 
 
@@ -166,13 +187,13 @@ def cpu_info() -> dict[str, Any]:
 
 
 # PyTorch's CPUID probes and the flags each one answers for (AVX-512: F, BW, DQ and VL together; every AVX2 CPU
-# has FMA, every AMX-tile CPU AMX-INT8)
+# has FMA, every AMX-tile CPU AMX-INT8 and AMX-BF16)
 _CPUID_PROBES = {
     "_is_avx2_supported": ("avx2", "fma"),
     "_is_avx512_supported": ("avx512f", "avx512bw", "avx512dq", "avx512vl"),
     "_is_vnni_supported": ("avx512_vnni",),
     "_is_avx512_bf16_supported": ("avx512_bf16",),
-    "_is_amx_tile_supported": ("amx_tile", "amx_int8"),
+    "_is_amx_tile_supported": ("amx_tile", "amx_int8", "amx_bf16"),
 }
 _CPUID_FLAGS = {flag for flags in _CPUID_PROBES.values() for flag in flags}
 

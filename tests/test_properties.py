@@ -326,9 +326,9 @@ def test_automixedprecision_refuses_unknown_dtypes_and_negative_steps_naming_the
 
 
 @CHEAP
-@given(dtype=names.filter(lambda d: d not in ("float32", "bfloat16")))
+@given(dtype=names.filter(lambda d: d not in ("auto", "float32", "bfloat16")))
 def test_optimize_for_inference_refuses_unknown_dtypes_naming_the_allowed(dtype):
-    with pytest.raises(ValueError, match="use 'float32' or 'bfloat16'"):
+    with pytest.raises(ValueError, match="use 'auto', 'float32' or 'bfloat16'"):
         OptimizeForInference(dtype=dtype)
 
 

@@ -75,6 +75,7 @@ def graph_int8_weights(graph: torch.fx.GraphModule) -> torch.Tensor:
 def test_target_names_weight_ranges_and_the_native_choice():
     assert resolve_target("avx2").weight_range == (-64, 63)
     assert resolve_target("avx512_vnni").weight_range == resolve_target("amx").weight_range == (-128, 127)
+    assert [name for name, target in TARGETS.items() if target.bf16] == ["avx512_bf16", "amx"]
     assert resolve_target("avx2").inductor_configs == {"cpp.march": "x86-64-v3", "cpp.simdlen": 256}
     native = resolve_target("native")
     assert not missing_flags(native)  # the widest target this CPU runs...
@@ -82,7 +83,7 @@ def test_target_names_weight_ranges_and_the_native_choice():
     assert all(missing_flags(t) for t in wider)  # ...and no wider one
     assert emulates_narrower_isa(TARGETS["avx2"]) == ("avx512_vnni" in cpu_info()["flags"])
     for bad in ("avx512", "AVX2", 2):
-        with pytest.raises(ValueError, match=r"Unknown target .*'avx2', 'avx512_vnni', 'amx', 'native'"):
+        with pytest.raises(ValueError, match=r"Unknown target .*'avx2', 'avx512_vnni', 'avx512_bf16', 'amx', 'native'"):
             StaticQuantConfig(target=bad)
         with pytest.raises(ValueError, match="Unknown target"):
             PostTrainingQuantization(target=bad)

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from lightning_quant.callbacks.quantization_base import QuantizationCallback
 from lightning_quant.inputs import ModelInputs
+from lightning_quant.precision import to_bfloat16
+from lightning_quant.quantization import MetricBudget
 from lightning_quant.quantization.transformer_fastpath import find_manual_attention
-from lightning_quant.target import DEFAULT_TARGET
+from lightning_quant.target import DEFAULT_TARGET, resolve_target
 
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("auto", "float32", "bfloat16")
+# the formats whose runtime computes bf16 on CPUs; ONNX Runtime's CPU kernels do not (the OpenVINO file is
+# converted from the ONNX one), so those files stay float32
+_BF16_FORMATS = ("aoti", "torch_export")
 
 
 class OptimizeForInference(QuantizationCallback):
@@ -38,9 +41,15 @@ class OptimizeForInference(QuantizationCallback):
     :class:`~lightning_quant.callbacks.quantization_base.QuantizationCallback`.
 
     Args:
-        dtype: ``"float32"``, or ``"bfloat16"``: weights and floating-point inputs in bf16, outputs back in
-            float32 (inputs stay the same as ``forward``'s); formats ``"aoti"`` and ``"torch_export"`` only,
-            as ONNX Runtime's CPU kernels do not run bf16.
+        dtype: ``"auto"`` (default): ``"bfloat16"`` where every CPU of ``target`` computes bf16 natively
+            (``target="avx512_bf16"``, ``"amx"``, or ``"native"`` on such a CPU), else ``"float32"``; the manifest's
+            ``dtype`` and ``dtype_choice`` say which and why. ``"bfloat16"``: weights and computation in bf16,
+            inputs and outputs as ``forward``'s (float32); it needs such a target, as emulated bf16 is slower than
+            float32. In bf16 the ``"aoti"`` and ``"torch_export"`` files compute in bf16; the ``"onnx"`` and
+            ``"openvino"`` files stay float32 (ONNX Runtime's CPU kernels have no bf16); ``dtype_by_format`` in
+            the manifest lists each.
+        max_metric_drop: an accuracy budget for bf16 (as the quantization callbacks take it): while the metric
+            dropped more than allowed, the most sensitive layers return to float32 one at a time.
 
     Example::
 
@@ -64,36 +73,51 @@ class OptimizeForInference(QuantizationCallback):
 
     def __init__(
         self,
-        dtype: str = "float32",
+        dtype: str = "auto",
         dirpath: Optional[Union[str, Path]] = None,
         formats: Optional[Sequence[str]] = None,
         example_input: Any = None,
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         dynamic_batch: bool = True,
+        max_metric_drop: Optional[Union[MetricBudget, Mapping[str, Any]]] = None,
         target: str = DEFAULT_TARGET,
     ) -> None:
         if dtype not in _DTYPES:
-            raise ValueError(f"OptimizeForInference(dtype={dtype!r}) is not supported: use 'float32' or 'bfloat16'")
-        if dtype == "bfloat16":
-            formats = ["aoti", "torch_export"] if formats is None else formats
-            through_onnx = [f for f in formats if f in ("onnx", "openvino")]
-            if through_onnx:
-                raise ValueError(
-                    f"OptimizeForInference(dtype='bfloat16') cannot export {through_onnx}: ONNX Runtime's CPU kernels "
-                    "do not run bf16 (and the OpenVINO file is converted from the ONNX one). Use "
-                    "formats=['aoti', 'torch_export'], or dtype='float32' for ONNX and OpenVINO."
-                )
-        # keep_float and max_metric_drop are not parameters: nothing is quantized (so the signature is explicit,
-        # not **kwargs, and the schema read from it has no such fields)
+            raise ValueError(
+                f"OptimizeForInference(dtype={dtype!r}) is not supported: use 'auto', 'float32' or 'bfloat16'"
+            )
+        # keep_float is not a parameter: it names layers kept out of quantization (so the signature is explicit,
+        # not **kwargs, and the schema read from it has no such field)
         super().__init__(
             dirpath=dirpath,
             formats=formats,
             example_input=example_input,
             batch_to_input=batch_to_input,
             dynamic_batch=dynamic_batch,
+            max_metric_drop=max_metric_drop,
             target=target,
         )
+        if dtype == "bfloat16" and not resolve_target(target).bf16:
+            raise ValueError(
+                f"OptimizeForInference(dtype='bfloat16', target={target!r}): not every CPU of target "
+                f"{resolve_target(target).name!r} computes bf16 natively (AVX-512 BF16 or AMX), and where bf16 is "
+                "emulated it is slower than float32. Use target='avx512_bf16' or 'amx' (or 'native' on such a CPU), "
+                "or dtype='auto': bf16 where the target has it, else float32."
+            )
+        if dtype == "bfloat16" and not set(self.formats) & set(_BF16_FORMATS):
+            raise ValueError(
+                f"OptimizeForInference(dtype='bfloat16', formats={self.formats}): none of these files computes in "
+                f"bf16 (ONNX Runtime's CPU kernels have none, and the OpenVINO file is converted from the ONNX one). "
+                f"Add one of {list(_BF16_FORMATS)}, or use dtype='float32'."
+            )
         self.dtype = dtype
+
+    @property
+    def inference_dtype(self) -> str:
+        """``dtype`` with ``"auto"`` decided for ``target``: ``"bfloat16"`` or ``"float32"``."""
+        if self.dtype == "auto":
+            return "bfloat16" if resolve_target(self.target).bf16 else "float32"
+        return self.dtype
 
     @property
     def optimized_model(self) -> Optional[nn.Module]:
@@ -108,12 +132,13 @@ class OptimizeForInference(QuantizationCallback):
         keep_float: Sequence[str],
     ) -> nn.Module:
         model = super().convert(pl_module, inputs, calibration, keep_float)  # config None: a float copy
-        if self.dtype == "bfloat16":
-            # hooks, not a wrapper: forward keeps its signature, and torch.export traces the casts
-            model.to(torch.bfloat16)
-            model.register_forward_pre_hook(_inputs_to_bfloat16, with_kwargs=True)
-            model.register_forward_hook(_outputs_to_float32)
-        return model
+        return to_bfloat16(model, keep_float) if self.inference_dtype == "bfloat16" else model
+
+    def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
+        if self.inference_dtype == "float32":
+            return {}
+        float32 = self.cpu_copy(pl_module)  # one model: the OpenVINO file is converted from this ONNX export
+        return {name: float32 for name in self.formats_for(pl_module) if name not in _BF16_FORMATS}
 
     def manifest_details(
         self, float_model: nn.Module, inputs: ModelInputs, calibration: Sequence[ModelInputs]
@@ -125,8 +150,13 @@ class OptimizeForInference(QuantizationCallback):
                 f"{', '.join(manual_attention)}: torch.nn.functional.scaled_dot_product_attention does the "
                 "same in one fused kernel (faster, less memory), and exports as one op."
             )
+        dtype, target = self.inference_dtype, resolve_target(self.target)
         return {
-            "dtype": self.dtype,
+            "dtype": dtype,
+            "dtype_choice": _dtype_choice(self.dtype, dtype, target.name),
+            "dtype_by_format": {
+                name: dtype if name in _BF16_FORMATS else "float32" for name in self.formats_for(float_model)
+            },
             "manual_attention": manual_attention,
             "notes": [
                 "No quantization: the trained model itself, exported for inference (torch.export, AOTInductor "
@@ -135,13 +165,12 @@ class OptimizeForInference(QuantizationCallback):
         }
 
 
-def _cast_floats(value: Any, dtype: torch.dtype) -> Any:
-    return tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
-
-
-def _inputs_to_bfloat16(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    return _cast_floats((args, kwargs), torch.bfloat16)
-
-
-def _outputs_to_float32(module: nn.Module, args: tuple, output: Any) -> Any:
-    return _cast_floats(output, torch.float32)
+def _dtype_choice(asked: str, dtype: str, target: str) -> str:
+    if asked != "auto":
+        return f"dtype={asked!r} was asked for"
+    if dtype == "bfloat16":
+        return f"auto: every CPU of target {target!r} computes bf16 natively (AVX-512 BF16 or AMX)"
+    return (
+        f"auto: target {target!r} does not guarantee native bf16 (AVX-512 BF16 or AMX), where emulated bf16 is "
+        "slower than float32; target='avx512_bf16', 'amx' or 'native' on such a CPU picks bf16"
+    )

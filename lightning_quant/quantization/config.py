@@ -20,7 +20,7 @@ class StaticQuantConfig:
         per_channel: one weight scale per output channel (default) instead of one per tensor.
         keep_float: names of submodules left in float (as in ``model.named_modules()``).
         target: the CPUs the int8 model must be right on (:mod:`lightning_quant.target`): ``"avx2"`` (default,
-            any x86-64 CPU with AVX2: 7-bit weights), ``"avx512_vnni"``, ``"amx"`` (8-bit) or ``"native"``.
+            any x86-64 CPU with AVX2: 7-bit weights), ``"avx512_vnni"``, ``"avx512_bf16"``, ``"amx"`` (8-bit) or ``"native"``.
 
     Example::
 
