@@ -323,6 +323,7 @@ def ship(
     timing_inputs: Optional[ModelInputs] = None,
     dynamic_batch: bool = True,
     target: str = DEFAULT_TARGET,
+    dtype: str = "float32",
     onnx_quantization: Optional[OnnxQuantization] = None,
     models: Optional[Mapping[str, nn.Module]] = None,
     evaluate: Optional[Callable[[nn.Module], dict[str, Any]]] = None,
@@ -344,7 +345,7 @@ def ship(
 
     ``timing_inputs``: a real batch to time and verify on (default: ``inputs``). ``evaluate``: the metrics of a
     model (called with ``float_model`` and with the deployed model); ``None``: no evaluation.
-    ``onnx_quantization``/``models``: as :func:`~lightning_quant.export.export` takes them. ``config``: what
+    ``onnx_quantization``/``models``/``dtype``: as :func:`~lightning_quant.export.export` takes them. ``config``: what
     converted ``reference`` (a quantization config or a ``QATGraph``; ``None``: the float model), for the manifest's
     per-layer report (``layers``)."""
     started = time.perf_counter() if started is None else started
@@ -372,6 +373,7 @@ def ship(
                     onnx_quantization=onnx_quantization,
                     models=models,
                     target=target,
+                    dtype=dtype,
                 )
             except ExportError as err:
                 artifacts, failures = err.artifacts, dict(err.failures)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import produced_formats
+from openvino import Type
 from torch import nn
 
 from lightning_quant import ChannelsLast, OptimizeForInference
@@ -81,22 +82,28 @@ def test_the_optimized_model_and_every_reloaded_file_match_the_module_at_any_bat
 
 
 def test_auto_dtype_is_bf16_only_for_a_target_that_computes_it_natively(tmp_path):
-    """dtype="auto" on the widest target this CPU runs: bf16 where it has AVX-512 BF16 or AMX (the aoti and
-    torch_export files compute in bf16, the ONNX file stays float32), float32 on an AVX2 or VNNI-only CPU."""
+    """dtype="auto" on the widest target this CPU runs: bf16 where it has AVX-512 BF16 or AMX (the torch_export file
+    computes in bf16, OpenVINO runs its file in bf16, the ONNX file stays float32), float32 on an AVX2 or VNNI-only
+    CPU."""
     L.seed_everything(0)
     module = DigitsClassifier(ConvNet(channels=16))
-    callback = OptimizeForInference(formats=["torch_export", "onnx"], target="native", dirpath=tmp_path / "auto")
+    formats = ["torch_export", "onnx", "openvino"]
+    callback = OptimizeForInference(formats=formats, target="native", dirpath=tmp_path / "auto")
     make_trainer(tmp_path, [callback], limit_train_batches=None).fit(module, datamodule=DigitsDataModule())
     manifest = callback.manifest
     bf16 = resolve_target("native").bf16
     assert manifest["dtype"] == ("bfloat16" if bf16 else "float32")
     assert manifest["dtype_choice"].startswith("auto: ")
-    assert manifest["dtype_by_format"] == {"torch_export": manifest["dtype"], "onnx": "float32"}
-    program_path, onnx_path = (tmp_path / "auto" / path_of(manifest, name) for name in ("torch_export", "onnx"))
+    dtype = manifest["dtype"]
+    assert manifest["dtype_by_format"] == {"torch_export": dtype, "onnx": "float32", "openvino": dtype}
+    program_path, onnx_path, ir_path = (tmp_path / "auto" / path_of(manifest, name) for name in formats)
     program = torch.export.load(program_path)
     assert computes_in_bf16(program) == bf16
     assert all(i.type == "tensor(float)" for i in onnxruntime.InferenceSession(onnx_path).get_inputs())
-    assert {a["format"] for a in manifest["artifacts"]} == {"torch_export", "onnx"}  # both verified and kept
+    ir = load_artifact(ir_path, "openvino")  # loaded in the precision written into the IR
+    assert ir.runtime.precision == ("bf16" if bf16 else "f32")
+    assert ir.runtime.compiled.get_property("INFERENCE_PRECISION_HINT") == (Type.bf16 if bf16 else Type.f32)
+    assert {a["format"] for a in manifest["artifacts"]} == set(formats)  # every file verified and kept
 
 
 class LogsErrorVsFloat32(DigitsClassifier):

@@ -246,6 +246,12 @@ class QuantizationCallback(Callback, ABC):
         :func:`~lightning_quant.deploy` does for ``self.config``."""
         return ort_quantization(self.config_keeping_float(keep_float), calibration)
 
+    @property
+    def inference_dtype(self) -> str:
+        """What the converted model computes in, ``"float32"`` (default) or ``"bfloat16"``: a format whose runtime
+        picks its precision at load (OpenVINO) runs in it."""
+        return "float32"
+
     def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
         """Models to export instead of the converted one, by format (default: none)."""
         return {}
@@ -585,6 +591,7 @@ class QuantizationCallback(Callback, ABC):
                     timing_inputs=timing_inputs,
                     dynamic_batch=self.dynamic_batch,
                     target=self.target,
+                    dtype=self.inference_dtype,
                     onnx_quantization=onnx,
                     models=models,
                     keep_float=keep_float,

@@ -62,6 +62,7 @@ def export(
     onnx_quantization: Optional[OnnxQuantization] = None,
     models: Optional[Mapping[str, nn.Module]] = None,
     target: Union[str, CpuTarget] = DEFAULT_TARGET,
+    dtype: str = "float32",
 ) -> list[Artifact]:
     """Export ``model`` (or ``models[format]`` where given) in every format into ``dirpath``.
 
@@ -79,6 +80,8 @@ def export(
             those artifacts, like an ONNX Runtime-quantized ``"onnx"``, are verified against the float model.
         target: the CPUs the files are for (:mod:`lightning_quant.target`): ``"aoti"`` compiles for its ISA,
             ONNX Runtime quantizes weights to its range (7 bits for ``"avx2"``).
+        dtype: what ``model`` computes in, ``"float32"`` or ``"bfloat16"``. A format whose runtime picks its
+            precision when it loads the file (``"openvino"``, from float32 weights) records it and runs in it.
 
     Raises:
         ExportError: a format failed (after every format was tried); the message names each failed format,
@@ -111,6 +114,8 @@ def export(
         filename = format.filename
         source = models.get(name, model)
         kwargs: dict[str, Any] = {"target": target} if format.takes_target else {}
+        if format.takes_dtype:
+            kwargs["dtype"] = dtype
         requantized = name in models
         if format.from_float_model and onnx_quantization is not None:
             kwargs.update(quantization=onnx_quantization, float_model=float_model)

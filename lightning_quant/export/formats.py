@@ -44,6 +44,8 @@ class Format:
         requires: the optional package its export and load need, with the extra that installs it.
         converted_from: a format whose file this one is converted from: exported in the same call, that file is
             passed on (``source_file``, ``source_details``) instead of being made a second time.
+        takes_dtype: its runtime picks the precision of the float parts when it loads the file (OpenVINO): the
+            export takes the ``dtype`` the model computes in and records it in the file for the loader.
     """
 
     name: str
@@ -61,6 +63,7 @@ class Format:
     suffixes: tuple[str, ...] = ()
     requires: Optional[tuple[str, str]] = None  # (module, pip extra)
     converted_from: Optional[str] = None
+    takes_dtype: bool = False
 
     @property
     def installed(self) -> bool:
@@ -108,6 +111,7 @@ FORMAT_TABLE: tuple[Format, ...] = (
         weights_suffix=openvino.WEIGHTS_SUFFIX,
         suffixes=(openvino.SUFFIX,),
         requires=("openvino", "openvino"),
+        takes_dtype=True,
         converted_from="onnx",
     ),
     Format(

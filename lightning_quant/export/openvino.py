@@ -8,8 +8,12 @@ kernels, so the int8 scales are ours and no second calibration runs. Measured on
 default config, 224x224, batch 1, 2 threads, AVX-512 VNNI EPYC, idle: load 1.6): this file 6.21 ms, the same ONNX
 in ONNX Runtime 7.86 ms, OpenVINO + NNCF's own int8 of the float model 6.11 ms (benchmarks/openvino_peer_results.md).
 
-Loaded with ``INFERENCE_PRECISION_HINT=f32``: OpenVINO's default on CPUs with AVX-512 BF16 or AMX runs the float
-parts in bfloat16 (1.4% off on that ResNet-50's int8 file), which is not the program that was verified.
+The precision OpenVINO runs the float parts in is the one the file was verified in, written into the IR
+(``rt_info``, ``runtime_options/INFERENCE_PRECISION_HINT``) and passed by :func:`load_openvino`: ``f32``, or ``bf16``
+for a model that computes in bf16 (``OptimizeForInference`` for a target with native bf16: ResNet-50 ran in 10.6 ms
+in OpenVINO's bf16, 23.5 ms in its f32, 17.0 ms as our bf16 AOTInductor package, batch 1, 2 threads, AVX-512 BF16
+EPYC, load 1.1). OpenVINO's own default on CPUs with AVX-512 BF16 or AMX is bf16 for every file (1.4% off on that
+ResNet-50's int8 file), so a file verified in f32 must be loaded with f32 asked for, as :func:`load_openvino` does.
 OpenVINO is an optional dependency: ``pip install "lightning-quant[openvino]"``.
 """
 
@@ -30,7 +34,9 @@ from lightning_quant.target import TARGETS, CpuTarget
 
 SUFFIX = ".xml"
 WEIGHTS_SUFFIX = ".bin"  # OpenVINO writes and reads the weights beside the .xml, under the same stem
-PRECISION = "f32"
+# what the model computes in -> OpenVINO's INFERENCE_PRECISION_HINT
+PRECISIONS = {"float32": "f32", "bfloat16": "bf16"}
+PRECISION_KEY = ["runtime_options", "INFERENCE_PRECISION_HINT"]  # where the IR's rt_info holds it
 
 
 def _openvino() -> Any:
@@ -59,11 +65,15 @@ def export_openvino(
     target: CpuTarget = TARGETS["avx2"],
     source_file: Optional[Path] = None,
     source_details: Optional[dict[str, Any]] = None,
+    dtype: str = "float32",
 ) -> dict[str, Any]:
     """Write ``path`` (``.xml``) and its ``.bin``, converted from the ONNX :func:`export_onnx` makes with the same
     arguments (the int8 weights therefore hold the ``target``'s range), or from ``source_file``, that ONNX file
     already made (with its ``source_details``). Each file is moved into place whole, the weights first, so a reader
-    never finds an ``.xml`` without its weights."""
+    never finds an ``.xml`` without its weights. ``dtype``: what the model computes in; OpenVINO runs the float
+    parts in it (the weights stay float32)."""
+    if dtype not in PRECISIONS:
+        raise ValueError(f"export_openvino(dtype={dtype!r}): use one of {list(PRECISIONS)}")
     ov = _openvino()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +84,7 @@ def export_openvino(
         details = dict(source_details or {})
         details.pop("outputs", None)  # export() adds the model's own
         converted = ov.convert_model(str(source_file))
+        converted.set_rt_info(PRECISIONS[dtype], PRECISION_KEY)
         staged = Path(scratch) / path.name
         ov.save_model(converted, str(staged), compress_to_fp16=False)  # fp16 weights would change the numbers
         os.replace(weights_path(staged), weights_path(path))
@@ -82,7 +93,8 @@ def export_openvino(
         **details,
         "how": f"{details['how']} -> openvino.convert_model (int8 kernels from its quantize/dequantize pairs)",
         "weights_file": weights_path(path).name,
-        "load": f"openvino.Core().compile_model(path, 'CPU', {{'INFERENCE_PRECISION_HINT': '{PRECISION}'}})",
+        "inference_precision": PRECISIONS[dtype],
+        "load": f"openvino.Core().compile_model(path, 'CPU', {{'INFERENCE_PRECISION_HINT': '{PRECISIONS[dtype]}'}})",
         "openvino": ov.__version__,
     }
 
@@ -93,14 +105,16 @@ class OpenVinoRunner:
     def __init__(self, path: Path) -> None:
         ov = _openvino()
         core = ov.Core()
+        model = core.read_model(str(path))
+        self.precision = inference_precision(model)
         # same thread count as PyTorch, as the ONNX Runtime runner does; latency (not throughput) streams
         self.compiled = core.compile_model(
-            str(path),
+            model,
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": torch.get_num_threads(),
                 "PERFORMANCE_HINT": "LATENCY",
-                "INFERENCE_PRECISION_HINT": PRECISION,
+                "INFERENCE_PRECISION_HINT": self.precision,
             },
         )
         self.request = self.compiled.create_infer_request()
@@ -120,6 +134,15 @@ class OpenVinoRunner:
         # copies: the request reuses its output buffers on the next call
         outputs = [torch.from_numpy(np.array(results[port])) for port in self.compiled.outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+
+def inference_precision(model: Any) -> str:
+    """The precision an IR was verified in (its ``rt_info``); ``"f32"`` for IRs written before it was recorded."""
+    if model.has_rt_info(PRECISION_KEY):
+        precision = str(model.get_rt_info(PRECISION_KEY).astype(str))
+        if precision in PRECISIONS.values():
+            return precision
+    return PRECISIONS["float32"]
 
 
 def load_openvino(path: Path) -> OpenVinoRunner:
