@@ -132,12 +132,19 @@ def test_bfloat16_export_takes_and_returns_float32_and_the_budget_returns_layers
     module = LogsErrorVsFloat32(ConvNet(channels=16))
     budget = {"metric": "val/error_vs_float32", "max_drop": 0.0, "higher_is_better": False, "max_float_fraction": 0.5}
     callback = OptimizeForInference(
-        dtype="bfloat16", formats=["torch_export"], max_metric_drop=budget, target="native", dirpath=tmp_path / "bf16"
+        dtype="bfloat16",
+        formats=["torch_export", "openvino"],
+        max_metric_drop=budget,
+        target="native",
+        dirpath=tmp_path / "bf16",
     )
     with pytest.warns(UserWarning, match="budget"):
         make_trainer(tmp_path, [callback], limit_train_batches=None).fit(module, datamodule=DigitsDataModule())
     manifest = callback.manifest
     assert manifest["dtype"] == "bfloat16" and manifest["dtype_choice"] == "dtype='bfloat16' was asked for"
+    # OpenVINO runs a whole IR in one precision: under a budget, which returns layers to float32, float32
+    assert manifest["dtype_by_format"] == {"torch_export": "bfloat16", "openvino": "float32"}
+    assert load_artifact(tmp_path / "bf16" / path_of(manifest, "openvino"), "openvino").runtime.precision == "f32"
     report = manifest["accuracy_budget"]
     assert report["float"] == 0.0 < report["after"] <= report["before"] and not report["within_budget"]
     assert [step["float_layers"] for step in report["steps"]] == [0, 1, 2]  # it returned layers to float32

@@ -287,11 +287,11 @@ def test_shared_arguments_reach_the_base_class(callback, tmp_path):
     assert made.config is None or getattr(made.config, "target", "avx2") == "avx2"
 
 
-def test_keep_float_and_the_budget_are_not_arguments_of_optimize_for_inference():
+def test_keep_float_is_not_an_argument_of_optimize_for_inference_but_the_bf16_budget_is():
     with pytest.raises(TypeError, match="unexpected keyword argument 'keep_float'"):
         OptimizeForInference(keep_float=["net.head"])
-    with pytest.raises(TypeError, match="unexpected keyword argument 'max_metric_drop'"):
-        OptimizeForInference(max_metric_drop={"metric": "val/acc", "max_drop": 0.01})
+    budget = OptimizeForInference(max_metric_drop={"metric": "val/acc", "max_drop": 0.01}).budget
+    assert (budget.metric, budget.max_drop) == ("val/acc", 0.01)
 
 
 def test_subclass_arguments_pass_through_two_levels():

@@ -51,7 +51,8 @@ class OptimizeForInference(QuantizationCallback):
             ``"openvino"`` file in bf16; the ``"onnx"`` file stays float32 (ONNX Runtime's CPU kernels have no
             bf16). ``dtype_by_format`` in the manifest lists each.
         max_metric_drop: an accuracy budget for bf16 (as the quantization callbacks take it): while the metric
-            dropped more than allowed, the most sensitive layers return to float32 one at a time.
+            dropped more than allowed, the most sensitive layers return to float32 one at a time. OpenVINO runs a
+            whole IR in one precision, so with a budget the ``"openvino"`` file runs in float32.
 
     Example::
 
@@ -106,13 +107,13 @@ class OptimizeForInference(QuantizationCallback):
                 "emulated it is slower than float32. Use target='avx512_bf16' or 'amx' (or 'native' on such a CPU), "
                 "or dtype='auto': bf16 where the target has it, else float32."
             )
-        if dtype == "bfloat16" and not set(self.formats) & set(_BF16_FORMATS):
+        self.dtype = dtype
+        if dtype == "bfloat16" and not set(self.formats) & set(self.bf16_formats):
             raise ValueError(
                 f"OptimizeForInference(dtype='bfloat16', formats={self.formats}): none of these files computes in "
-                f"bf16 (ONNX Runtime's CPU kernels have none). Add one of {list(_BF16_FORMATS)}, or use "
-                "dtype='float32'."
+                f"bf16 (ONNX Runtime's CPU kernels have none; OpenVINO's file runs in float32 under "
+                f"max_metric_drop). Add one of {list(self.bf16_formats)}, or use dtype='float32'."
             )
-        self.dtype = dtype
 
     @property
     def inference_dtype(self) -> str:
@@ -120,6 +121,16 @@ class OptimizeForInference(QuantizationCallback):
         if self.dtype == "auto":
             return "bfloat16" if resolve_target(self.target).bf16 else "float32"
         return self.dtype
+
+    @property
+    def bf16_formats(self) -> tuple[str, ...]:
+        """The formats that compute in bf16 when the model does. OpenVINO runs a whole IR in one precision, so it
+        is not one of them under a budget, which may return layers to float32."""
+        return _BF16_MODEL_FORMATS if self.budget is not None else _BF16_FORMATS
+
+    @property
+    def runtime_dtype(self) -> str:
+        return self.inference_dtype if "openvino" in self.bf16_formats else "float32"
 
     @property
     def optimized_model(self) -> Optional[nn.Module]:
@@ -157,7 +168,7 @@ class OptimizeForInference(QuantizationCallback):
             "dtype": dtype,
             "dtype_choice": _dtype_choice(self.dtype, dtype, target.name),
             "dtype_by_format": {
-                name: dtype if name in _BF16_FORMATS else "float32" for name in self.formats_for(float_model)
+                name: dtype if name in self.bf16_formats else "float32" for name in self.formats_for(float_model)
             },
             "manual_attention": manual_attention,
             "notes": [

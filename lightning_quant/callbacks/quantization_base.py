@@ -247,9 +247,9 @@ class QuantizationCallback(Callback, ABC):
         return ort_quantization(self.config_keeping_float(keep_float), calibration)
 
     @property
-    def inference_dtype(self) -> str:
-        """What the converted model computes in, ``"float32"`` (default) or ``"bfloat16"``: a format whose runtime
-        picks its precision at load (OpenVINO) runs in it."""
+    def runtime_dtype(self) -> str:
+        """The precision a format whose runtime picks it at load (OpenVINO) runs the float parts in: ``"float32"``
+        (default) or ``"bfloat16"``."""
         return "float32"
 
     def artifact_models(self, pl_module: LightningModule, keep_float: Sequence[str]) -> dict[str, nn.Module]:
@@ -591,7 +591,7 @@ class QuantizationCallback(Callback, ABC):
                     timing_inputs=timing_inputs,
                     dynamic_batch=self.dynamic_batch,
                     target=self.target,
-                    dtype=self.inference_dtype,
+                    dtype=self.runtime_dtype,
                     onnx_quantization=onnx,
                     models=models,
                     keep_float=keep_float,
