@@ -93,10 +93,9 @@ def _bias_scale(
     input_scale = numpy_helper.to_array(initializers[dequantize.input[1]]).astype(np.float32)
     if input_scale.size != 1:
         return None
-    transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
     channels = (
         weight_scale.reshape(weight_scale.shape[0], -1)[:, 0]
-        if node.op_type == "Conv" or transposed
+        if node.op_type == "Conv" or _transposed_weight(node)
         else (weight_scale.reshape(-1, weight_scale.shape[-1])[0])
     )
     return (input_scale.reshape(()) * channels).astype(np.float32)
@@ -185,8 +184,12 @@ def _mean_shifts(
 
 
 def _gemm_columns(node: Any, error: np.ndarray) -> int:
-    transposed = any(a.name == "transB" and a.i for a in node.attribute)
-    return error.shape[0] if transposed else error.shape[1]
+    return error.shape[0] if _transposed_weight(node) else error.shape[1]
+
+
+def _transposed_weight(node: Any) -> bool:
+    """A ``Gemm`` whose weight is stored ``[out, in]`` (``transB=1``, as torch.onnx writes ``nn.Linear``)."""
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
 
 
 def _output_shift(node: Any, error: np.ndarray, mean_input: np.ndarray) -> np.ndarray:
@@ -194,7 +197,7 @@ def _output_shift(node: Any, error: np.ndarray, mean_input: np.ndarray) -> np.nd
     attributes = {a.name: a for a in node.attribute}
     x, dw = torch.from_numpy(mean_input.astype(np.float32)), torch.from_numpy(error)
     if node.op_type == "Gemm":
-        dw = dw.T if "transB" in attributes and attributes["transB"].i else dw
+        dw = dw.T if _transposed_weight(node) else dw
         return (x.reshape(-1, dw.shape[0]) @ dw).mean(0).double().numpy()
     spatial = x.ndim - 2
     pads = list(attributes["pads"].ints) if "pads" in attributes else [0] * 2 * spatial
