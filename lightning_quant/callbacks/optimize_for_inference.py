@@ -20,7 +20,7 @@ from lightning_quant.target import DEFAULT_TARGET, resolve_target
 _DTYPES = ("auto", "float32", "bfloat16")
 # In bf16 these files are the bf16 model itself. ONNX Runtime's CPU kernels have no bf16, so the ONNX file is the
 # float32 model; the OpenVINO IR converted from it holds float32 weights and runs in bf16 (OpenVINO's precision,
-# chosen at load: 1.6x faster than the bf16 AOTInductor package on ResNet-50).
+# chosen at load: 1.7x faster than the bf16 AOTInductor package on ResNet-50, benchmarks/bf16_float_results.md).
 _BF16_MODEL_FORMATS = ("aoti", "torch_export")
 _BF16_FORMATS = (*_BF16_MODEL_FORMATS, "openvino")
 

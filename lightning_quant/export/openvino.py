@@ -10,9 +10,9 @@ in ONNX Runtime 7.86 ms, OpenVINO + NNCF's own int8 of the float model 6.11 ms (
 
 The precision OpenVINO runs the float parts in is the one the file was verified in, written into the IR
 (``rt_info``, ``runtime_options/INFERENCE_PRECISION_HINT``) and passed by :func:`load_openvino`: ``f32``, or ``bf16``
-for a model that computes in bf16 (``OptimizeForInference`` for a target with native bf16: ResNet-50 ran in 10.6 ms
-in OpenVINO's bf16, 23.5 ms in its f32, 17.0 ms as our bf16 AOTInductor package, batch 1, 2 threads, AVX-512 BF16
-EPYC, load 1.1). OpenVINO's own default on CPUs with AVX-512 BF16 or AMX is bf16 for every file (1.4% off on that
+for a model that computes in bf16 (``OptimizeForInference`` for a target with native bf16: ResNet-50, batch 1, ran in
+10.3 ms as this bf16 IR, 20.2 ms as the f32 IR, 17.1 ms as our bf16 AOTInductor package; 2 threads, AVX-512 BF16
+EPYC, load 1.1-1.2, benchmarks/bf16_float_results.md). OpenVINO's own default on CPUs with AVX-512 BF16 or AMX is bf16 for every file (1.4% off on that
 ResNet-50's int8 file), so a file verified in f32 must be loaded with f32 asked for, as :func:`load_openvino` does.
 OpenVINO is an optional dependency: ``pip install "lightning-quant[openvino]"``.
 """
