@@ -130,7 +130,8 @@ def check_target_name(name: Any) -> None:
     if not isinstance(name, str) or name not in TARGET_NAMES:
         raise ValueError(
             f"Unknown target {name!r}; choose one of {list(TARGET_NAMES)}: 'avx2' (default) runs on any x86-64 CPU "
-            "with AVX2, 'avx512_vnni'/'avx512_bf16'/'amx' only on CPUs with those instructions, 'native' is this CPU's best."
+            "with AVX2, 'avx512_vnni'/'avx512_bf16'/'amx' only on CPUs with those instructions, 'native' is this "
+            "CPU's best."
         )
 
 

@@ -163,9 +163,9 @@ class QuantizationCallback(Callback, ABC):
             one the module logs in ``validation_step``. ``None`` (default): no check.
         target: the CPUs the files must be right and fast on (:mod:`lightning_quant.target`): ``"avx2"``
             (default: any x86-64 CPU with AVX2; 7-bit int8 weights, which CPUs without VNNI compute exactly, and
-            AOTInductor code for AVX2), ``"avx512_vnni"``, ``"avx512_bf16"`` or ``"amx"`` (full 8-bit weights, code for that ISA;
-            the files refuse to load elsewhere), or ``"native"`` (the widest of those this CPU has). The files
-            are built and verified here, so this CPU must have the target's instructions.
+            AOTInductor code for AVX2), ``"avx512_vnni"``, ``"avx512_bf16"`` or ``"amx"`` (full 8-bit weights, code
+            for that ISA; the files refuse to load elsewhere), or ``"native"`` (the widest of those this CPU has).
+            The files are built and verified here, so this CPU must have the target's instructions.
 
     Example (a subclass)::
 

@@ -12,8 +12,9 @@ The precision OpenVINO runs the float parts in is the one the file was verified 
 (``rt_info``, ``runtime_options/INFERENCE_PRECISION_HINT``) and passed by :func:`load_openvino`: ``f32``, or ``bf16``
 for a model that computes in bf16 (``OptimizeForInference`` for a target with native bf16: ResNet-50, batch 1, ran in
 10.3 ms as this bf16 IR, 20.2 ms as the f32 IR, 17.1 ms as our bf16 AOTInductor package; 2 threads, AVX-512 BF16
-EPYC, load 1.1-1.2, benchmarks/bf16_float_results.md). OpenVINO's own default on CPUs with AVX-512 BF16 or AMX is bf16 for every file (1.4% off on that
-ResNet-50's int8 file), so a file verified in f32 must be loaded with f32 asked for, as :func:`load_openvino` does.
+EPYC, load 1.1-1.2, benchmarks/bf16_float_results.md). OpenVINO's own default on CPUs with AVX-512 BF16 or AMX is
+bf16 for every file (1.4% off on that ResNet-50's int8 file), so a file verified in f32 must be loaded with f32 asked
+for, as :func:`load_openvino` does.
 OpenVINO is an optional dependency: ``pip install "lightning-quant[openvino]"``.
 """
 
